@@ -1,0 +1,6 @@
+"""Stochastic Weight Averaging and related weight averaging for Keras 3."""
+
+from keras_swa.optimizers import EMA
+from keras_swa.optimizers import SWA
+
+__version__ = "0.1.0"

@@ -1,0 +1,110 @@
+"""The averaging rules, as small pure `keras.ops` functions.
+
+Nothing here knows about optimizers, callbacks or variables: each function
+maps tensors to tensors, so the same rule serves the optimizer wrappers (inside
+a compiled train step), the epoch-level callback and the tests' references.
+"""
+
+from keras import ops
+
+
+def is_snapshot_step(step, start_averaging: int, average_period: int):
+    """Whether the weights after update `step` are folded into the average.
+
+    The rule of `tensorflow_addons.optimizers.SWA`: update `step` (0-based)
+    is a snapshot when `step >= start_averaging` and
+    `(step - start_averaging) % average_period == 0`.
+
+    Args:
+        step: Integer scalar tensor, the 0-based index of the update.
+        start_averaging: Python int, the first update that is averaged.
+        average_period: Python int, the number of updates between snapshots.
+
+    Returns:
+        A boolean scalar tensor.
+
+    Example:
+
+    >>> bool(is_snapshot_step(12, start_averaging=2, average_period=5))
+    True
+    """
+    step = ops.convert_to_tensor(step)
+    offset = ops.subtract(step, ops.cast(start_averaging, step.dtype))
+    on_period = ops.equal(
+        ops.mod(offset, ops.cast(average_period, step.dtype)), 0
+    )
+    return ops.logical_and(ops.greater_equal(offset, 0), on_period)
+
+
+def swa_update(average, value, n_averaged):
+    """Folds `value` into the equal-weight running mean of `n_averaged` snapshots.
+
+    `average + (value - average) / (n_averaged + 1)`: with `n_averaged == 0`
+    the result is `value` itself, whatever `average` held.
+
+    Args:
+        average: Tensor, the mean of the snapshots so far.
+        value: Tensor of the same shape, the new snapshot.
+        n_averaged: Integer scalar tensor, snapshots in `average`.
+
+    Returns:
+        The new average, in the dtype of `average`.
+
+    Example:
+
+    >>> float(swa_update(2.0, 5.0, n_averaged=2))
+    3.0
+    """
+    average = ops.convert_to_tensor(average)
+    value = ops.cast(value, average.dtype)
+    count = ops.cast(ops.add(n_averaged, 1), average.dtype)
+    return ops.add(average, ops.divide(ops.subtract(value, average), count))
+
+
+def ema_decay(n_averaged, decay: float, warmup: bool):
+    """The decay used for the next EMA snapshot.
+
+    Args:
+        n_averaged: Integer scalar tensor, snapshots folded in so far.
+        decay: Python float in [0, 1).
+        warmup: If True, `min(decay, (1 + n) / (10 + n))`, which lets early
+            snapshots count more (as `tf.train.ExponentialMovingAverage` with
+            `num_updates`).
+
+    Returns:
+        A float32 scalar tensor.
+    """
+    decay = ops.convert_to_tensor(decay, dtype="float32")
+    if not warmup:
+        return decay
+    n = ops.cast(n_averaged, "float32")
+    return ops.minimum(decay, ops.divide(ops.add(n, 1.0), ops.add(n, 10.0)))
+
+
+def ema_update(average, value, n_averaged, decay: float, warmup: bool = False):
+    """One exponential-moving-average snapshot.
+
+    The first snapshot (`n_averaged == 0`) copies `value`; later ones give
+    `d * average + (1 - d) * value` with `d = ema_decay(n_averaged, ...)`.
+
+    Args:
+        average: Tensor, the current moving average.
+        value: Tensor of the same shape, the new snapshot.
+        n_averaged: Integer scalar tensor, snapshots folded in so far.
+        decay: Python float in [0, 1).
+        warmup: Whether to ramp the decay up, see `ema_decay`.
+
+    Returns:
+        The new average, in the dtype of `average`.
+
+    Example:
+
+    >>> float(ema_update(1.0, 3.0, n_averaged=4, decay=0.5))
+    2.0
+    """
+    average = ops.convert_to_tensor(average)
+    value = ops.cast(value, average.dtype)
+    d = ops.cast(ema_decay(n_averaged, decay, warmup), average.dtype)
+    # For n_averaged == 0 the weight of the old average is 0: a copy.
+    d = ops.where(ops.equal(n_averaged, 0), ops.zeros_like(d), d)
+    return ops.add(ops.multiply(d, average), ops.multiply(1.0 - d, value))

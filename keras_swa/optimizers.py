@@ -1,0 +1,381 @@
+"""Optimizer wrappers that keep averaged weights inside the train step.
+
+`SWA` and `EMA` wrap any Keras optimizer the way Keras' own
+`LossScaleOptimizer` does: the inner optimizer computes the update, then the
+wrapper folds the new weights into its averages on snapshot steps. Everything
+runs in the compiled train step; a step that takes no snapshot does no work
+over the weights.
+"""
+
+import keras
+from keras import ops
+
+from keras_swa import _backend
+from keras_swa import averaging
+
+
+def _check_int(name, value, minimum):
+    # `bool` is an `int` subclass, but `True` as a period is a bug.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(
+            f"`{name}` must be an integer >= {minimum}. "
+            f"Received: {name}={value!r} of type {type(value).__name__}"
+        )
+    if value < minimum:
+        raise ValueError(
+            f"`{name}` must be an integer >= {minimum}. "
+            f"Received: {name}={value}"
+        )
+
+
+def _check_inner_optimizer(inner_optimizer):
+    if isinstance(inner_optimizer, keras.optimizers.LossScaleOptimizer):
+        raise ValueError(
+            "`inner_optimizer` must not be a LossScaleOptimizer: wrap the "
+            "plain optimizer (with the mixed_float16 policy Keras adds the "
+            "loss scaling around the averaging wrapper by itself), or write "
+            "`LossScaleOptimizer(SWA(optimizer))`. Received: "
+            f"inner_optimizer={inner_optimizer}"
+        )
+    if isinstance(inner_optimizer, AveragedOptimizer):
+        raise ValueError(
+            "`inner_optimizer` is already an averaging wrapper "
+            f"({type(inner_optimizer).__name__}); averaging an average is "
+            "not supported. Received: "
+            f"inner_optimizer={inner_optimizer}"
+        )
+    if not isinstance(inner_optimizer, keras.optimizers.Optimizer):
+        raise TypeError(
+            "`inner_optimizer` must be a `keras.optimizers.Optimizer` "
+            "instance, such as `keras.optimizers.SGD(0.1)`. Received: "
+            f"inner_optimizer={inner_optimizer!r} of type "
+            f"{type(inner_optimizer).__name__}"
+        )
+
+
+class AveragedOptimizer(keras.optimizers.Optimizer):
+    """Base class of optimizers that average the weights they produce.
+
+    Subclasses define `average_update(average, value, n_averaged)`, the rule
+    that folds one snapshot into an average. Everything else, the snapshot
+    schedule, the variables, delegation to the inner optimizer and
+    serialization, lives here.
+
+    Args:
+        inner_optimizer: The `keras.optimizers.Optimizer` that computes the
+            updates. It must not be a `LossScaleOptimizer` or another
+            averaging wrapper.
+        start_averaging: Integer >= 0, the 0-based index of the first update
+            whose result is averaged.
+        average_period: Integer >= 1, the number of updates between two
+            snapshots.
+        name: String, the name of the optimizer.
+    """
+
+    def __init__(
+        self,
+        inner_optimizer,
+        start_averaging=0,
+        average_period=1,
+        name=None,
+        **kwargs,
+    ):
+        if kwargs:
+            raise ValueError(
+                f"{type(self).__name__} does not support arguments "
+                f"`{'`, `'.join(kwargs)}`: set them on the inner optimizer."
+            )
+        _check_inner_optimizer(inner_optimizer)
+        _check_int("start_averaging", start_averaging, 0)
+        _check_int("average_period", average_period, 1)
+        # The wrapper's own learning rate is never used: it delegates to the
+        # inner optimizer, as LossScaleOptimizer does.
+        super().__init__(learning_rate=0.0, name=name)
+        self.inner_optimizer = inner_optimizer
+        self.start_averaging = start_averaging
+        self.average_period = average_period
+        self._average_variables = []
+        # Created now (not in `build`) so that it can be read before the
+        # first step. "only_first_replica": every replica folds in the same
+        # synchronized weights, so the count is that of one replica.
+        self._n_averaged = self.add_variable(
+            shape=(),
+            dtype="int",
+            initializer="zeros",
+            aggregation="only_first_replica",
+            name="n_averaged",
+        )
+
+    def average_update(self, average, value, n_averaged):
+        """Returns `average` with the snapshot `value` folded in."""
+        raise NotImplementedError
+
+    def build(self, var_list):
+        if self.built:
+            return
+        # Variables a float8 layer overwrites with its gradient have no
+        # meaningful average; they get `None`, as in Keras' own optimizers.
+        self._average_variables = [
+            None
+            if self._overwrite_variable_with_gradient(variable)
+            else self.add_variable_from_reference(variable, name="average")
+            for variable in var_list
+        ]
+        self.inner_optimizer.build(var_list)
+        super().build(var_list)
+
+    @property
+    def variables(self):
+        return self._variables + self.inner_optimizer.variables
+
+    @property
+    def average_variables(self):
+        """The averages, one per trainable variable, in the same order."""
+        return list(self._average_variables)
+
+    @property
+    def n_averaged(self):
+        """Scalar integer variable: the snapshots folded in so far."""
+        return self._n_averaged
+
+    def apply(self, grads, trainable_variables=None):
+        if not self.built:
+            if trainable_variables is None:
+                raise ValueError(
+                    "The optimizer must be built before `apply` without "
+                    "`trainable_variables`: call "
+                    "`optimizer.build(trainable_variables)` first."
+                )
+            trainable_variables = list(trainable_variables)
+            self.build(trainable_variables)
+        # The index of this update is the inner optimizer's `iterations`
+        # before it. With gradient accumulation a micro-step leaves
+        # `iterations` unchanged, which is how real updates are told apart.
+        step = ops.copy(self.inner_optimizer.iterations)
+        self.inner_optimizer.apply(grads, trainable_variables)
+        updated = ops.not_equal(self.inner_optimizer.iterations, step)
+        snapshot = ops.logical_and(
+            updated,
+            averaging.is_snapshot_step(
+                step, self.start_averaging, self.average_period
+            ),
+        )
+        self._fold_in(snapshot)
+
+    def _fold_in(self, snapshot):
+        pairs = [
+            (average, variable)
+            for average, variable in zip(
+                self._average_variables, self._trainable_variables
+            )
+            if average is not None
+        ]
+        averages = [average for average, _ in pairs]
+        n = self._n_averaged
+
+        def new_values():
+            count = n.value
+            values = [
+                self.average_update(average.value, variable.value, count)
+                for average, variable in pairs
+            ]
+            return values + [ops.add(count, 1)]
+
+        _backend.conditional_assign(
+            snapshot, averages + [n], new_values, self.assign
+        )
+
+    def assign_average_vars(self, var_list):
+        """Copies the averages into the given model variables.
+
+        Variables this optimizer has no average for (BatchNorm statistics,
+        say) are left as they are, as in `tensorflow_addons`. Run it eagerly,
+        outside a train step.
+
+        Args:
+            var_list: List of model variables, such as
+                `model.trainable_variables` or `model.variables`.
+
+        Raises:
+            ValueError: if nothing has been averaged yet; the variables are
+                then left untouched.
+
+        Example:
+
+        >>> opt.assign_average_vars(model.variables)  # doctest: +SKIP
+        """
+        if not self.built or int(ops.convert_to_numpy(self._n_averaged)) == 0:
+            raise ValueError(
+                f"{type(self).__name__} has averaged no snapshot yet "
+                f"(n_averaged=0; it averages from update {self.start_averaging}"
+                f" every {self.average_period} update(s)), so there is no "
+                "average to assign. Train past `start_averaging` first."
+            )
+        averages_by_key = {
+            self._var_key(variable): average
+            for variable, average in zip(
+                self._trainable_variables, self._average_variables
+            )
+        }
+        for variable in var_list:
+            average = averages_by_key.get(self._var_key(variable))
+            if average is not None:
+                variable.assign(average)
+
+    @property
+    def learning_rate(self):
+        return self.inner_optimizer.learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, learning_rate):
+        self.inner_optimizer.learning_rate = learning_rate
+
+    @property
+    def iterations(self):
+        return self.inner_optimizer.iterations
+
+    def scale_loss(self, loss):
+        return self.inner_optimizer.scale_loss(loss)
+
+    def finalize_variable_values(self, var_list):
+        # The inner optimizer's own `use_ema` still applies; the averages of
+        # this wrapper never overwrite the model by themselves.
+        self.inner_optimizer.finalize_variable_values(var_list)
+
+    def get_config(self):
+        # Not super().get_config(): the base arguments belong to the inner
+        # optimizer.
+        return {
+            "name": self.name,
+            "inner_optimizer": keras.saving.serialize_keras_object(
+                self.inner_optimizer
+            ),
+            "start_averaging": self.start_averaging,
+            "average_period": self.average_period,
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        inner_optimizer = keras.saving.deserialize_keras_object(
+            config.pop("inner_optimizer"), custom_objects=custom_objects
+        )
+        return cls(inner_optimizer, **config)
+
+
+@keras.saving.register_keras_serializable(package="keras_swa")
+class SWA(AveragedOptimizer):
+    """Stochastic Weight Averaging (Izmailov et al., 2018) as an optimizer.
+
+    Keeps the equal-weight mean of the weights after updates
+    `start_averaging`, `start_averaging + average_period`, ... (the
+    `tensorflow_addons.optimizers.SWA` rule, step for step). The model keeps
+    training on its own weights; copy the average in when you want it, with
+    `keras_swa.assign_average`, `keras_swa.averaged_weights` or
+    `assign_average_vars`.
+
+    Args:
+        inner_optimizer: The `keras.optimizers.Optimizer` to wrap.
+        start_averaging: Integer >= 0, the first update (0-based) to average.
+            Defaults to `0`.
+        average_period: Integer >= 1, updates between two snapshots.
+            Defaults to `10`.
+        name: String. Defaults to `None` (an automatic name).
+
+    Example:
+
+    >>> opt = keras_swa.SWA(keras.optimizers.SGD(0.05, momentum=0.9),
+    ...                     start_averaging=1000, average_period=100)
+    >>> model.compile(optimizer=opt, loss="mse")  # doctest: +SKIP
+    >>> model.fit(x, y, epochs=20)  # doctest: +SKIP
+    >>> keras_swa.assign_average(model, bn_data=x)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self, inner_optimizer, start_averaging=0, average_period=10, name=None,
+        **kwargs,
+    ):
+        super().__init__(
+            inner_optimizer,
+            start_averaging=start_averaging,
+            average_period=average_period,
+            name=name,
+            **kwargs,
+        )
+
+    def average_update(self, average, value, n_averaged):
+        return averaging.swa_update(average, value, n_averaged)
+
+
+@keras.saving.register_keras_serializable(package="keras_swa")
+class EMA(AveragedOptimizer):
+    """An exponential moving average of the weights, as an optimizer wrapper.
+
+    At each snapshot step, `average <- decay * average + (1 - decay) * w`
+    (the first snapshot copies `w`). With `warmup=True` the decay ramps up
+    as `min(decay, (1 + n) / (10 + n))` for the `n`-th snapshot, so early
+    weights do not linger. Unlike Keras' `use_ema=True`, the model weights are
+    never overwritten behind your back, and the average survives saving.
+
+    Args:
+        inner_optimizer: The `keras.optimizers.Optimizer` to wrap.
+        decay: Float in [0, 1), the weight of the old average. Defaults to
+            `0.999`.
+        start_averaging: Integer >= 0, the first update (0-based) to average.
+            Defaults to `0`.
+        average_period: Integer >= 1, updates between two snapshots.
+            Defaults to `1`.
+        warmup: Boolean, whether to ramp the decay up. Defaults to `False`.
+        name: String. Defaults to `None` (an automatic name).
+
+    Example:
+
+    >>> opt = keras_swa.EMA(keras.optimizers.AdamW(1e-3), decay=0.999)
+    >>> model.compile(optimizer=opt, loss="mse")  # doctest: +SKIP
+    >>> model.fit(x, y, epochs=20)  # doctest: +SKIP
+    >>> with keras_swa.averaged_weights(model):  # doctest: +SKIP
+    ...     model.evaluate(x_test, y_test)
+    """
+
+    def __init__(
+        self,
+        inner_optimizer,
+        decay=0.999,
+        start_averaging=0,
+        average_period=1,
+        warmup=False,
+        name=None,
+        **kwargs,
+    ):
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)):
+            raise TypeError(
+                "`decay` must be a float in [0, 1). "
+                f"Received: decay={decay!r} of type {type(decay).__name__}"
+            )
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(
+                f"`decay` must be a float in [0, 1). Received: decay={decay}"
+            )
+        if not isinstance(warmup, bool):
+            raise TypeError(
+                f"`warmup` must be True or False. Received: warmup={warmup!r}"
+            )
+        super().__init__(
+            inner_optimizer,
+            start_averaging=start_averaging,
+            average_period=average_period,
+            name=name,
+            **kwargs,
+        )
+        self.decay = float(decay)
+        self.warmup = warmup
+
+    def average_update(self, average, value, n_averaged):
+        return averaging.ema_update(
+            average, value, n_averaged, self.decay, self.warmup
+        )
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"decay": self.decay, "warmup": self.warmup})
+        return config
