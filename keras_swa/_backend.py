@@ -14,13 +14,18 @@ def conditional_assign(pred, variables, compute_new_values, assign):
     then assigned inside the trainer's stateless scope.
 
     Args:
-        pred: Boolean scalar tensor.
+        pred: Boolean scalar tensor, or the Python `True` when the update is
+            known to happen while tracing (then there is no branch at all).
         variables: List of `keras.Variable`s.
         compute_new_values: Function of no arguments returning one new value
             per variable.
         assign: Function `(variable, value)` that writes a variable, such as
             the optimizer's own `assign`.
     """
+    if pred is True:
+        for variable, value in zip(variables, compute_new_values()):
+            assign(variable, value)
+        return
     if keras.backend.backend() == "jax":
         values = ops.cond(
             pred,

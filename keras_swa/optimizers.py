@@ -148,6 +148,12 @@ class AveragedOptimizer(keras.optimizers.Optimizer):
                 )
             trainable_variables = list(trainable_variables)
             self.build(trainable_variables)
+        if self._snapshots_every_update():
+            # Known while tracing: no branch, so that the compiler can fuse
+            # the averaging pass with the inner update.
+            self.inner_optimizer.apply(grads, trainable_variables)
+            self._fold_in(True)
+            return
         # The index of this update is the inner optimizer's `iterations`
         # before it. With gradient accumulation a micro-step leaves
         # `iterations` unchanged, which is how real updates are told apart.
@@ -161,6 +167,13 @@ class AveragedOptimizer(keras.optimizers.Optimizer):
             ),
         )
         self._fold_in(snapshot)
+
+    def _snapshots_every_update(self):
+        return (
+            self.start_averaging == 0
+            and self.average_period == 1
+            and not self.inner_optimizer.gradient_accumulation_steps
+        )
 
     def _fold_in(self, snapshot):
         pairs = [

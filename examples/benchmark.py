@@ -1,0 +1,236 @@
+r"""Measures what weight averaging costs, against the targets of DESIGN.md.
+
+Every timing is taken in this one process, the variants interleaved round by
+round, and the median of the rounds is reported, so that the ratios compare
+like with like on a busy machine.
+
+Rows (a memory-heavy model of about 10M weights by default):
+  update/*     one compiled optimizer update alone (fixed gradients):
+               the bare inner optimizer, SWA on a step that takes no snapshot,
+               SWA snapshotting every step, EMA every step, Keras' built-in
+               `use_ema=True`, and the floor: one compiled `a += (w - a) / n`
+               pass over all weights.
+  fit/*        one whole `model.fit` step with and without the SWA wrapper.
+
+Usage:
+  python -m examples.benchmark                 # full size, prints the table
+  python -m examples.benchmark --small         # a quick run (make demo)
+  python -m examples.benchmark --output=bench.json
+"""
+
+import json
+import os
+import platform
+import statistics
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import keras_swa  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_bool("small", False, "A quick run on a ~1M-weight model.")
+flags.DEFINE_integer("rounds", 7, "Interleaved rounds; the median is reported.")
+flags.DEFINE_integer("steps", 20, "Updates or fit steps timed per round.")
+flags.DEFINE_integer("batch_size", 32, "Batch size of the fit rows.")
+flags.DEFINE_string("output", None, "Write the results as JSON to this file.")
+
+NEVER = 10**9  # a start_averaging that is never reached
+
+
+def build_model(width, depth, features):
+    layers = [keras.Input((features,))]
+    layers += [keras.layers.Dense(width, activation="relu") for _ in range(depth)]
+    layers.append(keras.layers.Dense(10))
+    return keras.Sequential(layers)
+
+
+def compiled(fn):
+    """The backend's compiled function (the only backend-specific line here)."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(fn, jit_compile=True)
+    raise NotImplementedError(
+        f"The update rows are written for TensorFlow, not {backend}."
+    )
+
+
+def sync(value):
+    """Waits for the device by reading one value back."""
+    keras.ops.convert_to_numpy(value)
+
+
+def time_interleaved(variants, rounds, steps):
+    """Median seconds per call of each variant, taken round by round."""
+    for fn in variants.values():  # trace and warm up
+        sync(fn())
+        sync(fn())
+    samples = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                out = fn()
+            sync(out)
+            samples[name].append((time.perf_counter() - start) / steps)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def update_variants(model):
+    """One compiled `apply` per optimizer, each on its own copy of the weights."""
+    rng = np.random.default_rng(0)
+    grads = [
+        keras.ops.convert_to_tensor(
+            rng.normal(size=v.shape).astype("float32") * 1e-3
+        )
+        for v in model.trainable_variables
+    ]
+
+    def make(optimizer):
+        weights = [
+            keras.Variable(v.numpy(), name=f"w{i}")
+            for i, v in enumerate(model.trainable_variables)
+        ]
+        optimizer.build(weights)
+
+        def step():
+            optimizer.apply(grads, weights)
+            return optimizer.iterations
+
+        return compiled(step), optimizer
+
+    sgd = lambda **kw: keras.optimizers.SGD(0.01, momentum=0.9, **kw)  # noqa: E731
+    variants, optimizers = {}, {}
+    for name, optimizer in [
+        ("bare", sgd()),
+        ("swa_no_snapshot", keras_swa.SWA(sgd(), start_averaging=NEVER)),
+        ("swa_every_step", keras_swa.SWA(sgd(), average_period=1)),
+        ("ema_every_step", keras_swa.EMA(sgd(), decay=0.999)),
+        ("keras_use_ema", sgd(use_ema=True, ema_momentum=0.999)),
+    ]:
+        variants[name], optimizers[name] = make(optimizer)
+
+    # The memory floor of a snapshot: one fused pass a += (w - a) / n.
+    averages = [keras.Variable(np.zeros(v.shape, "float32")) for v in model.trainable_variables]
+    counter = keras.Variable(0.0)
+
+    def floor():
+        counter.assign_add(1.0)
+        for average, weight in zip(averages, model.trainable_variables):
+            average.assign_add((weight - average) / counter)
+        return counter
+
+    variants["floor"] = compiled(floor)
+    return variants, optimizers
+
+
+def fit_variants(model_fn, batch_size, steps):
+    """One `model.fit` call of `steps` steps, bare and with SWA."""
+    rng = np.random.default_rng(1)
+    features = model_fn().input_shape[-1]
+    x = rng.normal(size=(batch_size * steps, features)).astype("float32")
+    y = rng.integers(0, 10, size=(batch_size * steps,))
+    variants = {}
+    for name, wrap in [
+        ("fit_bare", lambda o: o),
+        ("fit_swa_no_snapshot", lambda o: keras_swa.SWA(o, start_averaging=NEVER)),
+        ("fit_swa_every_10", lambda o: keras_swa.SWA(o, average_period=10)),
+    ]:
+        model = model_fn()
+        model.compile(
+            optimizer=wrap(keras.optimizers.SGD(0.01, momentum=0.9)),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+
+        def run(model=model):
+            model.fit(x, y, batch_size=batch_size, epochs=1, verbose=0, shuffle=False)
+            return model.optimizer.iterations
+
+        variants[name] = run
+    return variants
+
+
+def main(argv):
+    del argv
+    keras.utils.set_random_seed(0)
+    if FLAGS.small:
+        width, depth, features = 512, 3, 512
+    else:
+        width, depth, features = 2048, 3, 1024
+    model_fn = lambda: build_model(width, depth, features)  # noqa: E731
+    model = model_fn()
+    n_weights = int(sum(np.prod(v.shape) for v in model.trainable_variables))
+
+    variants, optimizers = update_variants(model)
+    updates = time_interleaved(variants, FLAGS.rounds, FLAGS.steps)
+    fits = {
+        name: seconds / FLAGS.steps
+        for name, seconds in time_interleaved(
+            fit_variants(model_fn, FLAGS.batch_size, FLAGS.steps),
+            FLAGS.rounds,
+            1,
+        ).items()
+    }
+
+    weight_bytes = sum(
+        np.prod(v.shape) * np.dtype(v.dtype).itemsize for v in model.trainable_variables
+    )
+    swa = optimizers["swa_every_step"]
+    own_bytes = sum(
+        np.prod(v.shape) * np.dtype(v.dtype).itemsize
+        for v in swa.variables[: len(swa.variables) - len(swa.inner_optimizer.variables)]
+    )
+    checks = [
+        ("SWA non-snapshot update / bare update", updates["swa_no_snapshot"] / updates["bare"], 1.05),
+        ("fit step: SWA (no snapshot) / bare", fits["fit_swa_no_snapshot"] / fits["fit_bare"], 1.02),
+        ("fit step: SWA every 10 / bare", fits["fit_swa_every_10"] / fits["fit_bare"], 1.02),
+        ("SWA snapshot extra / floor pass", (updates["swa_every_step"] - updates["bare"]) / updates["floor"], 1.5),
+        ("EMA every step / Keras use_ema", updates["ema_every_step"] / updates["keras_use_ema"], 1.0),
+        ("extra memory of SWA / trainable weights", own_bytes / weight_bytes, 1.0 + 1e-4),
+    ]
+
+    print(
+        f"\nkeras_swa benchmark: backend={keras.backend.backend()}, "
+        f"keras={keras.__version__}, weights={n_weights:,}, "
+        f"rounds={FLAGS.rounds}, steps={FLAGS.steps}, "
+        f"machine={platform.machine()} {os.cpu_count()} cores"
+    )
+    print(f"\n| {'row':<38} | {'ms':>9} |")
+    print(f"|{'-' * 40}|{'-' * 11}|")
+    for name, seconds in {**{f'update/{k}': v for k, v in updates.items()}, **fits}.items():
+        print(f"| {name:<38} | {seconds * 1e3:9.3f} |")
+    print(f"\n| {'measure':<42} | {'ratio':>6} | {'target':>7} | ok |")
+    print(f"|{'-' * 44}|{'-' * 8}|{'-' * 9}|----|")
+    for name, ratio, target in checks:
+        ok = "yes" if ratio <= target else "NO"
+        print(f"| {name:<42} | {ratio:6.3f} | <= {target:4.2f} | {ok:<3}|")
+
+    if FLAGS.output:
+        with open(FLAGS.output, "w") as f:
+            json.dump(
+                {
+                    "backend": keras.backend.backend(),
+                    "keras": keras.__version__,
+                    "weights": n_weights,
+                    "rounds": FLAGS.rounds,
+                    "steps": FLAGS.steps,
+                    "seconds": {**updates, **fits},
+                    "checks": [
+                        {"measure": n, "ratio": r, "target": t, "ok": r <= t}
+                        for n, r, t in checks
+                    ],
+                },
+                f,
+                indent=2,
+            )
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,68 @@
+import numpy as np
+import pytest
+from keras import ops
+
+from keras_swa import averaging
+
+
+@pytest.mark.parametrize("start,period", [(0, 1), (0, 10), (3, 4), (7, 1)])
+def test_is_snapshot_step_matches_tensorflow_addons_rule(start, period):
+    steps = np.arange(40)
+    got = [
+        bool(ops.convert_to_numpy(averaging.is_snapshot_step(s, start, period)))
+        for s in steps
+    ]
+    # tensorflow_addons: num_snapshots = (step - start) // period, averaged
+    # when step >= start and step == start + num_snapshots * period.
+    expected = [
+        s >= start and s == start + ((s - start) // period) * period
+        for s in steps
+    ]
+    assert got == expected
+
+
+def test_is_snapshot_step_on_int64_tensor():
+    step = ops.convert_to_tensor(np.int64(22))
+    assert bool(ops.convert_to_numpy(averaging.is_snapshot_step(step, 2, 5)))
+    step = ops.convert_to_tensor(np.int64(23))
+    assert not bool(ops.convert_to_numpy(averaging.is_snapshot_step(step, 2, 5)))
+
+
+def test_swa_update_is_the_running_mean():
+    rng = np.random.default_rng(0)
+    snapshots = rng.normal(size=(6, 3, 2)).astype("float32")
+    average = np.full((3, 2), 123.0, dtype="float32")  # ignored by n == 0
+    for n, snapshot in enumerate(snapshots):
+        average = ops.convert_to_numpy(
+            averaging.swa_update(average, snapshot, n)
+        )
+    np.testing.assert_allclose(
+        average, snapshots.mean(axis=0), rtol=1e-5, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("warmup", [False, True])
+def test_ema_update_matches_numpy(warmup):
+    rng = np.random.default_rng(1)
+    snapshots = rng.normal(size=(8, 4)).astype("float32")
+    decay = 0.9
+    average = np.zeros(4, "float32")
+    expected = None
+    for n, snapshot in enumerate(snapshots):
+        average = ops.convert_to_numpy(
+            averaging.ema_update(average, snapshot, n, decay, warmup)
+        )
+        d = min(decay, (1 + n) / (10 + n)) if warmup else decay
+        expected = snapshot if n == 0 else d * expected + (1 - d) * snapshot
+        np.testing.assert_allclose(average, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_ema_decay_warmup_values():
+    got = [
+        float(ops.convert_to_numpy(averaging.ema_decay(n, 0.95, True)))
+        for n in (0, 5, 1000)
+    ]
+    np.testing.assert_allclose(got, [0.1, 6 / 15, 0.95], rtol=1e-6)
+    assert float(ops.convert_to_numpy(averaging.ema_decay(0, 0.95, False))) == (
+        pytest.approx(0.95)
+    )

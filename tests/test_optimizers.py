@@ -1,0 +1,429 @@
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_swa
+
+# ---------------------------------------------------------------------------
+# Independent references: weights recorded after every update, averaged in
+# NumPy with the rules of DESIGN.md.
+
+
+def swa_reference(updates, start, period):
+    """Equal mean of the weights after updates start, start+period, ..."""
+    chosen = [w for i, w in updates if i >= start and (i - start) % period == 0]
+    return [np.mean(ws, axis=0) for ws in zip(*chosen)], len(chosen)
+
+
+def ema_reference(updates, start, period, decay, warmup):
+    average, n = None, 0
+    for i, weights in updates:
+        if i < start or (i - start) % period:
+            continue
+        if n == 0:
+            average = [w.astype("float64") for w in weights]
+        else:
+            d = min(decay, (1 + n) / (10 + n)) if warmup else decay
+            average = [d * a + (1 - d) * w for a, w in zip(average, weights)]
+        n += 1
+    return average, n
+
+
+class UpdateRecorder(keras.callbacks.Callback):
+    """Records (update index, trainable weights) after every real update.
+
+    The index is the inner optimizer's `iterations` before the update; a
+    batch that leaves `iterations` unchanged (a gradient accumulation
+    micro-step, a step skipped by loss scaling) is no update.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.updates = []
+
+    def on_train_begin(self, logs=None):
+        self._last = int(self.model.optimizer.iterations.numpy())
+
+    def on_train_batch_end(self, batch, logs=None):
+        now = int(self.model.optimizer.iterations.numpy())
+        if now != self._last:
+            weights = [v.numpy() for v in self.model.trainable_variables]
+            self.updates.append((now - 1, weights))
+        self._last = now
+
+
+def make_data(n=96, features=5, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, features)).astype("float32")
+    y = (x @ rng.normal(size=(features, 1)) + 0.1).astype("float32")
+    return x, y
+
+
+def make_model(features=5, batch_norm=True):
+    layers = [keras.Input((features,)), keras.layers.Dense(8, activation="relu")]
+    if batch_norm:
+        layers.append(keras.layers.BatchNormalization())
+    layers.append(keras.layers.Dense(1))
+    return keras.Sequential(layers)
+
+
+def averaging_optimizer(layer):
+    """The averaging wrapper of a compiled model (under loss scaling too)."""
+    optimizer = layer.optimizer
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        optimizer = optimizer.inner_optimizer
+    return optimizer
+
+
+def assert_weights_close(actual, expected, rtol=1e-5, atol=1e-6):
+    assert len(actual) == len(expected)
+    for a, e in zip(actual, expected):
+        np.testing.assert_allclose(np.asarray(a), e, rtol=rtol, atol=atol)
+
+
+# ---------------------------------------------------------------------------
+# The snapshot rule inside model.fit
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.parametrize("start,period", [(0, 1), (3, 4), (5, 10)])
+def test_swa_in_fit_matches_numpy_reference(jit_compile, start, period):
+    keras.utils.set_random_seed(1)
+    x, y = make_data()
+    model = make_model()
+    opt = keras_swa.SWA(
+        keras.optimizers.SGD(0.05, momentum=0.9),
+        start_averaging=start,
+        average_period=period,
+    )
+    model.compile(optimizer=opt, loss="mse", jit_compile=jit_compile)
+    recorder = UpdateRecorder()
+    model.fit(x, y, batch_size=16, epochs=3, verbose=0, callbacks=[recorder])
+
+    expected, count = swa_reference(recorder.updates, start, period)
+    assert int(opt.n_averaged.numpy()) == count > 0
+    assert_weights_close(opt.average_variables, expected)
+    # The wrapper never writes the model by itself.
+    assert_weights_close(model.trainable_variables, recorder.updates[-1][1], 0, 0)
+
+
+@pytest.mark.parametrize("warmup", [False, True])
+def test_ema_in_fit_matches_numpy_reference(warmup):
+    keras.utils.set_random_seed(2)
+    x, y = make_data()
+    model = make_model()
+    opt = keras_swa.EMA(
+        keras.optimizers.Adam(0.01),
+        decay=0.8,
+        start_averaging=2,
+        average_period=2,
+        warmup=warmup,
+    )
+    model.compile(optimizer=opt, loss="mse")
+    recorder = UpdateRecorder()
+    model.fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=[recorder])
+
+    expected, count = ema_reference(recorder.updates, 2, 2, 0.8, warmup)
+    assert int(opt.n_averaged.numpy()) == count
+    assert_weights_close(opt.average_variables, expected)
+
+
+def test_gradient_accumulation_micro_steps_are_not_snapshots():
+    keras.utils.set_random_seed(3)
+    x, y = make_data()
+    model = make_model()
+    inner = keras.optimizers.SGD(0.05, gradient_accumulation_steps=2)
+    opt = keras_swa.SWA(inner, start_averaging=1, average_period=2)
+    model.compile(optimizer=opt, loss="mse")
+    recorder = UpdateRecorder()
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[recorder])
+
+    # 12 batches are 6 real updates (0..5): snapshots after updates 1, 3, 5.
+    assert [i for i, _ in recorder.updates] == list(range(6))
+    expected, count = swa_reference(recorder.updates, 1, 2)
+    assert count == 3
+    assert int(opt.n_averaged.numpy()) == 3
+    assert_weights_close(opt.average_variables, expected)
+
+
+def test_no_average_is_touched_before_start_averaging():
+    keras.utils.set_random_seed(4)
+    x, y = make_data()
+    model = make_model()
+    opt = keras_swa.SWA(keras.optimizers.SGD(0.05), start_averaging=100)
+    model.compile(optimizer=opt, loss="mse")
+    model.fit(x, y, batch_size=16, epochs=2, verbose=0)
+    assert int(opt.n_averaged.numpy()) == 0
+    for average in opt.average_variables:
+        np.testing.assert_array_equal(average.numpy(), 0.0)
+
+
+def test_mixed_float16_keeps_float32_averages():
+    keras.config.set_dtype_policy("mixed_float16")
+    keras.utils.set_random_seed(5)
+    x, y = make_data()
+    model = make_model()
+    opt = keras_swa.SWA(keras.optimizers.SGD(0.05), average_period=2)
+    model.compile(optimizer=opt, loss="mse")
+    # Keras puts the loss scaling around the averaging wrapper.
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    assert model.optimizer.inner_optimizer is opt
+    recorder = UpdateRecorder()
+    model.fit(x, y, batch_size=16, epochs=3, verbose=0, callbacks=[recorder])
+
+    assert all(a.dtype == "float32" for a in opt.average_variables)
+    expected, count = swa_reference(recorder.updates, 0, 2)
+    assert int(opt.n_averaged.numpy()) == count > 0
+    assert_weights_close(opt.average_variables, expected)
+
+
+def test_custom_training_loop_with_apply_gradients():
+    keras.utils.set_random_seed(6)
+    x, y = make_data()
+    model = make_model(batch_norm=False)
+    opt = keras_swa.EMA(keras.optimizers.SGD(0.1), decay=0.5)
+    loss_fn = keras.losses.MeanSquaredError()
+
+    @tf.function
+    def train_step(xb, yb):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(yb, model(xb, training=True))
+        grads = tape.gradient(loss, model.trainable_variables)
+        opt.apply_gradients(zip(grads, model.trainable_variables))
+
+    updates = []
+    for step in range(5):
+        train_step(x[step * 16 : (step + 1) * 16], y[step * 16 : (step + 1) * 16])
+        updates.append((step, [v.numpy() for v in model.trainable_variables]))
+
+    expected, count = ema_reference(updates, 0, 1, 0.5, False)
+    assert int(opt.n_averaged.numpy()) == count == 5
+    assert_weights_close(opt.average_variables, expected)
+
+
+def test_learning_rate_and_iterations_are_the_inner_optimizers():
+    inner = keras.optimizers.SGD(0.1)
+    opt = keras_swa.SWA(inner)
+    assert opt.iterations is inner.iterations
+    opt.learning_rate = 0.25
+    assert float(inner.learning_rate.numpy()) == pytest.approx(0.25)
+    assert float(opt.learning_rate.numpy()) == pytest.approx(0.25)
+
+
+# ---------------------------------------------------------------------------
+# assign_average_vars
+
+
+def test_assign_average_vars_copies_averages_and_skips_unaveraged_variables():
+    keras.utils.set_random_seed(7)
+    x, y = make_data()
+    model = make_model()
+    opt = keras_swa.SWA(keras.optimizers.SGD(0.05), average_period=3)
+    model.compile(optimizer=opt, loss="mse")
+    model.fit(x, y, batch_size=16, epochs=2, verbose=0)
+    batch_norm = model.layers[1]
+    statistics = [v.numpy() for v in batch_norm.non_trainable_variables]
+
+    opt.assign_average_vars(model.variables)  # BN statistics have no average.
+    assert_weights_close(
+        model.trainable_variables, [a.numpy() for a in opt.average_variables], 0, 0
+    )
+    assert_weights_close(batch_norm.non_trainable_variables, statistics, 0, 0)
+
+
+def test_assign_average_vars_without_snapshot_raises_and_leaves_model():
+    keras.utils.set_random_seed(8)
+    x, y = make_data()
+    model = make_model()
+    opt = keras_swa.SWA(keras.optimizers.SGD(0.05), start_averaging=1000)
+    model.compile(optimizer=opt, loss="mse")
+    with pytest.raises(ValueError, match="n_averaged=0"):
+        opt.assign_average_vars(model.variables)  # not even built
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    before = [v.numpy() for v in model.variables]
+    with pytest.raises(ValueError, match="no snapshot"):
+        opt.assign_average_vars(model.variables)
+    assert_weights_close(model.variables, before, 0, 0)
+
+
+# ---------------------------------------------------------------------------
+# Saving, loading and resuming
+
+
+def trained_swa_model(epochs=2):
+    keras.utils.set_random_seed(9)
+    x, y = make_data()
+    model = make_model()
+    opt = keras_swa.SWA(
+        keras.optimizers.SGD(0.05, momentum=0.9), start_averaging=2, average_period=3
+    )
+    model.compile(optimizer=opt, loss="mse")
+    model.fit(x, y, batch_size=16, epochs=epochs, verbose=0)
+    return model, opt, (x, y)
+
+
+def test_save_and_load_model_keeps_averages_counter_and_config(tmp_path):
+    model, opt, (x, y) = trained_swa_model()
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+
+    loaded_opt = loaded.optimizer
+    assert isinstance(loaded_opt, keras_swa.SWA)
+    assert isinstance(loaded_opt.inner_optimizer, keras.optimizers.SGD)
+    assert (loaded_opt.start_averaging, loaded_opt.average_period) == (2, 3)
+    assert int(loaded_opt.n_averaged.numpy()) == int(opt.n_averaged.numpy()) > 0
+    assert int(loaded_opt.iterations.numpy()) == int(opt.iterations.numpy())
+    assert_weights_close(
+        loaded_opt.average_variables, [a.numpy() for a in opt.average_variables], 0, 0
+    )
+
+    # Training on from the saved state continues the same average.
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False)
+    loaded.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False)
+    assert_weights_close(
+        loaded_opt.average_variables, [a.numpy() for a in opt.average_variables]
+    )
+
+
+def test_save_weights_and_load_weights_keep_averages(tmp_path):
+    model, opt, _ = trained_swa_model()
+    path = str(tmp_path / "w.weights.h5")
+    model.save_weights(path)
+
+    fresh = make_model()
+    fresh_opt = keras_swa.SWA(
+        keras.optimizers.SGD(0.05, momentum=0.9), start_averaging=2, average_period=3
+    )
+    fresh.compile(optimizer=fresh_opt, loss="mse")
+    fresh.optimizer.build(fresh.trainable_variables)
+    fresh.load_weights(path)
+    assert int(fresh_opt.n_averaged.numpy()) == int(opt.n_averaged.numpy())
+    assert_weights_close(
+        fresh_opt.average_variables, [a.numpy() for a in opt.average_variables], 0, 0
+    )
+
+
+class StopAtEpoch(keras.callbacks.Callback):
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise RuntimeError("interrupted")
+
+
+def test_fit_interrupted_mid_averaging_and_resumed_gives_same_average(tmp_path):
+    x, y = make_data()
+
+    def run(callbacks):
+        keras.utils.set_random_seed(10)
+        model = make_model()
+        opt = keras_swa.SWA(
+            keras.optimizers.SGD(0.05, momentum=0.9),
+            start_averaging=4,
+            average_period=2,
+        )
+        model.compile(optimizer=opt, loss="mse")
+        model.fit(
+            x, y, batch_size=16, epochs=5, verbose=0, shuffle=False,
+            callbacks=callbacks,
+        )
+        return model, opt
+
+    _, uninterrupted = run([])
+
+    backup = keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))
+    with pytest.raises(RuntimeError, match="interrupted"):
+        run([backup, StopAtEpoch(2)])
+    model, resumed = run([backup])
+
+    assert int(resumed.n_averaged.numpy()) == int(uninterrupted.n_averaged.numpy())
+    assert_weights_close(
+        resumed.average_variables,
+        [a.numpy() for a in uninterrupted.average_variables],
+    )
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: keras_swa.SWA(keras.optimizers.Adam(0.01), 5, 7, name="my_swa"),
+        lambda: keras_swa.EMA(
+            keras.optimizers.SGD(0.1), decay=0.9, start_averaging=1,
+            average_period=2, warmup=True,
+        ),
+    ],
+)
+def test_config_round_trip(make):
+    opt = make()
+    config = keras.saving.serialize_keras_object(opt)
+    clone = keras.saving.deserialize_keras_object(config)
+    assert type(clone) is type(opt)
+    assert clone.get_config() == opt.get_config()
+    assert type(clone.inner_optimizer) is type(opt.inner_optimizer)
+
+
+# ---------------------------------------------------------------------------
+# Bad input
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"average_period": 0}, ValueError, "average_period"),
+        ({"average_period": 2.0}, TypeError, "average_period"),
+        ({"average_period": True}, TypeError, "average_period"),
+        ({"start_averaging": -1}, ValueError, "start_averaging"),
+        ({"start_averaging": "3"}, TypeError, "start_averaging"),
+        ({"learning_rate": 0.1}, ValueError, "learning_rate"),
+    ],
+)
+def test_swa_rejects_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        keras_swa.SWA(keras.optimizers.SGD(), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error",
+    [
+        ({"decay": 1.0}, ValueError),
+        ({"decay": -0.1}, ValueError),
+        ({"decay": "0.9"}, TypeError),
+        ({"warmup": 1}, TypeError),
+    ],
+)
+def test_ema_rejects_bad_arguments(kwargs, error):
+    name = next(iter(kwargs))
+    with pytest.raises(error, match=name):
+        keras_swa.EMA(keras.optimizers.SGD(), **kwargs)
+
+
+def test_rejects_wrapping_loss_scale_optimizer_averager_and_non_optimizer():
+    with pytest.raises(ValueError, match="LossScaleOptimizer"):
+        keras_swa.SWA(keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD()))
+    with pytest.raises(ValueError, match="already an averaging wrapper"):
+        keras_swa.EMA(keras_swa.SWA(keras.optimizers.SGD()))
+    with pytest.raises(TypeError, match="inner_optimizer"):
+        keras_swa.SWA("sgd")
+    with pytest.raises(TypeError, match="inner_optimizer"):
+        keras_swa.SWA(object())
+
+
+def test_tensorflow_checkpoint_of_optimizer_restores_averages(tmp_path):
+    """tf.train.Checkpoint users (ModelCheckpoint in TF format) keep averages."""
+    model, opt, _ = trained_swa_model()
+    checkpoint = tf.train.Checkpoint(optimizer=opt)
+    path = checkpoint.save(os.path.join(str(tmp_path), "ckpt"))
+    saved = [a.numpy() for a in opt.average_variables]
+    n = int(opt.n_averaged.numpy())
+    for average in opt.average_variables:
+        average.assign(np.zeros(average.shape, "float32"))
+    opt.n_averaged.assign(0)
+    checkpoint.restore(path).assert_existing_objects_matched()
+    assert int(opt.n_averaged.numpy()) == n
+    assert_weights_close(opt.average_variables, saved, 0, 0)
