@@ -4,40 +4,76 @@ import keras
 from keras import ops
 
 
-def conditional_assign(pred, variables, compute_new_values, assign):
-    """Assigns `compute_new_values()` to `variables` where `pred` holds.
+def fold_in(snapshot, averages, weights, counter, rule):
+    """Where `snapshot` holds: `average <- rule(average, weight, counter)`
+    for each pair, then `counter += 1`.
 
-    On TensorFlow and PyTorch the branch assigns in place, so a step where
-    `pred` is false touches no weights at all (TensorFlow: a `tf.cond` in the
-    graph; PyTorch: a Python `if` on the concrete value). JAX forbids side
+    A step where `snapshot` is false touches no weights at all. On TensorFlow
+    the update runs in cross-replica context through the distribution
+    strategy (the default one too), so each replica folds in its own copy of
+    the synchronized weights, as Keras updates the weights themselves; a
+    `tf.cond` keeps the pass out of non-snapshot steps. JAX forbids side
     effects inside `lax.cond`, so there the branches return values that are
-    then assigned inside the trainer's stateless scope.
+    assigned inside the trainer's stateless scope. PyTorch runs eagerly: a
+    Python `if` on the concrete value.
 
     Args:
-        pred: Boolean scalar tensor, or the Python `True` when the update is
-            known to happen while tracing (then there is no branch at all).
-        variables: List of `keras.Variable`s.
-        compute_new_values: Function of no arguments returning one new value
-            per variable.
-        assign: Function `(variable, value)` that writes a variable, such as
-            the optimizer's own `assign`.
+        snapshot: Boolean scalar tensor, or the Python `True` when every call
+            is a snapshot (then there is no branch at all, and the compiler
+            may fuse the pass with the optimizer update).
+        averages: List of `keras.Variable`s, the averages.
+        weights: List of `keras.Variable`s of the same shapes, the weights.
+        counter: Integer scalar `keras.Variable`, snapshots so far.
+        rule: Function `(average, weight, count) -> new average` on tensors.
     """
-    if pred is True:
-        for variable, value in zip(variables, compute_new_values()):
-            assign(variable, value)
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        _tf_fold_in(snapshot, averages, weights, counter, rule)
         return
-    if keras.backend.backend() == "jax":
+
+    def new_values():
+        count = counter.value
+        values = [rule(a.value, w.value, count) for a, w in zip(averages, weights)]
+        return values + [ops.add(count, 1)]
+
+    targets = list(averages) + [counter]
+    if backend == "jax" and snapshot is not True:
         values = ops.cond(
-            pred,
-            lambda: list(compute_new_values()),
-            lambda: [v.value for v in variables],
+            snapshot, new_values, lambda: [v.value for v in targets]
         )
-        for variable, value in zip(variables, values):
-            assign(variable, value)
+    elif snapshot is True or snapshot:
+        values = new_values()
+    else:
         return
+    for target, value in zip(targets, values):
+        target.assign(value)
 
-    def write():
-        for variable, value in zip(variables, compute_new_values()):
-            assign(variable, value)
 
-    ops.cond(pred, write, lambda: None)
+def _tf_fold_in(snapshot, averages, weights, counter, rule):
+    import tensorflow as tf
+
+    def fold(strategy, snapshot):
+        if isinstance(snapshot, tf.distribute.DistributedValues):
+            # Every replica computed the same flag from the same counters.
+            snapshot = strategy.experimental_local_results(snapshot)[0]
+
+        def write():
+            for average, weight in zip(averages, weights):
+                strategy.extended.update(
+                    average.value,
+                    lambda a, w, n: a.assign(rule(a, w, n)),
+                    args=(weight.value, counter.value),
+                    group=False,
+                )
+            strategy.extended.update(
+                counter.value, lambda n: n.assign_add(1), group=False
+            )
+
+        if snapshot is True:
+            write()
+        else:
+            tf.cond(snapshot, write, lambda: None)
+
+    tf.__internal__.distribute.interim.maybe_merge_call(
+        fold, tf.distribute.get_strategy(), snapshot
+    )

@@ -183,19 +183,12 @@ class AveragedOptimizer(keras.optimizers.Optimizer):
             )
             if average is not None
         ]
-        averages = [average for average, _ in pairs]
-        n = self._n_averaged
-
-        def new_values():
-            count = n.value
-            values = [
-                self.average_update(average.value, variable.value, count)
-                for average, variable in pairs
-            ]
-            return values + [ops.add(count, 1)]
-
-        _backend.conditional_assign(
-            snapshot, averages + [n], new_values, self.assign
+        _backend.fold_in(
+            snapshot,
+            [average for average, _ in pairs],
+            [variable for _, variable in pairs],
+            self._n_averaged,
+            self.average_update,
         )
 
     def assign_average_vars(self, var_list):
