@@ -2,5 +2,6 @@
 
 from keras_swa.optimizers import EMA
 from keras_swa.optimizers import SWA
+from keras_swa.schedules import SWALearningRate
 
 __version__ = "0.1.0"
