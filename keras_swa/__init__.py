@@ -1,5 +1,6 @@
 """Stochastic Weight Averaging and related weight averaging for Keras 3."""
 
+from keras_swa.callbacks import StochasticWeightAveraging
 from keras_swa.optimizers import EMA
 from keras_swa.optimizers import SWA
 from keras_swa.schedules import SWALearningRate
