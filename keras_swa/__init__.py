@@ -1,5 +1,6 @@
 """Stochastic Weight Averaging and related weight averaging for Keras 3."""
 
+from keras_swa.batch_norm import update_bn
 from keras_swa.optimizers import EMA
 from keras_swa.optimizers import SWA
 
