@@ -12,8 +12,10 @@ import numpy as np
 from keras import ops
 
 from keras_swa import averaging
+from keras_swa import batch_norm
 from keras_swa import optimizers
 from keras_swa import schedules
+from keras_swa import weights
 
 BACKUP_FILENAME = "stochastic_weight_averaging.npz"
 
@@ -61,13 +63,13 @@ def _optimizer_chain(optimizer):
     return chain
 
 
-def _has_trained_batch_norm(model):
-    # A frozen (`trainable=False`) BN layer runs in inference mode and keeps
-    # its statistics, which therefore do not go stale.
-    return any(
-        isinstance(layer, keras.layers.BatchNormalization) and layer.trainable
-        for layer in model._flatten_layers(include_self=False)
-    )
+def _unpack_validation_data(data):
+    # The forms of `fit(validation_data=...)`: `(x, y)`, `(x, y,
+    # sample_weight)`, or a dataset yielding them.
+    if isinstance(data, (tuple, list)):
+        x, y, sample_weight = (tuple(data) + (None, None))[:3]
+        return x, y, sample_weight
+    return data, None, None
 
 
 def _average_dtype(variable):
@@ -139,7 +141,9 @@ class StochasticWeightAveraging(keras.callbacks.Callback):
         validation_data: Data to evaluate the averaged model on after each
             averaging epoch, in the forms `fit` accepts for its
             `validation_data`; the results are logged as `val_swa_<metric>`.
-            `None` evaluates nothing. Defaults to `None`.
+            With `bn_data`, each evaluation first recomputes the statistics
+            for the average. The raw weights and statistics are back before
+            training goes on. `None` evaluates nothing. Defaults to `None`.
         backup_dir: Directory (string or path) where the callback keeps its
             state to resume an interrupted `fit`, or `None`. It may be the
             directory of `BackupAndRestore`. Defaults to `None`.
@@ -242,7 +246,9 @@ class StochasticWeightAveraging(keras.callbacks.Callback):
             ValueError: if nothing has been averaged yet; the variables are
                 then left untouched.
         """
-        if int(ops.convert_to_numpy(self._n_averaged)) == 0:
+        # `Variable.numpy()`, here and below: `ops.convert_to_numpy` of a
+        # TensorFlow variable warns under NumPy 2.
+        if int(self._n_averaged.numpy()) == 0:
             raise ValueError(
                 "StochasticWeightAveraging has averaged no epoch yet "
                 "(n_averaged=0), so there is no average to assign. Train "
@@ -294,7 +300,7 @@ class StochasticWeightAveraging(keras.callbacks.Callback):
             return
         optimizer = _optimizer_chain(self.model.optimizer)[-1]
         if self._lr0 is None:
-            self._lr0 = float(ops.convert_to_numpy(optimizer.learning_rate))
+            self._lr0 = float(optimizer.learning_rate.numpy())
         optimizer.learning_rate = self._annealed_learning_rate(
             epoch - self._start
         )
@@ -308,11 +314,15 @@ class StochasticWeightAveraging(keras.callbacks.Callback):
             on_period or last_epoch or self.model.stop_training
         ):
             self._fold_in(epoch)
+            if self.validation_data is not None and logs is not None:
+                # The same `logs` dict goes to the callbacks after this one,
+                # History and the progress bar among them.
+                logs.update(self._evaluate_average())
         if self.backup_dir is not None:
             self._write_backup(epoch)
 
     def on_train_end(self, logs=None):
-        if int(ops.convert_to_numpy(self._n_averaged)) == 0:
+        if int(self._n_averaged.numpy()) == 0:
             warnings.warn(
                 "StochasticWeightAveraging averaged no epoch: training "
                 f"stopped before `start_epoch` (epoch {self._start}). The "
@@ -320,7 +330,11 @@ class StochasticWeightAveraging(keras.callbacks.Callback):
                 stacklevel=2,
             )
         else:
-            if self.bn_data is None and _has_trained_batch_norm(self.model):
+            # Only the statistics training updates go stale: frozen BN
+            # layers are not among them.
+            if self.bn_data is None and batch_norm.statistics_variables(
+                self.model
+            ):
                 warnings.warn(
                     "The model has BatchNormalization layers, whose "
                     "statistics were computed for the raw weights, not for "
@@ -329,7 +343,12 @@ class StochasticWeightAveraging(keras.callbacks.Callback):
                     "`keras_swa.update_bn(model, data)` after `fit`.",
                     stacklevel=2,
                 )
-            self.assign_average_vars(self.model.trainable_variables)
+            weights.assign_average(
+                self.model,
+                source=self,
+                bn_data=self.bn_data,
+                bn_steps=self.bn_steps,
+            )
         if self.backup_dir is not None:
             path = os.path.join(self.backup_dir, BACKUP_FILENAME)
             if os.path.exists(path):
@@ -400,6 +419,19 @@ class StochasticWeightAveraging(keras.callbacks.Callback):
                 f"weights in (n_averaged={int(self._n_averaged.numpy())})."
             )
 
+    def _evaluate_average(self):
+        x, y, sample_weight = _unpack_validation_data(self.validation_data)
+        with weights.averaged_weights(
+            self.model,
+            source=self,
+            bn_data=self.bn_data,
+            bn_steps=self.bn_steps,
+        ):
+            results = self.model.evaluate(
+                x, y, sample_weight=sample_weight, verbose=0, return_dict=True
+            )
+        return {f"val_swa_{name}": value for name, value in results.items()}
+
     def _check_resumed_epoch(self, epoch):
         expected = self._resumed_after_epoch + 1
         self._resumed_after_epoch = None
@@ -418,12 +450,12 @@ class StochasticWeightAveraging(keras.callbacks.Callback):
             "epoch": np.int64(epoch),
             "start_epoch": np.int64(self._start),
             "average_period": np.int64(self.average_period),
-            "n_averaged": np.int64(ops.convert_to_numpy(self._n_averaged)),
+            "n_averaged": np.int64(self._n_averaged.numpy()),
             "num_averages": np.int64(len(self._average_variables)),
             "lr0": np.float64(np.nan if self._lr0 is None else self._lr0),
         }
         for i, average in enumerate(self._average_variables):
-            state[f"average_{i}"] = ops.convert_to_numpy(average)
+            state[f"average_{i}"] = average.numpy()
         os.makedirs(self.backup_dir, exist_ok=True)
         # A crash mid-write must leave the previous backup intact: write a
         # temporary file beside it, then rename it over the old one.

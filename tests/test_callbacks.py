@@ -9,7 +9,11 @@ import keras_swa
 from keras_swa.callbacks import BACKUP_FILENAME
 
 EPOCH_LR = 0.05
-to_numpy = keras.ops.convert_to_numpy
+
+
+def to_numpy(variable):
+    # `ops.convert_to_numpy` of a TensorFlow variable warns under NumPy 2.
+    return np.array(variable.numpy())
 
 
 def make_model(batch_norm=False, optimizer=None, seed=0):
@@ -279,7 +283,7 @@ def test_assign_average_vars_protocol():
     assert_weights_close(model.variables, before, rtol=0, atol=0)
 
     recorder = Recorder()
-    with pytest.warns(UserWarning):
+    with pytest.warns(UserWarning, match="stale"):
         fit(model, [recorder, swa], epochs=4)
     trained = [to_numpy(v) for v in model.variables]
     for variable in model.trainable_variables:
@@ -416,3 +420,137 @@ def test_start_epoch_past_the_last_epoch():
 def test_bad_arguments(kwargs, error, name):
     with pytest.raises(error, match=name):
         keras_swa.StochasticWeightAveraging(**kwargs)
+
+
+class FullRecorder(keras.callbacks.Callback):
+    """Records every model variable (BN statistics included) at epoch ends."""
+
+    def __init__(self):
+        super().__init__()
+        self.variables = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.variables.append([to_numpy(v) for v in self.model.variables])
+
+
+def test_val_swa_logs_evaluate_the_average():
+    x_val, y_val = make_data(n=8, seed=1)
+    model = make_model()
+    recorder = Recorder()
+    swa = keras_swa.StochasticWeightAveraging(
+        start_epoch=1, average_period=2, validation_data=(x_val, y_val),
+        verbose=0,
+    )
+    history = fit(model, [recorder, swa], epochs=5)
+    logged = history.history
+    # Averaging epochs 1, 3 and 4 (the last): one entry each.
+    assert len(logged["val_swa_loss"]) == len(logged["val_swa_mae"]) == 3
+    assert len(logged["loss"]) == 5
+
+    reference = make_model()
+    for epochs, value in zip([[1], [1, 3], [1, 3, 4]], logged["val_swa_loss"]):
+        for variable, average in zip(
+            reference.trainable_variables, recorder.mean(epochs)
+        ):
+            variable.assign(average)
+        expected = reference.evaluate(x_val, y_val, verbose=0)[0]
+        assert value == pytest.approx(expected, rel=1e-5)
+
+
+def test_validation_leaves_training_undisturbed():
+    x_val, y_val = make_data(n=8, seed=1)
+    x_bn, _ = make_data(n=12, seed=2)
+
+    def run(validation_data):
+        model = make_model(batch_norm=True)
+        recorder = FullRecorder()
+        swa = keras_swa.StochasticWeightAveraging(
+            start_epoch=1, swa_lr=0.01, validation_data=validation_data,
+            bn_data=x_bn, verbose=0,
+        )
+        history = fit(model, [recorder, swa], epochs=4)
+        return recorder, swa, history
+
+    plain, plain_swa, _ = run(None)
+    validated, validated_swa, history = run((x_val, y_val))
+    assert len(history.history["val_swa_loss"]) == 3
+    for plain_epoch, validated_epoch in zip(
+        plain.variables, validated.variables
+    ):
+        for a, b in zip(plain_epoch, validated_epoch):
+            np.testing.assert_array_equal(a, b)
+    assert int(plain_swa.n_averaged) == int(validated_swa.n_averaged) == 3
+    for a, b in zip(
+        plain_swa.average_variables, validated_swa.average_variables
+    ):
+        np.testing.assert_array_equal(to_numpy(a), to_numpy(b))
+
+
+def test_validation_data_as_a_dataset():
+    import tensorflow as tf
+
+    x_val, y_val = make_data(n=8, seed=1)
+    dataset = tf.data.Dataset.from_tensor_slices((x_val, y_val)).batch(4)
+    model = make_model()
+    swa = keras_swa.StochasticWeightAveraging(
+        start_epoch=2, validation_data=dataset, verbose=0
+    )
+    history = fit(model, [swa], epochs=3)
+    # At the end of fit the model holds the last average evaluated.
+    expected = model.evaluate(dataset, verbose=0)[0]
+    assert history.history["val_swa_loss"][-1] == pytest.approx(
+        expected, rel=1e-5
+    )
+
+
+def test_batch_norm_statistics_recomputed_for_the_average():
+    x_bn, _ = make_data(n=12, seed=2)
+    model = make_model(batch_norm=True)
+    recorder = Recorder()
+    swa = keras_swa.StochasticWeightAveraging(
+        start_epoch=2, bn_data=x_bn, verbose=0
+    )
+    fit(model, [recorder, swa], epochs=4)
+    kernel, bias = recorder.mean([2, 3])[:2]
+    # One batch of 12: the statistics are its mean and biased variance.
+    hidden = np.maximum(x_bn @ kernel + bias, 0.0)
+    batch_norm = model.layers[1]
+    np.testing.assert_allclose(
+        to_numpy(batch_norm.moving_mean), hidden.mean(axis=0),
+        rtol=1e-5, atol=1e-6,
+    )
+    np.testing.assert_allclose(
+        to_numpy(batch_norm.moving_variance), hidden.var(axis=0),
+        rtol=1e-4, atol=1e-6,
+    )
+
+
+def test_batch_norm_without_bn_data_warns():
+    model = make_model(batch_norm=True)
+    swa = keras_swa.StochasticWeightAveraging(start_epoch=1, verbose=0)
+    with pytest.warns(UserWarning, match="stale.*bn_data"):
+        fit(model, [swa], epochs=2)
+
+
+def test_frozen_batch_norm_does_not_warn(recwarn):
+    model = make_model(batch_norm=True)
+    model.layers[1].trainable = False
+    model.compile(optimizer=keras.optimizers.SGD(EPOCH_LR), loss="mse")
+    swa = keras_swa.StochasticWeightAveraging(start_epoch=1, verbose=0)
+    fit(model, [swa], epochs=2)
+    assert not [w for w in recwarn if "stale" in str(w.message)]
+
+
+def test_weights_utilities_accept_the_callback():
+    model = make_model()
+    recorder = Recorder()
+    swa = keras_swa.StochasticWeightAveraging(start_epoch=1, verbose=0)
+    fit(model, [recorder, swa], epochs=3)
+    raw = recorder.weights[2]
+    for variable, value in zip(model.trainable_variables, raw):
+        variable.assign(value)
+    with keras_swa.averaged_weights(model, source=swa):
+        assert_weights_close(model.trainable_variables, recorder.mean([1, 2]))
+    assert_weights_close(model.trainable_variables, raw, rtol=0, atol=0)
+    keras_swa.assign_average(model, source=swa)
+    assert_weights_close(model.trainable_variables, recorder.mean([1, 2]))
