@@ -145,8 +145,9 @@ class StochasticWeightAveraging(keras.callbacks.Callback):
             for the average. The raw weights and statistics are back before
             training goes on. `None` evaluates nothing. Defaults to `None`.
         backup_dir: Directory (string or path) where the callback keeps its
-            state to resume an interrupted `fit`, or `None`. It may be the
-            directory of `BackupAndRestore`. Defaults to `None`.
+            state to resume an interrupted `fit`, or `None`. Give it a
+            directory other than that of `BackupAndRestore`, which deletes
+            its whole directory when `fit` completes. Defaults to `None`.
         verbose: 0 for silence, 1 to print a line when averaging starts and
             at each snapshot. Defaults to `1`.
         allow_averaging_optimizer: Whether the model's optimizer may itself
@@ -156,8 +157,10 @@ class StochasticWeightAveraging(keras.callbacks.Callback):
 
     Example:
 
+    >>> import keras_swa
     >>> swa = keras_swa.StochasticWeightAveraging(
-    ...     start_epoch=0.75, swa_lr=0.01, anneal_epochs=2, bn_data=train_ds)
+    ...     start_epoch=0.75, swa_lr=0.01, anneal_epochs=2,
+    ...     bn_data=train_ds)  # doctest: +SKIP
     >>> model.fit(train_ds, epochs=40, callbacks=[swa])  # doctest: +SKIP
     >>> model.evaluate(test_ds)  # the averaged model  # doctest: +SKIP
     """

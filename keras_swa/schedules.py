@@ -115,6 +115,7 @@ class SWALearningRate(keras.optimizers.schedules.LearningRateSchedule):
     Constant SWA phase after 3000 steps of cosine decay, as in
     `torch.optim.swa_utils.SWALR`:
 
+    >>> import keras_swa
     >>> lr = keras_swa.SWALearningRate(
     ...     base=keras.optimizers.schedules.CosineDecay(0.1, 3000),
     ...     swa_start=3000, swa_lr=0.01, anneal_steps=500)
