@@ -1,6 +1,11 @@
 """Stochastic Weight Averaging and related weight averaging for Keras 3."""
 
+from keras_swa.batch_norm import update_bn
+from keras_swa.callbacks import StochasticWeightAveraging
 from keras_swa.optimizers import EMA
 from keras_swa.optimizers import SWA
+from keras_swa.schedules import SWALearningRate
+from keras_swa.weights import assign_average
+from keras_swa.weights import averaged_weights
 
 __version__ = "0.1.0"

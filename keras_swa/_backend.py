@@ -77,3 +77,57 @@ def _tf_fold_in(snapshot, averages, weights, counter, rule):
     tf.__internal__.distribute.interim.maybe_merge_call(
         fold, tf.distribute.get_strategy(), snapshot
     )
+
+
+def compile_function(fn):
+    """Compiles `fn(inputs)` for batches whose leading dimension varies.
+
+    On TensorFlow, a `tf.function` traced once, on the first call, for a
+    batch dimension of `None`: a short last batch reuses that trace instead of
+    tracing again. `fn` writes Keras variables in place (BatchNormalization
+    updates its statistics when called in training mode), which `jax.jit`
+    only allows through `stateless_call`; JAX and PyTorch therefore run `fn`
+    eagerly.
+
+    Args:
+        fn: Function of one argument, a nested structure of tensors whose
+            leaves share their first (batch) dimension.
+
+    Returns:
+        A function with the same signature as `fn`.
+    """
+    if keras.backend.backend() != "tensorflow":
+        return fn
+    import tensorflow as tf
+
+    function = tf.function(fn, reduce_retracing=True)
+    traced = False
+
+    def call(inputs):
+        nonlocal traced
+        if not traced:
+            function.get_concrete_function(
+                keras.tree.map_structure(
+                    lambda t: tf.TensorSpec((None, *t.shape[1:]), t.dtype),
+                    inputs,
+                )
+            )
+            traced = True
+        return function(inputs)
+
+    return call
+
+
+def dataset_iterator(dataset):
+    """Iterates a `tf.data.Dataset` with elements the backend can consume.
+
+    Args:
+        dataset: A `tf.data.Dataset`.
+
+    Returns:
+        An iterator over its elements: TensorFlow tensors on TensorFlow,
+        NumPy arrays on the other backends.
+    """
+    if keras.backend.backend() == "tensorflow":
+        return iter(dataset)
+    return dataset.as_numpy_iterator()

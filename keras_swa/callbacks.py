@@ -1,0 +1,509 @@
+"""Epoch-level Stochastic Weight Averaging as a `fit` callback."""
+
+import fractions
+import math
+import numbers
+import os
+import tempfile
+import warnings
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_swa import averaging
+from keras_swa import batch_norm
+from keras_swa import optimizers
+from keras_swa import schedules
+from keras_swa import weights
+
+BACKUP_FILENAME = "stochastic_weight_averaging.npz"
+
+
+def _check_int(name, value, minimum):
+    # `bool` is an `int` subclass, but `True` as an epoch count is a bug.
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(
+            f"`{name}` must be an integer >= {minimum}. "
+            f"Received: {name}={value!r} of type {type(value).__name__}"
+        )
+    if value < minimum:
+        raise ValueError(
+            f"`{name}` must be an integer >= {minimum}. "
+            f"Received: {name}={value}"
+        )
+
+
+def _check_start_epoch(start_epoch):
+    message = (
+        "`start_epoch` must be an integer >= 0 (a 0-based epoch) or a float "
+        "in (0, 1] (a fraction of `epochs`)."
+    )
+    if isinstance(start_epoch, bool) or not isinstance(
+        start_epoch, numbers.Real
+    ):
+        raise TypeError(
+            f"{message} Received: start_epoch={start_epoch!r} of type "
+            f"{type(start_epoch).__name__}"
+        )
+    if isinstance(start_epoch, numbers.Integral):
+        if start_epoch < 0:
+            raise ValueError(f"{message} Received: start_epoch={start_epoch}")
+    elif not 0.0 < start_epoch <= 1.0:
+        raise ValueError(f"{message} Received: start_epoch={start_epoch}")
+
+
+def _optimizer_chain(optimizer):
+    """The optimizer and those it wraps, outermost first."""
+    chain = [optimizer]
+    # LossScaleOptimizer and the keras_swa wrappers both name the optimizer
+    # they delegate to `inner_optimizer`.
+    while hasattr(chain[-1], "inner_optimizer"):
+        chain.append(chain[-1].inner_optimizer)
+    return chain
+
+
+def _unpack_validation_data(data):
+    # The forms of `fit(validation_data=...)`: `(x, y)`, `(x, y,
+    # sample_weight)`, or a dataset yielding them.
+    if isinstance(data, (tuple, list)):
+        x, y, sample_weight = (tuple(data) + (None, None))[:3]
+        return x, y, sample_weight
+    return data, None, None
+
+
+def _average_dtype(variable):
+    # Thousands of float16 snapshots would drown in rounding: the running
+    # mean of a narrow float variable is kept in float32.
+    if variable.dtype in ("float16", "bfloat16"):
+        return "float32"
+    return variable.dtype
+
+
+class StochasticWeightAveraging(keras.callbacks.Callback):
+    """Stochastic Weight Averaging (Izmailov et al., 2018) over `fit` epochs.
+
+    From epoch `start_epoch` on, the callback sets the learning rate of the
+    optimizer to the SWA learning rate and keeps the equal-weight mean of
+    the weights at the end of epochs `start_epoch`,
+    `start_epoch + average_period`, ... and of the last epoch of `fit`. When
+    `fit` ends, the model holds that average, with its BatchNormalization
+    statistics recomputed on `bn_data`. Any optimizer works; for averaging
+    inside the train step, per update, use `keras_swa.SWA` instead.
+
+    The learning rate: at the start of epoch `start_epoch + k` it is set to
+    `swa_lr * alpha + lr0 * (1 - alpha)`, where `lr0` is the optimizer's
+    learning rate when epoch `start_epoch` begins and
+    `alpha = anneal(min(1, k / anneal_epochs))` (`alpha = 1` when
+    `anneal_epochs=0`), with `anneal(t) = t` for "linear" and
+    `(1 - cos(pi * t)) / 2` for "cos". So with `anneal_epochs=0` every epoch
+    from `start_epoch` on runs at `swa_lr`; with `anneal_epochs=a` epoch
+    `start_epoch` runs at `lr0` and epoch `start_epoch + a` reaches `swa_lr`,
+    as `torch.optim.swa_utils.SWALR` stepped once per epoch. The rate set is
+    that of the innermost optimizer (inside a `LossScaleOptimizer` or a
+    `keras_swa` wrapper); it must be a float, not a schedule: for a
+    per-step SWA schedule use `keras_swa.SWALearningRate`.
+
+    Resuming: with `backup_dir`, the callback writes its state to
+    `backup_dir/stochastic_weight_averaging.npz` after every epoch and reads
+    it back when `fit` begins, so an interrupted `fit` resumed with
+    `keras.callbacks.BackupAndRestore` (which restores the weights and the
+    epoch) ends with the same average as an uninterrupted one. The two
+    callbacks may come in either order. The file is deleted when `fit`
+    completes.
+
+    Callback order: the `val_swa_*` entries are added to the epoch `logs`,
+    so callbacks after this one (and Keras' own `History` and progress bar)
+    see them. A callback that stops training (`EarlyStopping`) should come
+    before this one, so that the last epoch is folded in.
+
+    Args:
+        start_epoch: Integer >= 0, the 0-based epoch where averaging starts,
+            or a float in (0, 1], a fraction of `fit`'s `epochs`: averaging
+            starts at epoch `floor(start_epoch * epochs)` (the fraction taken
+            as written in decimal, so 0.29 of 100 epochs is epoch 29), at the
+            latest at the last epoch. 0.75 of 40 epochs averages epochs 30 to
+            39. Defaults to `0.75`.
+        swa_lr: Float >= 0, the SWA learning rate, or `None` to leave the
+            learning rate alone. Defaults to `None`.
+        anneal_epochs: Integer >= 0, the epochs from the current learning
+            rate to `swa_lr`. Defaults to `0`.
+        anneal_strategy: "cos" or "linear", the shape of the annealing.
+            Defaults to `"cos"`.
+        average_period: Integer >= 1, the epochs between two snapshots.
+            Defaults to `1`.
+        bn_data: Data to recompute the BatchNormalization statistics of the
+            average on (a `tf.data.Dataset`, a `keras.utils.PyDataset`, a
+            NumPy array or a tuple `(x, ...)`), or `None`. Defaults to
+            `None`.
+        bn_steps: Integer >= 1, the batches of `bn_data` to use, or `None`
+            for all. Defaults to `None`.
+        validation_data: Data to evaluate the averaged model on after each
+            averaging epoch, in the forms `fit` accepts for its
+            `validation_data`; the results are logged as `val_swa_<metric>`.
+            With `bn_data`, each evaluation first recomputes the statistics
+            for the average. The raw weights and statistics are back before
+            training goes on. `None` evaluates nothing. Defaults to `None`.
+        backup_dir: Directory (string or path) where the callback keeps its
+            state to resume an interrupted `fit`, or `None`. Give it a
+            directory other than that of `BackupAndRestore`, which deletes
+            its whole directory when `fit` completes. Defaults to `None`.
+        verbose: 0 for silence, 1 to print a line when averaging starts and
+            at each snapshot. Defaults to `1`.
+        allow_averaging_optimizer: Whether the model's optimizer may itself
+            be a `keras_swa.SWA` or `keras_swa.EMA` wrapper. Two averages of
+            one model are usually a mistake, so this is refused unless set.
+            Defaults to `False`.
+
+    Example:
+
+    >>> import keras_swa
+    >>> swa = keras_swa.StochasticWeightAveraging(
+    ...     start_epoch=0.75, swa_lr=0.01, anneal_epochs=2,
+    ...     bn_data=train_ds)  # doctest: +SKIP
+    >>> model.fit(train_ds, epochs=40, callbacks=[swa])  # doctest: +SKIP
+    >>> model.evaluate(test_ds)  # the averaged model  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        start_epoch: int | float = 0.75,
+        swa_lr: float | None = None,
+        anneal_epochs: int = 0,
+        anneal_strategy: str = "cos",
+        average_period: int = 1,
+        bn_data=None,
+        bn_steps: int | None = None,
+        validation_data=None,
+        backup_dir: str | os.PathLike | None = None,
+        verbose: int = 1,
+        allow_averaging_optimizer: bool = False,
+    ):
+        super().__init__()
+        _check_start_epoch(start_epoch)
+        if swa_lr is not None:
+            schedules.check_learning_rate("swa_lr", swa_lr)
+            swa_lr = float(swa_lr)
+        _check_int("anneal_epochs", anneal_epochs, 0)
+        schedules.check_anneal_strategy(anneal_strategy)
+        _check_int("average_period", average_period, 1)
+        if bn_steps is not None:
+            _check_int("bn_steps", bn_steps, 1)
+        if isinstance(validation_data, (tuple, list)) and not (
+            1 <= len(validation_data) <= 3
+        ):
+            raise ValueError(
+                "`validation_data` given as a tuple must be `(x, y)` or "
+                "`(x, y, sample_weight)`. Received a tuple of length "
+                f"{len(validation_data)}"
+            )
+        if backup_dir is not None and not isinstance(
+            backup_dir, (str, os.PathLike)
+        ):
+            raise TypeError(
+                "`backup_dir` must be a directory path or None. Received: "
+                f"backup_dir={backup_dir!r}"
+            )
+        self.start_epoch = start_epoch
+        self.swa_lr = swa_lr
+        self.anneal_epochs = anneal_epochs
+        self.anneal_strategy = anneal_strategy
+        self.average_period = average_period
+        self.bn_data = bn_data
+        self.bn_steps = bn_steps
+        self.validation_data = validation_data
+        self.backup_dir = None if backup_dir is None else os.fspath(backup_dir)
+        self.verbose = verbose
+        self.allow_averaging_optimizer = allow_averaging_optimizer
+        self._average_variables = []
+        self._model_variables = []
+        self._n_averaged = keras.Variable(
+            0, dtype="int64", trainable=False, name="n_averaged"
+        )
+        self._start = None
+        self._lr0 = None
+        self._resumed_after_epoch = None
+
+    @property
+    def average_variables(self):
+        """The averages, one per `model.trainable_variables` entry, in order."""
+        return list(self._average_variables)
+
+    @property
+    def n_averaged(self):
+        """Scalar integer variable: the snapshots folded in so far."""
+        return self._n_averaged
+
+    def assign_average_vars(self, var_list):
+        """Copies the averages into the given model variables.
+
+        Variables without an average (those not in the model's
+        `trainable_variables`, such as BatchNorm statistics) are left as they
+        are, as by `keras_swa.SWA.assign_average_vars`.
+
+        Args:
+            var_list: List of model variables, such as
+                `model.trainable_variables` or `model.variables`.
+
+        Raises:
+            ValueError: if nothing has been averaged yet; the variables are
+                then left untouched.
+        """
+        # `Variable.numpy()`, here and below: `ops.convert_to_numpy` of a
+        # TensorFlow variable warns under NumPy 2.
+        if int(self._n_averaged.numpy()) == 0:
+            raise ValueError(
+                "StochasticWeightAveraging has averaged no epoch yet "
+                "(n_averaged=0), so there is no average to assign. Train "
+                "past `start_epoch` first."
+            )
+        averages_by_id = {
+            id(variable): average
+            for variable, average in zip(
+                self._model_variables, self._average_variables
+            )
+        }
+        for variable in var_list:
+            average = averages_by_id.get(id(variable))
+            if average is not None:
+                variable.assign(ops.cast(average.value, variable.dtype))
+
+    def on_train_begin(self, logs=None):
+        epochs = self.params["epochs"]
+        self._start = self._resolve_start_epoch(epochs)
+        self._check_optimizer()
+        self._model_variables = list(self.model.trainable_variables)
+        self._average_variables = [
+            keras.Variable(
+                initializer="zeros",
+                shape=variable.shape,
+                dtype=_average_dtype(variable),
+                trainable=False,
+                name="swa_average",
+            )
+            for variable in self._model_variables
+        ]
+        self._n_averaged.assign(0)
+        self._lr0 = None
+        self._resumed_after_epoch = None
+        if self.backup_dir is not None:
+            self._restore_backup()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self._resumed_after_epoch is not None:
+            self._check_resumed_epoch(epoch)
+        if epoch < self._start:
+            return
+        if epoch == self._start and self.verbose:
+            print(
+                f"\nEpoch {epoch + 1}: StochasticWeightAveraging starts "
+                "averaging at the end of this epoch."
+            )
+        if self.swa_lr is None:
+            return
+        optimizer = _optimizer_chain(self.model.optimizer)[-1]
+        if self._lr0 is None:
+            self._lr0 = float(optimizer.learning_rate.numpy())
+        optimizer.learning_rate = self._annealed_learning_rate(
+            epoch - self._start
+        )
+
+    def on_epoch_end(self, epoch, logs=None):
+        last_epoch = epoch == self.params["epochs"] - 1
+        on_period = bool(
+            averaging.is_snapshot_step(epoch, self._start, self.average_period)
+        )
+        if epoch >= self._start and (
+            on_period or last_epoch or self.model.stop_training
+        ):
+            self._fold_in(epoch)
+            if self.validation_data is not None and logs is not None:
+                # The same `logs` dict goes to the callbacks after this one,
+                # History and the progress bar among them.
+                logs.update(self._evaluate_average())
+        if self.backup_dir is not None:
+            self._write_backup(epoch)
+
+    def on_train_end(self, logs=None):
+        if int(self._n_averaged.numpy()) == 0:
+            warnings.warn(
+                "StochasticWeightAveraging averaged no epoch: training "
+                f"stopped before `start_epoch` (epoch {self._start}). The "
+                "model keeps its trained weights.",
+                stacklevel=2,
+            )
+        else:
+            # Only the statistics training updates go stale: frozen BN
+            # layers are not among them.
+            if self.bn_data is None and batch_norm.statistics_variables(
+                self.model
+            ):
+                warnings.warn(
+                    "The model has BatchNormalization layers, whose "
+                    "statistics were computed for the raw weights, not for "
+                    "their average: they are stale. Pass `bn_data` (such as "
+                    "the training data) to StochasticWeightAveraging, or call "
+                    "`keras_swa.update_bn(model, data)` after `fit`.",
+                    stacklevel=2,
+                )
+            weights.assign_average(
+                self.model,
+                source=self,
+                bn_data=self.bn_data,
+                bn_steps=self.bn_steps,
+            )
+        if self.backup_dir is not None:
+            path = os.path.join(self.backup_dir, BACKUP_FILENAME)
+            if os.path.exists(path):
+                os.remove(path)
+
+    def _resolve_start_epoch(self, epochs):
+        if isinstance(self.start_epoch, numbers.Integral):
+            start = int(self.start_epoch)
+        else:
+            # The decimal the user wrote, not its binary float: 0.29 * 100
+            # is 28.999999999999996 in floats.
+            fraction = fractions.Fraction(repr(float(self.start_epoch)))
+            start = max(0, min(math.floor(fraction * epochs), epochs - 1))
+        if start >= epochs:
+            raise ValueError(
+                f"`start_epoch` is past the last epoch: averaging would start "
+                f"at epoch {start} (0-based), but `fit` runs epochs={epochs}, "
+                f"so its last epoch is {epochs - 1}. Received: "
+                f"start_epoch={self.start_epoch}"
+            )
+        return start
+
+    def _check_optimizer(self):
+        chain = _optimizer_chain(self.model.optimizer)
+        wrappers = [
+            optimizer
+            for optimizer in chain
+            if isinstance(optimizer, optimizers.AveragedOptimizer)
+        ]
+        if wrappers and not self.allow_averaging_optimizer:
+            raise ValueError(
+                "The model's optimizer is a keras_swa averaging wrapper "
+                f"({type(wrappers[0]).__name__}) and StochasticWeightAveraging "
+                "keeps an average too: two averages of one model. Use one of "
+                "them, or pass `allow_averaging_optimizer=True` to keep both."
+            )
+        if self.swa_lr is not None and not isinstance(
+            chain[-1].learning_rate, keras.Variable
+        ):
+            raise ValueError(
+                "StochasticWeightAveraging cannot set `swa_lr`: the learning "
+                f"rate of the optimizer {type(chain[-1]).__name__} is a "
+                "schedule, not a settable float. Either compile with a float "
+                "learning rate, or keep the schedule, fold the SWA phase into "
+                "it with `keras_swa.SWALearningRate`, and pass `swa_lr=None`."
+            )
+
+    def _annealed_learning_rate(self, k):
+        if self.anneal_epochs == 0:
+            alpha = 1.0
+        else:
+            t = min(1.0, k / self.anneal_epochs)
+            alpha = float(schedules.anneal_weight(t, self.anneal_strategy))
+        return self.swa_lr * alpha + self._lr0 * (1.0 - alpha)
+
+    def _fold_in(self, epoch):
+        n = self._n_averaged.value
+        for average, variable in zip(
+            self._average_variables, self._model_variables
+        ):
+            average.assign(
+                averaging.swa_update(average.value, variable.value, n)
+            )
+        self._n_averaged.assign(n + 1)
+        if self.verbose:
+            print(
+                f"\nEpoch {epoch + 1}: StochasticWeightAveraging folded the "
+                f"weights in (n_averaged={int(self._n_averaged.numpy())})."
+            )
+
+    def _evaluate_average(self):
+        x, y, sample_weight = _unpack_validation_data(self.validation_data)
+        with weights.averaged_weights(
+            self.model,
+            source=self,
+            bn_data=self.bn_data,
+            bn_steps=self.bn_steps,
+        ):
+            results = self.model.evaluate(
+                x, y, sample_weight=sample_weight, verbose=0, return_dict=True
+            )
+        return {f"val_swa_{name}": value for name, value in results.items()}
+
+    def _check_resumed_epoch(self, epoch):
+        expected = self._resumed_after_epoch + 1
+        self._resumed_after_epoch = None
+        if epoch != expected:
+            raise ValueError(
+                "The StochasticWeightAveraging backup in "
+                f"{self.backup_dir!r} is from a fit that ended after epoch "
+                f"{expected - 1} (0-based), but this fit starts at epoch "
+                f"{epoch}. Resume with `keras.callbacks.BackupAndRestore` "
+                "in the callbacks (it restores the weights and the epoch), or "
+                "delete the backup to start over."
+            )
+
+    def _write_backup(self, epoch):
+        state = {
+            "epoch": np.int64(epoch),
+            "start_epoch": np.int64(self._start),
+            "average_period": np.int64(self.average_period),
+            "n_averaged": np.int64(self._n_averaged.numpy()),
+            "num_averages": np.int64(len(self._average_variables)),
+            "lr0": np.float64(np.nan if self._lr0 is None else self._lr0),
+        }
+        for i, average in enumerate(self._average_variables):
+            state[f"average_{i}"] = average.numpy()
+        os.makedirs(self.backup_dir, exist_ok=True)
+        # A crash mid-write must leave the previous backup intact: write a
+        # temporary file beside it, then rename it over the old one.
+        handle, temporary = tempfile.mkstemp(
+            dir=self.backup_dir, suffix=".npz.tmp"
+        )
+        try:
+            with os.fdopen(handle, "wb") as file:
+                np.savez(file, **state)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(
+                temporary, os.path.join(self.backup_dir, BACKUP_FILENAME)
+            )
+        except BaseException:
+            os.remove(temporary)
+            raise
+
+    def _restore_backup(self):
+        path = os.path.join(self.backup_dir, BACKUP_FILENAME)
+        if not os.path.exists(path):
+            return
+        with np.load(path) as file:
+            state = dict(file)
+        averages = [
+            state[f"average_{i}"]
+            for i in range(int(state["num_averages"]))
+        ]
+        shapes = [average.shape for average in averages]
+        expected_shapes = [
+            tuple(average.shape) for average in self._average_variables
+        ]
+        saved = (int(state["start_epoch"]), int(state["average_period"]))
+        expected = (self._start, self.average_period)
+        if shapes != expected_shapes or saved != expected:
+            raise ValueError(
+                f"The StochasticWeightAveraging backup {path!r} does not "
+                "match this fit: it holds averages of shapes "
+                f"{shapes} for (start epoch, average_period)={saved}, while "
+                f"this fit has shapes {expected_shapes} and {expected}. "
+                "Delete it to start over."
+            )
+        for variable, value in zip(self._average_variables, averages):
+            variable.assign(value)
+        self._n_averaged.assign(int(state["n_averaged"]))
+        lr0 = float(state["lr0"])
+        self._lr0 = None if math.isnan(lr0) else lr0
+        self._resumed_after_epoch = int(state["epoch"])

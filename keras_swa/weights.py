@@ -1,0 +1,161 @@
+"""Swaps averaged weights into a model, for good or for the span of a block.
+
+A source of averages is anything with `n_averaged` (a scalar integer
+variable) and `assign_average_vars(var_list)`: the optimizer wrappers `SWA`
+and `EMA`, and the `StochasticWeightAveraging` callback.
+"""
+
+import contextlib
+
+import keras
+from keras import ops
+
+from keras_swa import batch_norm
+
+
+def _resolve_source(model, source):
+    if source is None:
+        source = getattr(model, "optimizer", None)
+    # With mixed precision, `compile` wraps the optimizer in a
+    # LossScaleOptimizer; the averages live in the wrapper inside it.
+    if isinstance(source, keras.optimizers.LossScaleOptimizer):
+        source = source.inner_optimizer
+    if not hasattr(source, "n_averaged") or not callable(
+        getattr(source, "assign_average_vars", None)
+    ):
+        raise TypeError(
+            "`source` must hold averaged weights: a `keras_swa.SWA` or "
+            "`keras_swa.EMA` optimizer (optionally inside a "
+            "LossScaleOptimizer), a `keras_swa.StochasticWeightAveraging` "
+            "callback, or any object with `n_averaged` and "
+            "`assign_average_vars(var_list)`. It defaults to "
+            "`model.optimizer`. Received: "
+            f"source={source!r:.200} of type {type(source).__name__}"
+        )
+    # `Variable.numpy()`: `ops.convert_to_numpy` of a TensorFlow variable
+    # warns under NumPy 2.
+    if int(source.n_averaged.numpy()) == 0:
+        raise ValueError(
+            "`source` has averaged no weights yet (n_averaged=0), so there is "
+            "nothing to assign; the model is unchanged. Train past the start "
+            f"of averaging first. Received: source={source!r:.200}"
+        )
+    return source
+
+
+def _backup(model):
+    # Only what assigning averages and `update_bn` can write: the trainable
+    # weights and the BatchNormalization statistics. Copies stay on the
+    # device; `ops.copy` makes sure no copy aliases a variable's buffer.
+    variables = model.trainable_variables + batch_norm.statistics_variables(
+        model
+    )
+    return [(variable, ops.copy(variable.value)) for variable in variables]
+
+
+def _restore(backup):
+    for variable, value in backup:
+        variable.assign(value)
+
+
+def _assign(model, source, bn_data, bn_steps):
+    source.assign_average_vars(model.trainable_variables)
+    if bn_data is not None:
+        batch_norm.update_bn(model, bn_data, steps=bn_steps)
+
+
+def assign_average(
+    model,
+    source=None,
+    bn_data=None,
+    bn_steps: int | None = None,
+) -> None:
+    """Copies averaged weights into the model, for good.
+
+    The averages of `source` replace the model's trainable weights; with
+    `bn_data`, the BatchNormalization statistics are then recomputed for the
+    averaged weights with `keras_swa.update_bn`. If anything fails, the
+    model is left as it was. Returns `None`, as Keras' `set_weights`: the
+    model changes in place.
+
+    Args:
+        model: A built `keras.Model`.
+        source: What holds the averages: a `keras_swa.SWA` or `keras_swa.EMA`
+            optimizer, a `keras_swa.StochasticWeightAveraging` callback, or any
+            object with `n_averaged` and `assign_average_vars(var_list)`.
+            Defaults to `None`: `model.optimizer`, looking inside a
+            `keras.optimizers.LossScaleOptimizer`.
+        bn_data: Data to recompute the BatchNormalization statistics on, as
+            `data` of `keras_swa.update_bn` (typically the training data).
+            Defaults to `None`: the statistics are left as they are.
+        bn_steps: Integer, the number of batches of `bn_data` to use at most.
+            Defaults to `None`, all of them.
+
+    Raises:
+        TypeError: if `source` holds no averages.
+        ValueError: if nothing has been averaged yet, or `update_bn` rejects
+            `bn_data` (empty, say); the model is unchanged.
+
+    Example:
+
+    >>> model.compile(optimizer=keras_swa.SWA(keras.optimizers.SGD(0.1)),
+    ...               loss="mse")  # doctest: +SKIP
+    >>> model.fit(train_ds, epochs=10)  # doctest: +SKIP
+    >>> keras_swa.assign_average(model, bn_data=train_ds)  # doctest: +SKIP
+    >>> model.save("swa_model.keras")  # doctest: +SKIP
+    """
+    source = _resolve_source(model, source)
+    backup = _backup(model)
+    try:
+        _assign(model, source, bn_data, bn_steps)
+    except BaseException:
+        _restore(backup)
+        raise
+
+
+@contextlib.contextmanager
+def averaged_weights(
+    model,
+    source=None,
+    bn_data=None,
+    bn_steps: int | None = None,
+):
+    """Context manager that runs its block with the averaged weights.
+
+    On entry, the averages of `source` replace the model's trainable weights
+    (and with `bn_data` the BatchNormalization statistics are recomputed, as
+    in `keras_swa.assign_average`). On exit, also when the block raises, the
+    raw weights and statistics come back bit for bit, so training can go on
+    where it was. The context manager yields nothing.
+
+    Args:
+        model: A built `keras.Model`.
+        source: What holds the averages, as in `keras_swa.assign_average`.
+            Defaults to `None`: `model.optimizer`, looking inside a
+            `keras.optimizers.LossScaleOptimizer`.
+        bn_data: Data to recompute the BatchNormalization statistics on, as
+            `data` of `keras_swa.update_bn`. Defaults to `None`: the
+            statistics are left as they are.
+        bn_steps: Integer, the number of batches of `bn_data` to use at most.
+            Defaults to `None`, all of them.
+
+    Raises:
+        TypeError: if `source` holds no averages.
+        ValueError: if nothing has been averaged yet, or `update_bn` rejects
+            `bn_data`; the model is unchanged.
+
+    Example:
+
+    >>> model.compile(optimizer=keras_swa.EMA(keras.optimizers.AdamW(1e-3)),
+    ...               loss="mse", metrics=["mae"])  # doctest: +SKIP
+    >>> model.fit(train_ds, epochs=10)  # doctest: +SKIP
+    >>> with keras_swa.averaged_weights(model, bn_data=train_ds):
+    ...     model.evaluate(test_ds)  # doctest: +SKIP
+    """
+    source = _resolve_source(model, source)
+    backup = _backup(model)
+    try:
+        _assign(model, source, bn_data, bn_steps)
+        yield
+    finally:
+        _restore(backup)
