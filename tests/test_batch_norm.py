@@ -379,6 +379,35 @@ def test_all_input_types_give_the_same_statistics():
     assert not np.allclose(results["array"][1], 1.0)
 
 
+def test_several_inputs():
+    keras.utils.set_random_seed(12)
+    rng = np.random.default_rng(12)
+    first, second = keras.Input((2,), name="a"), keras.Input((3,), name="b")
+    norm = keras.layers.BatchNormalization()
+    model = keras.Model(
+        {"a": first, "b": second},
+        norm(keras.layers.Concatenate()([first, second])),
+    )
+    x = {
+        "a": rng.normal(size=(70, 2)).astype("float32"),
+        "b": rng.normal(3.0, 2.0, size=(70, 3)).astype("float32"),
+    }
+    joined = np.concatenate([x["a"], x["b"]], axis=1).astype("float64")
+    mean, variance = _expected(
+        [_moments(joined[:32]), _moments(joined[32:64]), _moments(joined[64:])],
+        SIZES,
+    )
+    for data in [(x,), tf.data.Dataset.from_tensor_slices(x).batch(32)]:
+        _garble([norm])
+        keras_swa.update_bn(model, data, verbose=0)
+        np.testing.assert_allclose(
+            norm.moving_mean.numpy(), mean, rtol=1e-5, atol=1e-6
+        )
+        np.testing.assert_allclose(
+            norm.moving_variance.numpy(), variance, rtol=1e-5
+        )
+
+
 def test_empty_data_raises_and_leaves_statistics():
     keras.utils.set_random_seed(6)
     model = _dense_model()
