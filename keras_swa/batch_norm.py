@@ -15,6 +15,7 @@ layer.
 
 import itertools
 import sys
+import weakref
 
 import keras
 import numpy as np
@@ -28,13 +29,17 @@ _ARRAY_BATCH_SIZE = 32
 _VERBOSE_VALUES = ("auto", 0, 1, 2)
 
 
-def _batch_norm_layers(model):
+def _all_layers(model):
     # Keras has no public walk over all nested layers: `Model.layers` stops
     # at the first level and a subclassed `Layer` lists no sublayers at all.
     # `_flatten_layers` (recursive, each layer once) is the private one.
+    return model._flatten_layers(include_self=True, recursive=True)
+
+
+def _batch_norm_layers(model):
     return [
         layer
-        for layer in model._flatten_layers(include_self=True, recursive=True)
+        for layer in _all_layers(model)
         if isinstance(layer, keras.layers.BatchNormalization)
     ]
 
@@ -246,12 +251,12 @@ def update_bn(model, data, steps: int | None = None, verbose="auto") -> None:
         for variable in statistics_variables(model)
     ]
     try:
-        sums, count = _accumulate(
-            model, layers, itertools.chain([first], batches), num_batches,
-            verbose,
-        )
+        compiled = _compiled_pass(model, layers)
+        compiled.run(itertools.chain([first], batches), num_batches, verbose)
         old_values = {id(variable): value for variable, value in saved}
-        for variable, value in _statistics(layers, sums, count, old_values):
+        for variable, value in _statistics(
+            layers, compiled.sums, compiled.count, old_values
+        ):
             variable.assign(value)
     except BaseException:
         for variable, value in saved:
@@ -259,56 +264,98 @@ def update_bn(model, data, steps: int | None = None, verbose="auto") -> None:
         raise
 
 
-def _accumulate(model, layers, batches, num_batches, verbose):
-    """Runs the training-mode pass, summing the batch moments of `layers`.
+class _Pass:
+    """The compiled training-mode pass over one model, with its sums.
 
-    Returns:
-        The per-layer sums `(sum n * mean, sum n * variance)` and the number
-        of samples `sum n`, as Keras variables.
+    Tracing costs as much as tens of batches and `update_bn` runs again and
+    again on the same model (on each `averaged_weights` entry, each epoch of
+    the callback), so a pass is kept while its model lives and its layers
+    stay as they were traced.
     """
-    sums = [
-        tuple(
-            keras.Variable(
-                ops.zeros(variable.shape, variable.dtype), trainable=False
+
+    def __init__(self, model, layers, signature):
+        self.layers = layers
+        self.signature = signature
+        self.sums = [
+            tuple(
+                keras.Variable(
+                    ops.zeros(variable.shape, variable.dtype), trainable=False
+                )
+                for variable in (layer.moving_mean, layer.moving_variance)
             )
-            for variable in (layer.moving_mean, layer.moving_variance)
-        )
-        for layer in layers
+            for layer in layers
+        ]
+        self.count = keras.Variable(0.0, dtype="float32", trainable=False)
+        # A weak reference: the cache must not keep the model alive.
+        model = weakref.ref(model)
+
+        def step(x):
+            model()(x, training=True)
+            size = ops.cast(ops.shape(keras.tree.flatten(x)[0])[0], "float32")
+            self.count.assign_add(size)
+            for layer, (mean_sum, variance_sum) in zip(layers, self.sums):
+                weight = ops.cast(size, mean_sum.dtype)
+                mean_sum.assign_add(weight * layer.moving_mean.value)
+                variance_sum.assign_add(weight * layer.moving_variance.value)
+
+        self.step = _backend.compile_function(step)
+
+    def run(self, batches, num_batches, verbose):
+        """Sums the batch moments of the layers over `batches`."""
+        for mean_sum, variance_sum in self.sums:
+            mean_sum.assign(ops.zeros_like(mean_sum.value))
+            variance_sum.assign(ops.zeros_like(variance_sum.value))
+        self.count.assign(0.0)
+        momenta = [
+            (layer.momentum, layer.renorm_momentum) for layer in self.layers
+        ]
+        progbar = keras.utils.Progbar(num_batches, verbose=verbose)
+        try:
+            # With momentum 0 a training-mode call overwrites the moving
+            # statistics with the batch moments; the momentum is read when
+            # the step is traced, hence set before. A renormalizing layer
+            # keeps its renorm statistics fixed (momentum 1), so every batch
+            # is normalized alike.
+            for layer in self.layers:
+                layer.momentum = 0.0
+                layer.renorm_momentum = 1.0
+            seen = 0
+            for batch in batches:
+                self.step(_model_inputs(batch))
+                seen += 1
+                progbar.update(seen, finalize=False)
+            progbar.update(seen, finalize=True)
+        finally:
+            for layer, (momentum, renorm_momentum) in zip(self.layers, momenta):
+                layer.momentum = momentum
+                layer.renorm_momentum = renorm_momentum
+
+
+_passes = weakref.WeakKeyDictionary()
+
+
+def _compiled_pass(model, layers):
+    # The trace depends on the layers and on which are trainable (a frozen
+    # BatchNormalization runs in inference mode). The model itself stays out
+    # of the cached value, which must not keep it alive.
+    signature = [
+        (layer, layer.trainable)
+        for layer in _all_layers(model)
+        if layer is not model
     ]
-    count = keras.Variable(0.0, dtype="float32", trainable=False)
-
-    def step(x):
-        model(x, training=True)
-        size = ops.cast(ops.shape(keras.tree.flatten(x)[0])[0], "float32")
-        count.assign_add(size)
-        for layer, (mean_sum, variance_sum) in zip(layers, sums):
-            weight = ops.cast(size, mean_sum.dtype)
-            mean_sum.assign_add(weight * layer.moving_mean.value)
-            variance_sum.assign_add(weight * layer.moving_variance.value)
-
-    compiled = _backend.compile_function(step)
-    momenta = [(layer.momentum, layer.renorm_momentum) for layer in layers]
-    progbar = keras.utils.Progbar(num_batches, verbose=verbose)
-    try:
-        # With momentum 0 a training-mode call overwrites the moving
-        # statistics with the batch moments; the momentum is read when the
-        # step is traced, hence set before. A renormalizing layer keeps its
-        # renorm statistics fixed (momentum 1), so every batch is normalized
-        # alike.
-        for layer in layers:
-            layer.momentum = 0.0
-            layer.renorm_momentum = 1.0
-        seen = 0
-        for batch in batches:
-            compiled(_model_inputs(batch))
-            seen += 1
-            progbar.update(seen, finalize=False)
-        progbar.update(seen, finalize=True)
-    finally:
-        for layer, (momentum, renorm_momentum) in zip(layers, momenta):
-            layer.momentum = momentum
-            layer.renorm_momentum = renorm_momentum
-    return sums, count
+    cached = _passes.get(model)
+    if (
+        cached is None
+        or len(cached.signature) != len(signature)
+        or any(
+            layer is not cached_layer or trainable != cached_trainable
+            for (layer, trainable), (cached_layer, cached_trainable) in zip(
+                signature, cached.signature
+            )
+        )
+    ):
+        cached = _passes[model] = _Pass(model, layers, signature)
+    return cached
 
 
 def _statistics(layers, sums, count, old_values):
@@ -322,10 +369,12 @@ def _statistics(layers, sums, count, old_values):
         old_variance = old_values[id(layer.moving_variance)]
         # A trainable layer that the model calls with `training=False` (a
         # base model kept in inference mode for fine-tuning) is not updated
-        # by training. With momentum 0, any training-mode call replaces the
-        # statistics by batch moments, so statistics still bitwise equal to
-        # the old ones mean no call updated the layer (or the batch moments
-        # were the old statistics exactly, which then are the answer too).
+        # by training and must keep its statistics bit for bit. With
+        # momentum 0, an updated layer holds the moments of the last batch,
+        # so statistics still bitwise equal to the old ones mean that no
+        # call updated the layer: the moments of a batch match old
+        # statistics in every channel only if those came from exactly that
+        # batch and these weights.
         updated = ops.logical_or(
             ops.any(ops.not_equal(layer.moving_mean.value, old_mean)),
             ops.any(ops.not_equal(layer.moving_variance.value, old_variance)),
@@ -333,7 +382,10 @@ def _statistics(layers, sums, count, old_values):
         total = ops.cast(count.value, mean_sum.dtype)
         mean = ops.where(updated, mean_sum.value / total, old_mean)
         variance = ops.where(updated, variance_sum.value / total, old_variance)
-        new_values += [(layer.moving_mean, mean), (layer.moving_variance, variance)]
+        new_values += [
+            (layer.moving_mean, mean),
+            (layer.moving_variance, variance),
+        ]
         if layer.renorm:
             # Keras derives the variance from the standard deviation it
             # tracks; keep the two consistent.

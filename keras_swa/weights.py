@@ -45,8 +45,8 @@ def _resolve_source(model, source):
 
 def _backup(model):
     # Only what assigning averages and `update_bn` can write: the trainable
-    # weights and the BatchNormalization statistics. Copies stay on the
-    # device; `ops.copy` makes sure no copy aliases a variable's buffer.
+    # weights and the BatchNormalization statistics. The copies stay on the
+    # device; `ops.copy`, since on PyTorch a variable's value is its buffer.
     variables = model.trainable_variables + batch_norm.statistics_variables(
         model
     )

@@ -1,5 +1,8 @@
 """Tests of `keras_swa.update_bn` against statistics computed in NumPy."""
 
+import gc
+import weakref
+
 import keras
 import numpy as np
 import pytest
@@ -23,7 +26,10 @@ def _garble(layers, seed=0):
 def _randomize(layer, rng):
     """Gives a layer random weights, so that every weight matters."""
     layer.set_weights(
-        [rng.normal(0.0, 1.0, w.shape).astype("float32") for w in layer.get_weights()]
+        [
+            rng.normal(0.0, 1.0, w.shape).astype("float32")
+            for w in layer.get_weights()
+        ]
     )
 
 
@@ -88,7 +94,11 @@ def _nested_model(rng):
     """
     inputs = keras.Input((6,))
     inner = keras.Sequential(
-        [keras.Input((6,)), keras.layers.Dense(5), keras.layers.BatchNormalization()],
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(5),
+            keras.layers.BatchNormalization(),
+        ],
         name="inner",
     )
     block = _Block(name="block")
@@ -162,13 +172,23 @@ def test_nested_model_matches_numpy(steps):
 
     sizes = SIZES[:steps]
     (mean1, var1), (mean2, var2) = _nested_reference(model, x, sizes)
-    np.testing.assert_allclose(inner_bn.moving_mean.numpy(), mean1, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(inner_bn.moving_variance.numpy(), var1, rtol=1e-5)
-    np.testing.assert_allclose(block_bn.moving_mean.numpy(), mean2, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(block_bn.moving_variance.numpy(), var2, rtol=1e-5)
+    np.testing.assert_allclose(
+        inner_bn.moving_mean.numpy(), mean1, rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        inner_bn.moving_variance.numpy(), var1, rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        block_bn.moving_mean.numpy(), mean2, rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        block_bn.moving_variance.numpy(), var2, rtol=1e-5
+    )
     _assert_same(
         untouched,
-        _values(frozen_bn.weights + inference_bn.weights + model.trainable_weights),
+        _values(
+            frozen_bn.weights + inference_bn.weights + model.trainable_weights
+        ),
     )
 
 
@@ -188,19 +208,31 @@ def test_layer_called_in_inference_mode_is_bitwise_unchanged():
     _assert_same(before, _values(block.norm.weights))
 
 
+class _Subclassed(keras.Model):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.norm = keras.layers.BatchNormalization()
+
+    def call(self, x):
+        return self.norm(x)
+
+
 def test_short_last_batch_counts_by_its_size():
     # Unweighted means of the batch statistics would differ by far more.
     keras.utils.set_random_seed(2)
-    x = np.concatenate(
-        [np.zeros((64, 1)), np.full((6, 1), 10.0)]
-    ).astype("float32")
-    norm = keras.layers.BatchNormalization()
-    model = keras.Sequential([keras.Input((1,)), norm])
+    x = np.concatenate([np.zeros((64, 1)), np.full((6, 1), 10.0)]).astype(
+        "float32"
+    )
+    model = _Subclassed(name="subclassed")
+    model(x[:1])
+    norm = model.norm
 
     keras_swa.update_bn(model, x, verbose=0)
 
     # Batches: 32 zeros, 32 zeros, 6 tens (variance 0 in each batch).
-    np.testing.assert_allclose(norm.moving_mean.numpy(), [60.0 / 70.0], rtol=1e-6)
+    np.testing.assert_allclose(
+        norm.moving_mean.numpy(), [60.0 / 70.0], rtol=1e-6
+    )
     np.testing.assert_allclose(norm.moving_variance.numpy(), [0.0], atol=1e-6)
 
 
@@ -215,18 +247,26 @@ def test_conv_batch_norm_channels_last():
     _garble([norm])
     x = rng.normal(1.0, 2.0, (70, 5, 5, 2)).astype("float32")
     # The convolution does not depend on the training mode.
-    features = keras.Model(inputs, conv.output).predict(x, verbose=0).astype("float64")
+    features = (
+        keras.Model(inputs, conv.output).predict(x, verbose=0).astype("float64")
+    )
     statistics = []
     start = 0
     for size in SIZES:
-        statistics.append(_moments(features[start : start + size], axes=(0, 1, 2)))
+        statistics.append(
+            _moments(features[start : start + size], axes=(0, 1, 2))
+        )
         start += size
     mean, variance = _expected(statistics, SIZES)
 
     keras_swa.update_bn(model, x, verbose=0)
 
-    np.testing.assert_allclose(norm.moving_mean.numpy(), mean, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(norm.moving_variance.numpy(), variance, rtol=1e-5)
+    np.testing.assert_allclose(
+        norm.moving_mean.numpy(), mean, rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        norm.moving_variance.numpy(), variance, rtol=1e-5
+    )
 
 
 def test_synchronized_and_renorm_layers():
@@ -238,7 +278,8 @@ def test_synchronized_and_renorm_layers():
         renorm=True, renorm_clipping={"rmax": 2.0, "dmax": 1.0}
     )
     model = keras.Model(
-        inputs, keras.layers.Concatenate()([synchronized(inputs), renorm(inputs)])
+        inputs,
+        keras.layers.Concatenate()([synchronized(inputs), renorm(inputs)]),
     )
     _garble([synchronized, renorm])
     renorm.renorm_mean.assign([5.0, -5.0, 1.0])
@@ -255,20 +296,31 @@ def test_synchronized_and_renorm_layers():
     keras_swa.update_bn(model, x, verbose=0)
 
     for layer in (synchronized, renorm):
-        np.testing.assert_allclose(layer.moving_mean.numpy(), mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            layer.moving_mean.numpy(), mean, rtol=1e-5, atol=1e-6
+        )
         # Renorm derives its variance from a standard deviation: less exact.
-        np.testing.assert_allclose(layer.moving_variance.numpy(), variance, rtol=1e-4)
+        np.testing.assert_allclose(
+            layer.moving_variance.numpy(), variance, rtol=1e-4
+        )
     np.testing.assert_allclose(
         renorm.moving_stddev.numpy(), np.sqrt(variance + EPSILON), rtol=1e-5
     )
     assert renorm.renorm_momentum == 0.99
-    _assert_same(renorm_state, _values([renorm.renorm_mean, renorm.renorm_stddev]))
+    _assert_same(
+        renorm_state, _values([renorm.renorm_mean, renorm.renorm_stddev])
+    )
 
 
 class _Batches(keras.utils.PyDataset):
     def __init__(self, x, y, batch_size=32, fail_at=None):
         super().__init__()
-        self.x, self.y, self.batch_size, self.fail_at = x, y, batch_size, fail_at
+        self.x, self.y, self.batch_size, self.fail_at = (
+            x,
+            y,
+            batch_size,
+            fail_at,
+        )
 
     def __len__(self):
         return -(-len(self.x) // self.batch_size)
@@ -316,7 +368,9 @@ def test_all_input_types_give_the_same_statistics():
     }
     results = {}
     for name, data in inputs.items():
-        _garble([l for l in model.layers if "batch_norm" in l.name], seed=len(name))
+        _garble(
+            [l for l in model.layers if "batch_norm" in l.name], seed=len(name)
+        )
         keras_swa.update_bn(model, data, verbose=0)
         results[name] = _statistics(model)
     for name, result in results.items():
@@ -325,13 +379,46 @@ def test_all_input_types_give_the_same_statistics():
     assert not np.allclose(results["array"][1], 1.0)
 
 
+def test_several_inputs():
+    keras.utils.set_random_seed(12)
+    rng = np.random.default_rng(12)
+    first, second = keras.Input((2,), name="a"), keras.Input((3,), name="b")
+    norm = keras.layers.BatchNormalization()
+    model = keras.Model(
+        {"a": first, "b": second},
+        norm(keras.layers.Concatenate()([first, second])),
+    )
+    x = {
+        "a": rng.normal(size=(70, 2)).astype("float32"),
+        "b": rng.normal(3.0, 2.0, size=(70, 3)).astype("float32"),
+    }
+    joined = np.concatenate([x["a"], x["b"]], axis=1).astype("float64")
+    mean, variance = _expected(
+        [_moments(joined[:32]), _moments(joined[32:64]), _moments(joined[64:])],
+        SIZES,
+    )
+    for data in [(x,), tf.data.Dataset.from_tensor_slices(x).batch(32)]:
+        _garble([norm])
+        keras_swa.update_bn(model, data, verbose=0)
+        np.testing.assert_allclose(
+            norm.moving_mean.numpy(), mean, rtol=1e-5, atol=1e-6
+        )
+        np.testing.assert_allclose(
+            norm.moving_variance.numpy(), variance, rtol=1e-5
+        )
+
+
 def test_empty_data_raises_and_leaves_statistics():
     keras.utils.set_random_seed(6)
     model = _dense_model()
     _garble([l for l in model.layers if "batch_norm" in l.name])
     before = _statistics(model)
     empty = np.zeros((0, 4), dtype="float32")
-    for data in [empty, (empty, empty), tf.data.Dataset.from_tensor_slices(empty).batch(8)]:
+    for data in [
+        empty,
+        (empty, empty),
+        tf.data.Dataset.from_tensor_slices(empty).batch(8),
+    ]:
         with pytest.raises(ValueError, match="no batch"):
             keras_swa.update_bn(model, data, verbose=0)
         _assert_same(before, _statistics(model))
@@ -339,9 +426,26 @@ def test_empty_data_raises_and_leaves_statistics():
 
 @pytest.mark.parametrize(
     "data",
-    ["abc", 3, {"x": np.zeros((4, 4))}, [np.zeros((4, 4))], (), (np.zeros((4, 4)),) * 4,
-     ("abc",), (np.float32(1.0),)],
-    ids=["str", "int", "dict", "list", "empty tuple", "4-tuple", "str x", "scalar x"],
+    [
+        "abc",
+        3,
+        {"x": np.zeros((4, 4))},
+        [np.zeros((4, 4))],
+        (),
+        (np.zeros((4, 4)),) * 4,
+        ("abc",),
+        (np.float32(1.0),),
+    ],
+    ids=[
+        "str",
+        "int",
+        "dict",
+        "list",
+        "empty tuple",
+        "4-tuple",
+        "str x",
+        "scalar x",
+    ],
 )
 def test_unsupported_data_raises_type_error(data):
     model = _dense_model()
@@ -385,7 +489,9 @@ def test_leaves_momentum_config_and_trainable_weights():
     config = norm.get_config()
     trainable = _values(model.trainable_weights)
 
-    keras_swa.update_bn(model, rng.normal(size=(40, 4)).astype("float32"), verbose=0)
+    keras_swa.update_bn(
+        model, rng.normal(size=(40, 4)).astype("float32"), verbose=0
+    )
 
     assert norm.momentum == 0.7
     assert norm.get_config() == config
@@ -419,13 +525,40 @@ class _TraceCounter(keras.layers.Layer):
 def test_one_trace_for_a_ragged_last_batch():
     keras.utils.set_random_seed(10)
     inputs = keras.Input((4,))
-    outputs = keras.layers.BatchNormalization()(_TraceCounter()(inputs))
-    model = keras.Model(inputs, outputs)
+    first = keras.layers.BatchNormalization()
+    second = keras.layers.BatchNormalization()
+    model = keras.Model(inputs, second(first(_TraceCounter()(inputs))))
+    x = np.random.default_rng(10).normal(size=(70, 4)).astype("float32")
     _TraceCounter.calls = 0
 
-    keras_swa.update_bn(model, np.ones((70, 4), dtype="float32"), verbose=0)
+    keras_swa.update_bn(model, x, verbose=0)
 
     assert _TraceCounter.calls == 1
+    # The compiled pass is kept for the next call on the same model...
+    keras_swa.update_bn(model, x[:50], verbose=0)
+    assert _TraceCounter.calls == 1
+    # ...unless a layer changed from trainable to frozen or back.
+    second.trainable = False
+    _garble([first, second])
+    before = _values(second.weights)
+    keras_swa.update_bn(model, x, verbose=0)
+    assert _TraceCounter.calls == 2
+    _assert_same(before, _values(second.weights))
+    mean, _ = _expected(
+        [_moments(x[:32]), _moments(x[32:64]), _moments(x[64:])], SIZES
+    )
+    np.testing.assert_allclose(
+        first.moving_mean.numpy(), mean, rtol=1e-5, atol=1e-6
+    )
+
+
+def test_compiled_pass_does_not_keep_the_model_alive():
+    model = _dense_model()
+    keras_swa.update_bn(model, np.ones((8, 4), dtype="float32"), verbose=0)
+    reference = weakref.ref(model)
+    del model
+    gc.collect()
+    assert reference() is None
 
 
 def test_progress_bar(capsys):

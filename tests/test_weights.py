@@ -53,7 +53,9 @@ def _trained(start_averaging=START):
     )
     model.compile(optimizer=optimizer, loss="mse")
     snapshots = _Snapshots()
-    model.fit(x, y, batch_size=BATCH, epochs=EPOCHS, verbose=0, callbacks=[snapshots])
+    model.fit(
+        x, y, batch_size=BATCH, epochs=EPOCHS, verbose=0, callbacks=[snapshots]
+    )
     return model, optimizer, snapshots.snapshots
 
 
@@ -67,8 +69,11 @@ def _assert_same(before, after):
 
 
 def _reference_statistics(model, x, sizes=(32, 32)):
-    """BN statistics of `model`'s weights over `x` in batches of 32, in NumPy."""
-    kernel, bias = (w.astype("float64") for w in model.get_layer("hidden_dense").get_weights())
+    """The BN statistics of `model` over `x` in batches of 32, in NumPy."""
+    kernel, bias = (
+        w.astype("float64")
+        for w in model.get_layer("hidden_dense").get_weights()
+    )
     a = x.astype("float64") @ kernel + bias
     parts = np.split(a, np.cumsum(sizes)[:-1])
     weights = np.asarray(sizes, dtype="float64") / sum(sizes)
@@ -86,9 +91,13 @@ def test_assign_average_after_fit_matches_numpy_running_mean():
 
     assert keras_swa.assign_average(model) is None
 
-    _assert_same(_values(optimizer.average_variables), _values(model.trainable_variables))
+    _assert_same(
+        _values(optimizer.average_variables), _values(model.trainable_variables)
+    )
     expected = [np.mean(s, axis=0) for s in zip(*snapshots)]
-    for got, want in zip(_values(model.trainable_variables), expected, strict=True):
+    for got, want in zip(
+        _values(model.trainable_variables), expected, strict=True
+    ):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     # Without `bn_data` the statistics stay those of training.
     _assert_same(statistics, _values([norm.moving_mean, norm.moving_variance]))
@@ -100,11 +109,17 @@ def test_assign_average_recomputes_batch_norm():
 
     keras_swa.assign_average(model, optimizer, bn_data=x, bn_steps=2)
 
-    _assert_same(_values(optimizer.average_variables), _values(model.trainable_variables))
+    _assert_same(
+        _values(optimizer.average_variables), _values(model.trainable_variables)
+    )
     mean, variance = _reference_statistics(model, x)
     norm = model.get_layer("norm")
-    np.testing.assert_allclose(norm.moving_mean.numpy(), mean, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(norm.moving_variance.numpy(), variance, rtol=1e-5)
+    np.testing.assert_allclose(
+        norm.moving_mean.numpy(), mean, rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        norm.moving_variance.numpy(), variance, rtol=1e-5
+    )
     assert norm.momentum == 0.99
 
 
@@ -120,7 +135,9 @@ def test_assign_average_unwraps_loss_scale_optimizer():
 
     keras_swa.assign_average(model, bn_data=x)
 
-    _assert_same(_values(optimizer.average_variables), _values(model.trainable_variables))
+    _assert_same(
+        _values(optimizer.average_variables), _values(model.trainable_variables)
+    )
     assert model.get_layer("norm").moving_mean.dtype == "float32"
 
 
@@ -188,11 +205,16 @@ def test_averaged_weights_swaps_and_restores_bitwise():
     with keras_swa.averaged_weights(model, bn_data=x) as value:
         assert value is None
         _assert_same(
-            _values(optimizer.average_variables), _values(model.trainable_variables)
+            _values(optimizer.average_variables),
+            _values(model.trainable_variables),
         )
         mean, variance = _reference_statistics(model, x, sizes=(32, 32))
-        np.testing.assert_allclose(norm.moving_mean.numpy(), mean, rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(norm.moving_variance.numpy(), variance, rtol=1e-5)
+        np.testing.assert_allclose(
+            norm.moving_mean.numpy(), mean, rtol=1e-5, atol=1e-5
+        )
+        np.testing.assert_allclose(
+            norm.moving_variance.numpy(), variance, rtol=1e-5
+        )
         averaged_loss = model.evaluate(x, y, verbose=0)
 
     _assert_same(before, _values(model.weights))
@@ -216,7 +238,9 @@ def test_averaged_weights_restores_when_update_bn_fails_on_entry():
     model, _, _ = _trained()
     before = _values(model.weights)
     with pytest.raises(ValueError, match="no batch"):
-        with keras_swa.averaged_weights(model, bn_data=np.zeros((0, 4), "float32")):
+        with keras_swa.averaged_weights(
+            model, bn_data=np.zeros((0, 4), "float32")
+        ):
             pytest.fail("The block must not run.")
     _assert_same(before, _values(model.weights))
 
