@@ -223,7 +223,7 @@ def main(argv):
                     "steps": FLAGS.steps,
                     "seconds": {**updates, **fits},
                     "checks": [
-                        {"measure": n, "ratio": r, "target": t, "ok": r <= t}
+                        {"measure": n, "ratio": float(r), "target": t, "ok": bool(r <= t)}
                         for n, r, t in checks
                     ],
                 },
