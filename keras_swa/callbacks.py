@@ -351,6 +351,7 @@ class StochasticWeightAveraging(keras.callbacks.Callback):
                 source=self,
                 bn_data=self.bn_data,
                 bn_steps=self.bn_steps,
+                verbose=1 if self.verbose else 0,
             )
         if self.backup_dir is not None:
             path = os.path.join(self.backup_dir, BACKUP_FILENAME)
@@ -429,6 +430,7 @@ class StochasticWeightAveraging(keras.callbacks.Callback):
             source=self,
             bn_data=self.bn_data,
             bn_steps=self.bn_steps,
+            verbose=0,
         ):
             results = self.model.evaluate(
                 x, y, sample_weight=sample_weight, verbose=0, return_dict=True

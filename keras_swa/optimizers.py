@@ -210,7 +210,7 @@ class AveragedOptimizer(keras.optimizers.Optimizer):
 
         >>> opt.assign_average_vars(model.variables)  # doctest: +SKIP
         """
-        if not self.built or int(ops.convert_to_numpy(self._n_averaged)) == 0:
+        if not self.built or int(self._n_averaged.numpy()) == 0:
             raise ValueError(
                 f"{type(self).__name__} has averaged no snapshot yet "
                 f"(n_averaged=0; it averages from update {self.start_averaging}"

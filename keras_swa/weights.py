@@ -58,10 +58,10 @@ def _restore(backup):
         variable.assign(value)
 
 
-def _assign(model, source, bn_data, bn_steps):
+def _assign(model, source, bn_data, bn_steps, verbose):
     source.assign_average_vars(model.trainable_variables)
     if bn_data is not None:
-        batch_norm.update_bn(model, bn_data, steps=bn_steps)
+        batch_norm.update_bn(model, bn_data, steps=bn_steps, verbose=verbose)
 
 
 def assign_average(
@@ -69,6 +69,7 @@ def assign_average(
     source=None,
     bn_data=None,
     bn_steps: int | None = None,
+    verbose="auto",
 ) -> None:
     """Copies averaged weights into the model, for good.
 
@@ -90,6 +91,8 @@ def assign_average(
             Defaults to `None`: the statistics are left as they are.
         bn_steps: Integer, the number of batches of `bn_data` to use at most.
             Defaults to `None`, all of them.
+        verbose: The progress bar of the BatchNorm pass, as in
+            `keras_swa.update_bn`. Defaults to `"auto"`.
 
     Raises:
         TypeError: if `source` holds no averages.
@@ -107,7 +110,7 @@ def assign_average(
     source = _resolve_source(model, source)
     backup = _backup(model)
     try:
-        _assign(model, source, bn_data, bn_steps)
+        _assign(model, source, bn_data, bn_steps, verbose)
     except BaseException:
         _restore(backup)
         raise
@@ -119,6 +122,7 @@ def averaged_weights(
     source=None,
     bn_data=None,
     bn_steps: int | None = None,
+    verbose="auto",
 ):
     """Context manager that runs its block with the averaged weights.
 
@@ -138,6 +142,8 @@ def averaged_weights(
             statistics are left as they are.
         bn_steps: Integer, the number of batches of `bn_data` to use at most.
             Defaults to `None`, all of them.
+        verbose: The progress bar of the BatchNorm pass, as in
+            `keras_swa.update_bn`. Defaults to `"auto"`.
 
     Raises:
         TypeError: if `source` holds no averages.
@@ -155,7 +161,7 @@ def averaged_weights(
     source = _resolve_source(model, source)
     backup = _backup(model)
     try:
-        _assign(model, source, bn_data, bn_steps)
+        _assign(model, source, bn_data, bn_steps, verbose)
         yield
     finally:
         _restore(backup)

@@ -256,3 +256,15 @@ def test_training_goes_on_from_raw_weights():
     for m in (model, twin):
         m.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, shuffle=False)
     _assert_same(_values(twin.weights), _values(model.weights))
+
+
+@pytest.mark.parametrize("verbose,shows_bar", [(0, False), (1, True)])
+def test_verbose_controls_the_batch_norm_progress_bar(capsys, verbose, shows_bar):
+    model, _, _ = _trained()
+    x, _ = _data()
+    capsys.readouterr()
+    keras_swa.assign_average(model, bn_data=x, verbose=verbose)
+    with keras_swa.averaged_weights(model, bn_data=x, verbose=verbose):
+        pass
+    out = capsys.readouterr().out
+    assert ("2/2" in out) is shows_bar
