@@ -21,7 +21,7 @@ test: $(STAMP)
 	$(PY) -m pytest tests
 
 demo: $(STAMP)
-	$(PY) -m examples.benchmark --small
+	$(PY) -m examples.train
 
 clean:
 	rm -rf $(VENV) *.egg-info

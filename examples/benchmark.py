@@ -11,6 +11,8 @@ Rows (a memory-heavy model of about 10M weights by default):
                `use_ema=True`, and the floor: one compiled `a += (w - a) / n`
                pass over all weights.
   fit/*        one whole `model.fit` step with and without the SWA wrapper.
+  bn/*         `update_bn` over N batches of a conv net, and one compiled
+               training-mode forward pass over the same N batches.
 
 Usage:
   python -m examples.benchmark                 # full size, prints the table
@@ -38,6 +40,7 @@ flags.DEFINE_bool("small", False, "A quick run on a ~1M-weight model.")
 flags.DEFINE_integer("rounds", 7, "Interleaved rounds; the median is reported.")
 flags.DEFINE_integer("steps", 20, "Updates or fit steps timed per round.")
 flags.DEFINE_integer("batch_size", 32, "Batch size of the fit rows.")
+flags.DEFINE_integer("bn_batches", 20, "Batches of 32 images of the update_bn rows.")
 flags.DEFINE_string("output", None, "Write the results as JSON to this file.")
 
 NEVER = 10**9  # a start_averaging that is never reached
@@ -50,13 +53,13 @@ def build_model(width, depth, features):
     return keras.Sequential(layers)
 
 
-def compiled(fn):
+def compiled(fn, jit_compile=True):
     """The backend's compiled function (the only backend-specific line here)."""
     backend = keras.backend.backend()
     if backend == "tensorflow":
         import tensorflow as tf
 
-        return tf.function(fn, jit_compile=True)
+        return tf.function(fn, jit_compile=jit_compile)
     raise NotImplementedError(
         f"The update rows are written for TensorFlow, not {backend}."
     )
@@ -157,6 +160,35 @@ def fit_variants(model_fn, batch_size, steps):
     return variants
 
 
+def bn_variants(batches, batch_size, image_size):
+    """`update_bn` over `batches` batches, and the floor it is held to: one
+    compiled training-mode forward pass over the same batches."""
+    inputs = keras.Input((image_size, image_size, 3))
+    x = inputs
+    for filters in (32, 64, 64):
+        x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
+        x = keras.layers.BatchNormalization()(x)
+        x = keras.layers.ReLU()(x)
+        x = keras.layers.MaxPooling2D()(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs, keras.layers.Dense(10)(x))
+    rng = np.random.default_rng(2)
+    # Same batches for both (update_bn splits arrays into batches of 32).
+    images = rng.normal(size=(batches * 32, image_size, image_size, 3)).astype("float32")
+    forward = compiled(lambda x: model(x, training=True), jit_compile=False)
+
+    def forward_pass():
+        for start in range(0, len(images), 32):
+            out = forward(keras.ops.convert_to_tensor(images[start : start + 32]))
+        return out
+
+    def update_bn():
+        keras_swa.update_bn(model, images, verbose=0)
+        return model.layers[2].moving_mean
+
+    return {"forward_training_mode": forward_pass, "update_bn": update_bn}
+
+
 def main(argv):
     del argv
     keras.utils.set_random_seed(0)
@@ -179,6 +211,10 @@ def main(argv):
         ).items()
     }
 
+    bn = time_interleaved(
+        bn_variants(FLAGS.bn_batches, 32, 16 if FLAGS.small else 32), FLAGS.rounds, 1
+    )
+
     weight_bytes = sum(
         np.prod(v.shape) * np.dtype(v.dtype).itemsize for v in model.trainable_variables
     )
@@ -193,6 +229,7 @@ def main(argv):
         ("fit step: SWA every 10 / bare", fits["fit_swa_every_10"] / fits["fit_bare"], 1.02),
         ("SWA snapshot extra / floor pass", (updates["swa_every_step"] - updates["bare"]) / updates["floor"], 1.5),
         ("EMA every step / Keras use_ema", updates["ema_every_step"] / updates["keras_use_ema"], 1.0),
+        ("update_bn / training-mode forward pass", bn["update_bn"] / bn["forward_training_mode"], 1.2),
         ("extra memory of SWA / trainable weights", own_bytes / weight_bytes, 1.0 + 1e-4),
     ]
 
@@ -204,7 +241,12 @@ def main(argv):
     )
     print(f"\n| {'row':<38} | {'ms':>9} |")
     print(f"|{'-' * 40}|{'-' * 11}|")
-    for name, seconds in {**{f'update/{k}': v for k, v in updates.items()}, **fits}.items():
+    rows = {
+        **{f"update/{k}": v for k, v in updates.items()},
+        **fits,
+        **{f"bn/{k} ({FLAGS.bn_batches} batches)": v for k, v in bn.items()},
+    }
+    for name, seconds in rows.items():
         print(f"| {name:<38} | {seconds * 1e3:9.3f} |")
     print(f"\n| {'measure':<42} | {'ratio':>6} | {'target':>7} | ok |")
     print(f"|{'-' * 44}|{'-' * 8}|{'-' * 9}|----|")
@@ -221,7 +263,7 @@ def main(argv):
                     "weights": n_weights,
                     "rounds": FLAGS.rounds,
                     "steps": FLAGS.steps,
-                    "seconds": {**updates, **fits},
+                    "seconds": rows,
                     "checks": [
                         {"measure": n, "ratio": float(r), "target": t, "ok": bool(r <= t)}
                         for n, r, t in checks

@@ -137,6 +137,7 @@ def fit(model, dataset, config, schedule, extra_callbacks=()):
     history = model.fit(
         dataset.train,
         epochs=config["epochs"],
+        shuffle=False,  # the pipeline shuffles
         validation_data=dataset.test,
         callbacks=[keras.callbacks.LearningRateScheduler(schedule), *extra_callbacks],
         verbose=config["verbose"],
@@ -161,7 +162,7 @@ def run_swa(config, dataset, swa_start):
         start_epoch=swa_start,
         bn_data=dataset.train_eval,
         validation_data=dataset.test,
-        verbose=int(config["verbose"] > 0),
+        verbose=int(config["verbose"] == 1),
     )
     schedule = paper_schedule(config["lr"], max(swa_start, 1), config["swa_lr"] / config["lr"])
     history = fit(model, dataset, config, schedule, [averager])
@@ -181,7 +182,7 @@ def run_ema(config, dataset):
     optimizer = keras_swa.EMA(sgd(config), decay=config["ema_decay"])
     model = build(config, dataset, optimizer)
     history = fit(model, dataset, config, paper_schedule(config["lr"], config["epochs"], 0.01))
-    with keras_swa.averaged_weights(model, bn_data=dataset.train_eval):
+    with keras_swa.averaged_weights(model, bn_data=dataset.train_eval, verbose=0):
         averaged = evaluate(model, dataset)
     return {"history": history, "final": {"ema": averaged}}
 
