@@ -11,6 +11,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_swa import _validation
 from keras_swa import averaging
 from keras_swa import batch_norm
 from keras_swa import optimizers
@@ -18,20 +19,6 @@ from keras_swa import schedules
 from keras_swa import weights
 
 BACKUP_FILENAME = "stochastic_weight_averaging.npz"
-
-
-def _check_int(name, value, minimum):
-    # `bool` is an `int` subclass, but `True` as an epoch count is a bug.
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(
-            f"`{name}` must be an integer >= {minimum}. "
-            f"Received: {name}={value!r} of type {type(value).__name__}"
-        )
-    if value < minimum:
-        raise ValueError(
-            f"`{name}` must be an integer >= {minimum}. "
-            f"Received: {name}={value}"
-        )
 
 
 def _check_start_epoch(start_epoch):
@@ -182,13 +169,13 @@ class StochasticWeightAveraging(keras.callbacks.Callback):
         super().__init__()
         _check_start_epoch(start_epoch)
         if swa_lr is not None:
-            schedules.check_learning_rate("swa_lr", swa_lr)
+            _validation.check_learning_rate("swa_lr", swa_lr)
             swa_lr = float(swa_lr)
-        _check_int("anneal_epochs", anneal_epochs, 0)
+        _validation.check_int("anneal_epochs", anneal_epochs, 0)
         schedules.check_anneal_strategy(anneal_strategy)
-        _check_int("average_period", average_period, 1)
+        _validation.check_int("average_period", average_period, 1)
         if bn_steps is not None:
-            _check_int("bn_steps", bn_steps, 1)
+            _validation.check_int("bn_steps", bn_steps, 1)
         if isinstance(validation_data, (tuple, list)) and not (
             1 <= len(validation_data) <= 3
         ):
@@ -206,9 +193,9 @@ class StochasticWeightAveraging(keras.callbacks.Callback):
             )
         self.start_epoch = start_epoch
         self.swa_lr = swa_lr
-        self.anneal_epochs = anneal_epochs
+        self.anneal_epochs = int(anneal_epochs)
         self.anneal_strategy = anneal_strategy
-        self.average_period = average_period
+        self.average_period = int(average_period)
         self.bn_data = bn_data
         self.bn_steps = bn_steps
         self.validation_data = validation_data

@@ -11,21 +11,8 @@ import keras
 from keras import ops
 
 from keras_swa import _backend
+from keras_swa import _validation
 from keras_swa import averaging
-
-
-def _check_int(name, value, minimum):
-    # `bool` is an `int` subclass, but `True` as a period is a bug.
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(
-            f"`{name}` must be an integer >= {minimum}. "
-            f"Received: {name}={value!r} of type {type(value).__name__}"
-        )
-    if value < minimum:
-        raise ValueError(
-            f"`{name}` must be an integer >= {minimum}. "
-            f"Received: {name}={value}"
-        )
 
 
 def _check_inner_optimizer(inner_optimizer):
@@ -86,14 +73,14 @@ class AveragedOptimizer(keras.optimizers.Optimizer):
                 f"`{'`, `'.join(kwargs)}`: set them on the inner optimizer."
             )
         _check_inner_optimizer(inner_optimizer)
-        _check_int("start_averaging", start_averaging, 0)
-        _check_int("average_period", average_period, 1)
+        _validation.check_int("start_averaging", start_averaging, 0)
+        _validation.check_int("average_period", average_period, 1)
         # The wrapper's own learning rate is never used: it delegates to the
         # inner optimizer, as LossScaleOptimizer does.
         super().__init__(learning_rate=0.0, name=name)
         self.inner_optimizer = inner_optimizer
-        self.start_averaging = start_averaging
-        self.average_period = average_period
+        self.start_averaging = int(start_averaging)
+        self.average_period = int(average_period)
         self._average_variables = []
         # Created now (not in `build`) so that it can be read before the
         # first step. "only_first_replica": every replica folds in the same

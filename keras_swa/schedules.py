@@ -6,6 +6,8 @@ import numbers
 import keras
 from keras import ops
 
+from keras_swa import _validation
+
 ANNEAL_STRATEGIES = ("cos", "linear")
 _Schedule = keras.optimizers.schedules.LearningRateSchedule
 
@@ -37,33 +39,6 @@ def anneal_weight(t, anneal_strategy):
     if anneal_strategy == "linear":
         return t
     return ops.divide(ops.subtract(1.0, ops.cos(ops.multiply(math.pi, t))), 2.0)
-
-
-def _check_int(name, value, minimum):
-    # `bool` is an `int` subclass, but `True` as a step count is a bug.
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(
-            f"`{name}` must be an integer >= {minimum}. "
-            f"Received: {name}={value!r} of type {type(value).__name__}"
-        )
-    if value < minimum:
-        raise ValueError(
-            f"`{name}` must be an integer >= {minimum}. "
-            f"Received: {name}={value}"
-        )
-
-
-def check_learning_rate(name, value):
-    """Raises unless `value` is a real number >= 0."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(
-            f"`{name}` must be a float >= 0. "
-            f"Received: {name}={value!r} of type {type(value).__name__}"
-        )
-    if not value >= 0:
-        raise ValueError(
-            f"`{name}` must be a float >= 0. Received: {name}={value}"
-        )
 
 
 @keras.saving.register_keras_serializable(package="keras_swa")
@@ -148,14 +123,14 @@ class SWALearningRate(keras.optimizers.schedules.LearningRateSchedule):
                     "`keras.optimizers.schedules.LearningRateSchedule`. "
                     f"Received: base={base!r} of type {type(base).__name__}"
                 )
-            check_learning_rate("base", base)
+            _validation.check_learning_rate("base", base)
             base = float(base)
-        _check_int("swa_start", swa_start, 0)
-        check_learning_rate("swa_lr", swa_lr)
-        _check_int("anneal_steps", anneal_steps, 0)
+        _validation.check_int("swa_start", swa_start, 0)
+        _validation.check_learning_rate("swa_lr", swa_lr)
+        _validation.check_int("anneal_steps", anneal_steps, 0)
         check_anneal_strategy(anneal_strategy)
         if cycle_length is not None:
-            _check_int("cycle_length", cycle_length, 1)
+            _validation.check_int("cycle_length", cycle_length, 1)
             if anneal_steps:
                 raise ValueError(
                     "`anneal_steps` must be 0 when `cycle_length` is set: "

@@ -427,3 +427,12 @@ def test_tensorflow_checkpoint_of_optimizer_restores_averages(tmp_path):
     checkpoint.restore(path).assert_existing_objects_matched()
     assert int(opt.n_averaged.numpy()) == n
     assert_weights_close(opt.average_variables, saved, 0, 0)
+
+
+def test_numpy_integer_arguments_are_accepted_and_serialize_as_ints():
+    opt = keras_swa.SWA(
+        keras.optimizers.SGD(), start_averaging=np.int64(3), average_period=np.int32(2)
+    )
+    config = opt.get_config()
+    assert type(config["start_averaging"]) is int and config["start_averaging"] == 3
+    assert type(config["average_period"]) is int and config["average_period"] == 2
