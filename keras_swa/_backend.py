@@ -79,6 +79,85 @@ def _tf_fold_in(snapshot, averages, weights, counter, rule):
     )
 
 
+def check_distribution(variables, optimizer=None, what="the model"):
+    """Raises a clear error where `variables` and the strategy do not match.
+
+    Under `tf.distribute`, variables created in one strategy's scope can only
+    be used with that strategy; TensorFlow reports a mix with errors that
+    name none of the user's objects ("Mixing different tf.distribute.Strategy
+    objects", `colocate_vars_with`, a bare AssertionError). Checked here:
+
+    - with `optimizer` (about to create its variables for `variables`): the
+      variables must come from the strategy in effect when the optimizer was
+      created, and no other strategy's scope may be in effect now (a wrapper
+      created outside `strategy.scope()` for a model built inside it, or the
+      reverse, or a model and wrapper both created outside and trained
+      inside);
+    - without: distributed variables must come from the strategy in effect,
+      if any (a model of one strategy used in another strategy's scope).
+      Outside every scope a distributed model is fine: its variables are
+      then read and written in cross-replica context, on every replica.
+
+    Other backends have no distribution strategies: nothing to check.
+
+    Args:
+        variables: List of `keras.Variable`s.
+        optimizer: The optimizer about to be built for `variables`, or None.
+        what: What holds `variables`, for the message.
+
+    Raises:
+        ValueError: on a mix of strategies.
+    """
+    if keras.backend.backend() != "tensorflow":
+        return
+    import tensorflow as tf
+
+    current = tf.distribute.get_strategy()
+    if optimizer is not None:
+        # Keras' TensorFlow optimizer records the strategy current at its
+        # creation and creates its variables under it.
+        strategy = getattr(optimizer, "_distribution_strategy", None) or current
+        owner = f"the optimizer {type(optimizer).__name__}"
+        mismatch = tf.distribute.has_strategy() and current is not strategy
+        variables = [] if mismatch else variables
+    elif tf.distribute.has_strategy():
+        strategy, mismatch = current, False
+        variables = [
+            variable
+            for variable in variables
+            if isinstance(variable.value, tf.distribute.DistributedValues)
+        ]
+    else:
+        return
+    for variable in variables:
+        if not strategy.extended.variable_created_in_scope(variable.value):
+            mismatch = variable
+            break
+    if mismatch is False:
+        return
+    if optimizer is None:
+        problem = (
+            f"{what[0].upper()}{what[1:]} was created in the scope of another "
+            f"tf.distribute strategy than the {type(current).__name__} whose "
+            "scope is in effect"
+        )
+    else:
+        problem = (
+            f"{what[0].upper()}{what[1:]} and {owner} belong to different "
+            f"tf.distribute strategies: {owner} was created under "
+            f"{type(strategy).__name__}, and {type(current).__name__} is in "
+            "effect"
+        )
+    if mismatch is not True:
+        problem += f" (first mismatched variable: {mismatch.path!r})"
+    raise ValueError(
+        f"{problem}. Create the model and the optimizer (with its keras_swa "
+        "wrapper), and call `compile` and `fit`, all inside the same "
+        "`strategy.scope()`; call keras_swa functions on the model inside "
+        "that scope or outside every scope."
+    )
+
+
 def compile_function(fn):
     """Compiles `fn(inputs)` for batches whose leading dimension varies.
 

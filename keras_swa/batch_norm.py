@@ -235,6 +235,9 @@ def update_bn(model, data, steps: int | None = None, verbose="auto") -> None:
     layers = _trained_layers(model)
     if not layers:
         return
+    # A model of one strategy run in another strategy's scope fails deep in
+    # TensorFlow; say what is wrong instead.
+    _backend.check_distribution(model.variables)
     if steps is not None:
         batches = itertools.islice(batches, steps)
         num_batches = steps if num_batches is None else min(num_batches, steps)

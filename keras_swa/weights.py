@@ -10,10 +10,14 @@ import contextlib
 import keras
 from keras import ops
 
+from keras_swa import _backend
 from keras_swa import batch_norm
 
 
 def _resolve_source(model, source):
+    # Copying averages into a model of another strategy's scope fails deep
+    # in TensorFlow; say what is wrong instead.
+    _backend.check_distribution(model.variables)
     if source is None:
         source = getattr(model, "optimizer", None)
     # With mixed precision, `compile` wraps the optimizer in a
