@@ -191,9 +191,10 @@ def test_callback_matches_one_device(strategy):
 
 @pytest.mark.parametrize("in_scope", [False, True])
 def test_update_bn_unsynchronized_gives_global_statistics(strategy, in_scope):
-    # Training left each replica's unsynchronized statistics as the mean of
-    # per-replica moving averages; update_bn replaces them on every replica
-    # with the statistics over the whole data, as on one device.
+    # In training, each replica's unsynchronized BatchNormalization keeps
+    # moving statistics of its own shards, so the replicas' copies differ;
+    # update_bn replaces them on every replica with the statistics over the
+    # whole data, as on one device.
     x, _ = _data()
     single, _, initial = _trained(None, "swa", synchronized=False)
     with strategy.scope():
@@ -201,8 +202,14 @@ def test_update_bn_unsynchronized_gives_global_statistics(strategy, in_scope):
         mirrored.set_weights(initial)
         mirrored.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
     mirrored.fit(_dataset(), epochs=1, verbose=0, shuffle=False)
-    mirrored.set_weights(single.get_weights())
     norm = mirrored.get_layer("norm")
+    first, second = _replicas(strategy, norm.moving_mean)
+    assert not np.allclose(first, second)
+    # The single-device weights, keeping the diverged statistics.
+    for variable, weight in zip(
+        mirrored.trainable_variables, single.trainable_variables
+    ):
+        variable.assign(weight)
 
     keras_swa.update_bn(single, x, verbose=0)
     with strategy.scope() if in_scope else contextlib.nullcontext():
