@@ -112,49 +112,59 @@ def check_distribution(variables, optimizer=None, what="the model"):
         return
     import tensorflow as tf
 
+    def name(strategy):
+        # TensorFlow's stand-in outside every scope has a private class.
+        if "Default" in type(strategy).__name__:
+            return "no strategy"
+        return type(strategy).__name__
+
     current = tf.distribute.get_strategy()
+    problem = None
     if optimizer is not None:
         # Keras' TensorFlow optimizer records the strategy current at its
         # creation and creates its variables under it.
         strategy = getattr(optimizer, "_distribution_strategy", None) or current
         owner = f"the optimizer {type(optimizer).__name__}"
-        mismatch = tf.distribute.has_strategy() and current is not strategy
-        variables = [] if mismatch else variables
+        if tf.distribute.has_strategy() and current is not strategy:
+            problem = (
+                f"{owner} was created outside the scope of the "
+                f"{name(current)} in which it is now built (where {what} is "
+                "trained)"
+            )
+        else:
+            mismatched = [
+                variable
+                for variable in variables
+                if not strategy.extended.variable_created_in_scope(
+                    variable.value
+                )
+            ]
+            if mismatched:
+                problem = (
+                    f"{what} (variable {mismatched[0].path!r}) was not "
+                    f"created in the same scope as {owner}, which was "
+                    f"created under {name(strategy)}"
+                )
     elif tf.distribute.has_strategy():
-        strategy, mismatch = current, False
-        variables = [
+        mismatched = [
             variable
             for variable in variables
             if isinstance(variable.value, tf.distribute.DistributedValues)
+            and not current.extended.variable_created_in_scope(variable.value)
         ]
-    else:
+        if mismatched:
+            problem = (
+                f"{what} (variable {mismatched[0].path!r}) was created under "
+                f"another tf.distribute strategy than the {name(current)} "
+                "whose scope is in effect"
+            )
+    if problem is None:
         return
-    for variable in variables:
-        if not strategy.extended.variable_created_in_scope(variable.value):
-            mismatch = variable
-            break
-    if mismatch is False:
-        return
-    if optimizer is None:
-        problem = (
-            f"{what[0].upper()}{what[1:]} was created in the scope of another "
-            f"tf.distribute strategy than the {type(current).__name__} whose "
-            "scope is in effect"
-        )
-    else:
-        problem = (
-            f"{what[0].upper()}{what[1:]} and {owner} belong to different "
-            f"tf.distribute strategies: {owner} was created under "
-            f"{type(strategy).__name__}, and {type(current).__name__} is in "
-            "effect"
-        )
-    if mismatch is not True:
-        problem += f" (first mismatched variable: {mismatch.path!r})"
     raise ValueError(
-        f"{problem}. Create the model and the optimizer (with its keras_swa "
-        "wrapper), and call `compile` and `fit`, all inside the same "
-        "`strategy.scope()`; call keras_swa functions on the model inside "
-        "that scope or outside every scope."
+        f"{problem[0].upper()}{problem[1:]}. Create the model and the "
+        "optimizer (with its keras_swa wrapper), and call `compile` and "
+        "`fit`, all inside the same `strategy.scope()`; call keras_swa "
+        "functions on the model inside that scope or outside every scope."
     )
 
 
