@@ -1,10 +1,10 @@
 """One worker of the MultiWorkerMirroredStrategy test in test_distribute.py.
 
 Usage: distribute_worker.py INITIAL_WEIGHTS.npz RESULT.npz, with TF_CONFIG
-set. Trains the test's model with SWA from the given weights on the test's
-global batches (this worker computes its half of each), then assigns the average
-with BatchNormalization statistics recomputed, and writes the averages,
-`n_averaged` and the final weights.
+set. Trains the test's model with SWA, then with EMA, from the given weights
+on the test's global batches (this worker computes its half of each), assigns
+the average with BatchNormalization statistics recomputed, and writes the
+averages, `n_averaged` and the final weights of each.
 """
 
 import os
@@ -24,15 +24,12 @@ from test_distribute import BATCH  # noqa: E402
 from test_distribute import EPOCHS  # noqa: E402
 
 
-def main(initial_path, result_path):
-    strategy = tf.distribute.MultiWorkerMirroredStrategy()
-    with np.load(initial_path) as file:
-        initial = [file[f"arr_{i}"] for i in range(len(file.files))]
+def _train(strategy, kind, initial):
     keras.utils.set_random_seed(0)
     with strategy.scope():
         model = _model(synchronized=True)
         model.set_weights(initial)
-        optimizer = _wrapper("swa")
+        optimizer = _wrapper(kind)
         model.compile(optimizer=optimizer, loss="mse")
     # Keras 3.15's `fit` and `train_on_batch` fail under
     # MultiWorkerMirroredStrategy with one CPU per worker (their reductions
@@ -58,12 +55,22 @@ def main(initial_path, result_path):
             shard = slice(start + index * half, start + (index + 1) * half)
             step(tf.constant(x[shard]), tf.constant(y[shard]))
 
-    result = {"n_averaged": np.int64(optimizer.n_averaged.numpy())}
+    result = {f"{kind}_n_averaged": np.int64(optimizer.n_averaged.numpy())}
     for i, average in enumerate(optimizer.average_variables):
-        result[f"average_{i}"] = average.numpy()
+        result[f"{kind}_average_{i}"] = average.numpy()
     keras_swa.assign_average(model, bn_data=x, verbose=0)
     for i, weight in enumerate(model.get_weights()):
-        result[f"weight_{i}"] = weight
+        result[f"{kind}_weight_{i}"] = weight
+    return result
+
+
+def main(initial_path, result_path):
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    with np.load(initial_path) as file:
+        initial = [file[f"arr_{i}"] for i in range(len(file.files))]
+    result = {}
+    for kind in ("swa", "ema"):
+        result.update(_train(strategy, kind, initial))
     np.savez(result_path, **result)
 
 

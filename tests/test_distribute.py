@@ -313,9 +313,15 @@ def _free_ports(count):
 @pytest.mark.slow
 def test_multi_worker_mirrored_matches_one_device(tmp_path):
     x, _ = _data()
-    single, single_opt, initial = _trained(None, "swa")
-    averages = [a.numpy() for a in single_opt.average_variables]
-    keras_swa.assign_average(single, bn_data=x, verbose=0)
+    expected, initial = {}, None
+    for kind in ("swa", "ema"):
+        single, single_opt, initial = _trained(None, kind, initial)
+        expected[kind] = (
+            int(single_opt.n_averaged.numpy()),
+            [a.numpy() for a in single_opt.average_variables],
+        )
+        keras_swa.assign_average(single, bn_data=x, verbose=0)
+        expected[kind] += (single.get_weights(),)
     np.savez(tmp_path / "initial.npz", *initial)
 
     ports = _free_ports(2)
@@ -367,16 +373,21 @@ def test_multi_worker_mirrored_matches_one_device(tmp_path):
 
     for index in range(2):
         with np.load(tmp_path / f"result{index}.npz") as result:
-            assert int(result["n_averaged"]) == int(
-                single_opt.n_averaged.numpy()
-            )
-            for i, expected in enumerate(averages):
-                np.testing.assert_allclose(
-                    result[f"average_{i}"], expected, rtol=RTOL, atol=ATOL
-                )
-            # After assign_average with bn_data: averaged weights and the
-            # recomputed (global) BatchNormalization statistics.
-            for i, expected in enumerate(single.get_weights()):
-                np.testing.assert_allclose(
-                    result[f"weight_{i}"], expected, rtol=RTOL, atol=ATOL
-                )
+            for kind, (n_averaged, averages, weights) in expected.items():
+                assert int(result[f"{kind}_n_averaged"]) == n_averaged
+                for i, average in enumerate(averages):
+                    np.testing.assert_allclose(
+                        result[f"{kind}_average_{i}"],
+                        average,
+                        rtol=RTOL,
+                        atol=ATOL,
+                    )
+                # After assign_average with bn_data: the averaged weights
+                # and the recomputed (global) BatchNormalization statistics.
+                for i, weight in enumerate(weights):
+                    np.testing.assert_allclose(
+                        result[f"{kind}_weight_{i}"],
+                        weight,
+                        rtol=RTOL,
+                        atol=ATOL,
+                    )
