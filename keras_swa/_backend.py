@@ -168,6 +168,36 @@ def check_distribution(variables, optimizer=None, what="the model"):
     )
 
 
+def copy_variable(variable):
+    """A copy of the value of `variable`, which `restore_variable` writes back.
+
+    Under `tf.distribute`, a copy of each replica's value: the replicas of an
+    unsynchronized BatchNormalization hold different statistics, which one
+    copy written back would replace with those of the first replica.
+    """
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        value = variable.value
+        if isinstance(value, tf.distribute.DistributedValues):
+            copies = []
+            for component in value.values:
+                with tf.device(component.device):
+                    copies.append(tf.identity(component))
+            return tuple(copies)
+    # `ops.copy`, since on PyTorch a variable's value is its buffer.
+    return ops.copy(variable.value)
+
+
+def restore_variable(variable, copy):
+    """Writes back a copy made by `copy_variable`."""
+    if isinstance(copy, tuple):
+        for component, value in zip(variable.value.values, copy):
+            component.assign(value)
+    else:
+        variable.assign(copy)
+
+
 def compile_function(fn):
     """Compiles `fn(inputs)` for batches whose leading dimension varies.
 
