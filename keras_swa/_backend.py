@@ -79,7 +79,7 @@ def _tf_fold_in(snapshot, averages, weights, counter, rule):
     )
 
 
-def check_distribution(variables, optimizer=None, what="the model"):
+def check_distribution(variables, optimizer=None):
     """Raises a clear error where `variables` and the strategy do not match.
 
     Under `tf.distribute`, variables created in one strategy's scope can only
@@ -101,9 +101,8 @@ def check_distribution(variables, optimizer=None, what="the model"):
     Other backends have no distribution strategies: nothing to check.
 
     Args:
-        variables: List of `keras.Variable`s.
+        variables: List of `keras.Variable`s, the model's.
         optimizer: The optimizer about to be built for `variables`, or None.
-        what: What holds `variables`, for the message.
 
     Raises:
         ValueError: on a mix of strategies.
@@ -128,8 +127,8 @@ def check_distribution(variables, optimizer=None, what="the model"):
         if tf.distribute.has_strategy() and current is not strategy:
             problem = (
                 f"{owner} was created outside the scope of the "
-                f"{name(current)} in which it is now built (where {what} is "
-                "trained)"
+                f"{name(current)} in which it is now built (where the model "
+                "is trained)"
             )
         else:
             mismatched = [
@@ -141,7 +140,7 @@ def check_distribution(variables, optimizer=None, what="the model"):
             ]
             if mismatched:
                 problem = (
-                    f"{what} (variable {mismatched[0].path!r}) was not "
+                    f"the model (variable {mismatched[0].path!r}) was not "
                     f"created in the same scope as {owner}, which was "
                     f"created under {name(strategy)}"
                 )
@@ -154,7 +153,7 @@ def check_distribution(variables, optimizer=None, what="the model"):
         ]
         if mismatched:
             problem = (
-                f"{what} (variable {mismatched[0].path!r}) was created under "
+                f"the model (variable {mismatched[0].path!r}) was created under "
                 f"another tf.distribute strategy than the {name(current)} "
                 "whose scope is in effect"
             )
