@@ -204,6 +204,13 @@ def update_bn(model, data, steps: int | None = None, verbose="auto") -> None:
     momentum and every other setting, and all trainable weights. If anything
     fails midway, all statistics are restored.
 
+    Under a `tf.distribute` strategy (called inside its scope or outside
+    every scope, not inside `strategy.run`), the pass runs in cross-replica
+    context over all of `data` on one device of each worker and writes every
+    replica's copy: all replicas end with the statistics of the whole data,
+    for synchronized and unsynchronized layers alike. With several workers,
+    give each the same `data`.
+
     Args:
         model: A built `keras.Model` (or layer).
         data: The inputs: a `tf.data.Dataset` or `keras.utils.PyDataset`
@@ -235,6 +242,9 @@ def update_bn(model, data, steps: int | None = None, verbose="auto") -> None:
     layers = _trained_layers(model)
     if not layers:
         return
+    # A model of one strategy run in another strategy's scope fails deep in
+    # TensorFlow; say what is wrong instead.
+    _backend.check_distribution(model.variables)
     if steps is not None:
         batches = itertools.islice(batches, steps)
         num_batches = steps if num_batches is None else min(num_batches, steps)

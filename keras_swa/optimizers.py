@@ -100,6 +100,10 @@ class AveragedOptimizer(keras.optimizers.Optimizer):
     def build(self, var_list):
         if self.built:
             return
+        # Before any variable exists: a model and a wrapper of different
+        # tf.distribute scopes otherwise fail later, with cryptic errors.
+        for optimizer in (self, self.inner_optimizer):
+            _backend.check_distribution(var_list, optimizer=optimizer)
         # Variables a float8 layer overwrites with its gradient have no
         # meaningful average; they get `None`, as in Keras' own optimizers.
         self._average_variables = [

@@ -8,12 +8,15 @@ and `EMA`, and the `StochasticWeightAveraging` callback.
 import contextlib
 
 import keras
-from keras import ops
 
+from keras_swa import _backend
 from keras_swa import batch_norm
 
 
 def _resolve_source(model, source):
+    # Copying averages into a model of another strategy's scope fails deep
+    # in TensorFlow; say what is wrong instead.
+    _backend.check_distribution(model.variables)
     if source is None:
         source = getattr(model, "optimizer", None)
     # With mixed precision, `compile` wraps the optimizer in a
@@ -46,16 +49,18 @@ def _resolve_source(model, source):
 def _backup(model):
     # Only what assigning averages and `update_bn` can write: the trainable
     # weights and the BatchNormalization statistics. The copies stay on the
-    # device; `ops.copy`, since on PyTorch a variable's value is its buffer.
+    # device, one per replica under tf.distribute.
     variables = model.trainable_variables + batch_norm.statistics_variables(
         model
     )
-    return [(variable, ops.copy(variable.value)) for variable in variables]
+    return [
+        (variable, _backend.copy_variable(variable)) for variable in variables
+    ]
 
 
 def _restore(backup):
     for variable, value in backup:
-        variable.assign(value)
+        _backend.restore_variable(variable, value)
 
 
 def _assign(model, source, bn_data, bn_steps, verbose):

@@ -7,6 +7,33 @@ import keras  # noqa: E402
 import pytest  # noqa: E402
 
 
+def _split_cpu_in_two():
+    """Two logical CPU devices for the `tf.distribute` tests.
+
+    TensorFlow fixes its logical devices when it first initializes them, so
+    this runs once, at import, before any test touches a device. Tests on one
+    device never see the second one.
+    """
+    if keras.backend.backend() != "tensorflow":
+        return
+    import tensorflow as tf
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    if tf.config.get_logical_device_configuration(cpu):
+        return
+    try:
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * 2
+        )
+    except RuntimeError:
+        # Devices already initialized (by a plugin, say): the distribution
+        # tests then skip themselves.
+        pass
+
+
+_split_cpu_in_two()
+
+
 @pytest.fixture(autouse=True)
 def _float32_policy_and_fresh_names():
     """Every test starts and ends with the float32 policy and fresh names."""

@@ -1,0 +1,399 @@
+"""Averaging under `tf.distribute`: the same model as on one device.
+
+MirroredStrategy runs here on the two logical CPU devices that conftest.py
+creates; MultiWorkerMirroredStrategy runs in two worker processes on
+127.0.0.1 (tests/distribute_worker.py). Each distributed run starts from the
+weights of a single-device model and sees the same unshuffled global batches,
+so its averages and BatchNormalization statistics must match the
+single-device run up to the order of reductions.
+"""
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+import keras_swa
+
+pytestmark = [
+    pytest.mark.tensorflow_only,
+    pytest.mark.skipif(
+        keras.backend.backend() != "tensorflow",
+        reason="tf.distribute is TensorFlow's",
+    ),
+]
+
+if keras.backend.backend() == "tensorflow":
+    import tensorflow as tf
+
+RTOL, ATOL = 1e-5, 1e-6
+EPOCHS, BATCH = 2, 16  # 64 samples: 4 global batches an epoch.
+EPSILON = 1e-3  # BatchNormalization's default.
+WORKER = os.path.join(os.path.dirname(__file__), "distribute_worker.py")
+
+
+def _data():
+    rng = np.random.default_rng(0)
+    x = rng.normal(1.0, 2.0, (64, 4)).astype("float32")
+    y = (x @ rng.normal(size=(4, 1)) + 0.5).astype("float32")
+    return x, y
+
+
+def _model(synchronized=True):
+    inputs = keras.Input((4,))
+    hidden = keras.layers.Dense(8, name="hidden_dense")(inputs)
+    hidden = keras.layers.BatchNormalization(
+        synchronized=synchronized, name="norm"
+    )(hidden)
+    hidden = keras.layers.ReLU()(hidden)
+    return keras.Model(inputs, keras.layers.Dense(1)(hidden))
+
+
+def _dataset():
+    # Unshuffled: the distributed run splits the same global batches.
+    return tf.data.Dataset.from_tensor_slices(_data()).batch(BATCH)
+
+
+def _wrapper(kind):
+    inner = keras.optimizers.SGD(0.05, momentum=0.9)
+    if kind == "swa":
+        return keras_swa.SWA(inner, start_averaging=1, average_period=2)
+    return keras_swa.EMA(inner, decay=0.8, warmup=True)
+
+
+@pytest.fixture(scope="module")
+def strategy():
+    # One strategy for all tests: each new MirroredStrategy numbers its
+    # collective operations from the same start, and a process that ran
+    # another one's collectives then fails on a shape mismatch.
+    if len(tf.config.list_logical_devices("CPU")) < 2:
+        pytest.skip("needs the two logical CPU devices of conftest.py")
+    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+
+
+def _replicas(strategy, variable):
+    """The per-replica copies of a model or optimizer variable, as NumPy."""
+    return [
+        np.asarray(value)
+        for value in strategy.experimental_local_results(variable.value)
+    ]
+
+
+def _assert_replicas_equal(strategy, variables):
+    for variable in variables:
+        first, *others = _replicas(strategy, variable)
+        assert len(others) == strategy.num_replicas_in_sync - 1
+        for other in others:
+            np.testing.assert_array_equal(other, first, err_msg=variable.path)
+
+
+def _trained(strategy, kind, initial_weights=None, synchronized=True):
+    keras.utils.set_random_seed(0)
+    scope = strategy.scope() if strategy else contextlib.nullcontext()
+    with scope:
+        model = _model(synchronized)
+        if initial_weights is not None:
+            model.set_weights(initial_weights)
+        initial = model.get_weights()
+        optimizer = _wrapper(kind)
+        model.compile(optimizer=optimizer, loss="mse")
+    model.fit(_dataset(), epochs=EPOCHS, verbose=0, shuffle=False)
+    return model, optimizer, initial
+
+
+def _bn_reference(model, x):
+    """update_bn's statistics by NumPy: batches of 32, as `predict`."""
+    kernel, bias = model.get_layer("hidden_dense").get_weights()
+    hidden = x @ kernel + bias
+    batches = [hidden[i : i + 32] for i in range(0, len(hidden), 32)]
+    sizes = np.array([len(b) for b in batches], "float64")[:, None]
+    means = np.stack([b.mean(0) for b in batches])
+    variances = np.stack([b.var(0) for b in batches])
+    return (
+        (sizes * means).sum(0) / sizes.sum(),
+        (sizes * variances).sum(0) / sizes.sum(),
+    )
+
+
+@pytest.mark.parametrize("kind", ["swa", "ema"])
+def test_wrapper_and_assign_average_match_one_device(strategy, kind):
+    x, _ = _data()
+    single, single_opt, initial = _trained(None, kind)
+    mirrored, mirrored_opt, _ = _trained(strategy, kind, initial)
+
+    assert int(mirrored_opt.n_averaged.numpy()) == int(
+        single_opt.n_averaged.numpy()
+    )
+    assert int(single_opt.n_averaged.numpy()) > 1
+    _assert_replicas_equal(strategy, mirrored_opt.average_variables)
+    for expected, average in zip(
+        single_opt.average_variables, mirrored_opt.average_variables
+    ):
+        for replica in _replicas(strategy, average):
+            np.testing.assert_allclose(
+                replica, expected.numpy(), rtol=RTOL, atol=ATOL
+            )
+
+    keras_swa.assign_average(single, bn_data=x, verbose=0)
+    keras_swa.assign_average(mirrored, bn_data=x, verbose=0)
+    _assert_replicas_equal(strategy, mirrored.variables)
+    for expected, variable in zip(single.variables, mirrored.variables):
+        np.testing.assert_allclose(
+            variable.numpy(), expected.numpy(), rtol=RTOL, atol=ATOL
+        )
+    norm = mirrored.get_layer("norm")
+    mean, variance = _bn_reference(mirrored, x)
+    np.testing.assert_allclose(norm.moving_mean.numpy(), mean, rtol=RTOL)
+    np.testing.assert_allclose(
+        norm.moving_variance.numpy(), variance, rtol=RTOL
+    )
+
+
+def test_callback_matches_one_device(strategy):
+    x, _ = _data()
+
+    def fit(strategy, initial_weights=None):
+        keras.utils.set_random_seed(0)
+        scope = strategy.scope() if strategy else contextlib.nullcontext()
+        with scope:
+            model = _model()
+            if initial_weights is not None:
+                model.set_weights(initial_weights)
+            initial = model.get_weights()
+            model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+        callback = keras_swa.StochasticWeightAveraging(
+            start_epoch=1, swa_lr=0.02, bn_data=x, verbose=0
+        )
+        model.fit(
+            _dataset(),
+            epochs=3,
+            verbose=0,
+            shuffle=False,
+            callbacks=[callback],
+        )
+        return model, callback, initial
+
+    single, single_callback, initial = fit(None)
+    mirrored, mirrored_callback, _ = fit(strategy, initial)
+    assert int(mirrored_callback.n_averaged.numpy()) == 2
+    _assert_replicas_equal(strategy, mirrored.variables)
+    for expected, variable in zip(single.variables, mirrored.variables):
+        np.testing.assert_allclose(
+            variable.numpy(), expected.numpy(), rtol=RTOL, atol=ATOL
+        )
+
+
+@pytest.mark.parametrize("in_scope", [False, True])
+def test_update_bn_unsynchronized_gives_global_statistics(strategy, in_scope):
+    # In training, each replica's unsynchronized BatchNormalization keeps
+    # moving statistics of its own shards, so the replicas' copies differ;
+    # update_bn replaces them on every replica with the statistics over the
+    # whole data, as on one device.
+    x, _ = _data()
+    single, _, initial = _trained(None, "swa", synchronized=False)
+    with strategy.scope():
+        mirrored = _model(synchronized=False)
+        mirrored.set_weights(initial)
+        mirrored.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+    mirrored.fit(_dataset(), epochs=1, verbose=0, shuffle=False)
+    norm = mirrored.get_layer("norm")
+    first, second = _replicas(strategy, norm.moving_mean)
+    assert not np.allclose(first, second)
+    # The single-device weights, keeping the diverged statistics.
+    for variable, weight in zip(
+        mirrored.trainable_variables, single.trainable_variables
+    ):
+        variable.assign(weight)
+
+    keras_swa.update_bn(single, x, verbose=0)
+    with strategy.scope() if in_scope else contextlib.nullcontext():
+        keras_swa.update_bn(mirrored, x, verbose=0)
+
+    mean, variance = _bn_reference(single, x)
+    for expected, variable in [
+        (mean, norm.moving_mean),
+        (variance, norm.moving_variance),
+    ]:
+        replicas = _replicas(strategy, variable)
+        assert len(replicas) == 2
+        for replica in replicas:
+            np.testing.assert_array_equal(replica, replicas[0])
+            np.testing.assert_allclose(replica, expected, rtol=RTOL)
+    single_norm = single.get_layer("norm")
+    np.testing.assert_allclose(
+        norm.moving_variance.numpy(),
+        single_norm.moving_variance.numpy(),
+        rtol=RTOL,
+        atol=ATOL,
+    )
+
+
+@pytest.mark.parametrize("synchronized", [True, False])
+def test_averaged_weights_swaps_every_replica(strategy, synchronized):
+    # Unsynchronized BatchNormalization leaves different statistics on each
+    # replica: each gets its own back on exit.
+    x, _ = _data()
+    model, optimizer, _ = _trained(strategy, "swa", synchronized=synchronized)
+    raw = {v.path: _replicas(strategy, v) for v in model.variables}
+    first, second = raw[model.get_layer("norm").moving_mean.path]
+    assert np.array_equal(first, second) == synchronized
+    averages = [a.numpy() for a in optimizer.average_variables]
+    with keras_swa.averaged_weights(model, bn_data=x, verbose=0):
+        _assert_replicas_equal(strategy, model.variables)
+        for variable, average in zip(model.trainable_variables, averages):
+            for replica in _replicas(strategy, variable):
+                np.testing.assert_array_equal(replica, average)
+        mean, _ = _bn_reference(model, x)
+        for replica in _replicas(strategy, model.get_layer("norm").moving_mean):
+            np.testing.assert_allclose(replica, mean, rtol=RTOL, atol=ATOL)
+    for variable in model.variables:
+        for replica, expected in zip(
+            _replicas(strategy, variable), raw[variable.path]
+        ):
+            np.testing.assert_array_equal(replica, expected)
+
+
+def _scope(strategy, inside):
+    return strategy.scope() if inside else contextlib.nullcontext()
+
+
+@pytest.mark.parametrize(
+    "model_in, wrapper_in, compile_in, fit_in",
+    [
+        (True, False, False, False),  # wrapper outside, model inside
+        (True, False, True, True),
+        (False, True, True, True),  # model outside, wrapper inside
+        (False, True, True, False),
+        (False, False, True, True),  # both outside, trained inside
+    ],
+)
+def test_wrapper_and_model_of_different_scopes_raise(
+    strategy, model_in, wrapper_in, compile_in, fit_in
+):
+    x, y = _data()
+    with _scope(strategy, model_in):
+        model = _model()
+    with _scope(strategy, wrapper_in):
+        optimizer = keras_swa.SWA(keras.optimizers.SGD(0.05))
+    with _scope(strategy, compile_in):
+        model.compile(optimizer=optimizer, loss="mse")
+    with _scope(strategy, fit_in):
+        with pytest.raises(ValueError, match=r"strategy\.scope\(\)"):
+            model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0)
+
+
+def test_functions_in_another_strategy_scope_raise(strategy):
+    x, _ = _data()
+    model, _, _ = _trained(strategy, "swa")
+    other = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    before = [v.numpy() for v in model.variables]
+    with other.scope():
+        with pytest.raises(ValueError, match=r"another tf\.distribute"):
+            keras_swa.update_bn(model, x, verbose=0)
+        with pytest.raises(ValueError, match=r"another tf\.distribute"):
+            keras_swa.assign_average(model, verbose=0)
+        with pytest.raises(ValueError, match=r"another tf\.distribute"):
+            with keras_swa.averaged_weights(model):
+                pass
+    for expected, variable in zip(before, model.variables):
+        np.testing.assert_array_equal(variable.numpy(), expected)
+
+
+def _free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+@pytest.mark.slow
+def test_multi_worker_mirrored_matches_one_device(tmp_path):
+    x, _ = _data()
+    expected, initial = {}, None
+    for kind in ("swa", "ema"):
+        single, single_opt, initial = _trained(None, kind, initial)
+        expected[kind] = (
+            int(single_opt.n_averaged.numpy()),
+            [a.numpy() for a in single_opt.average_variables],
+        )
+        keras_swa.assign_average(single, bn_data=x, verbose=0)
+        expected[kind] += (single.get_weights(),)
+    np.savez(tmp_path / "initial.npz", *initial)
+
+    ports = _free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
+    workers = []
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        for index in range(2):
+            env = dict(os.environ)
+            env["TF_CONFIG"] = json.dumps(
+                {"cluster": cluster, "task": {"type": "worker", "index": index}}
+            )
+            env["PYTHONPATH"] = os.pathsep.join(
+                [root] + [p for p in [env.get("PYTHONPATH")] if p]
+            )
+            env["CUDA_VISIBLE_DEVICES"] = ""
+            log = open(tmp_path / f"worker{index}.log", "wb")
+            workers.append(
+                (
+                    subprocess.Popen(
+                        [
+                            sys.executable,
+                            WORKER,
+                            str(tmp_path / "initial.npz"),
+                            str(tmp_path / f"result{index}.npz"),
+                        ],
+                        env=env,
+                        cwd=root,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                    ),
+                    log,
+                )
+            )
+        for index, (process, _) in enumerate(workers):
+            try:
+                code = process.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                code = "timeout"
+            if code != 0:
+                log = (tmp_path / f"worker{index}.log").read_text()
+                pytest.fail(f"worker {index} ended with {code}:\n{log[-3000:]}")
+    finally:
+        for process, log in workers:
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=30)
+            log.close()
+
+    for index in range(2):
+        with np.load(tmp_path / f"result{index}.npz") as result:
+            for kind, (n_averaged, averages, weights) in expected.items():
+                assert int(result[f"{kind}_n_averaged"]) == n_averaged
+                for i, average in enumerate(averages):
+                    np.testing.assert_allclose(
+                        result[f"{kind}_average_{i}"],
+                        average,
+                        rtol=RTOL,
+                        atol=ATOL,
+                    )
+                # After assign_average with bn_data: the averaged weights
+                # and the recomputed (global) BatchNormalization statistics.
+                for i, weight in enumerate(weights):
+                    np.testing.assert_allclose(
+                        result[f"{kind}_weight_{i}"],
+                        weight,
+                        rtol=RTOL,
+                        atol=ATOL,
+                    )
