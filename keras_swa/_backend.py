@@ -79,24 +79,43 @@ def _tf_fold_in(snapshot, averages, weights, counter, rule):
     )
 
 
-def compile_function(fn):
+def compile_function(fn, variables):
     """Compiles `fn(inputs)` for batches whose leading dimension varies.
 
-    On TensorFlow, a `tf.function` traced once, on the first call, for a
-    batch dimension of `None`: a short last batch reuses that trace instead of
-    tracing again. `fn` writes Keras variables in place (BatchNormalization
-    updates its statistics when called in training mode), which `jax.jit`
-    only allows through `stateless_call`; JAX and PyTorch therefore run `fn`
-    eagerly.
+    `fn` reads and writes Keras variables in place (BatchNormalization
+    updates its statistics when called in training mode). Per backend:
+
+    - TensorFlow: a `tf.function` traced once, on the first call, for a
+      batch dimension of `None`: a short last batch reuses that trace.
+    - JAX: `jax.jit` of a stateless version of `fn`: the current values of
+      `variables` go in as arguments, `fn` runs inside a
+      `keras.StatelessScope` that maps them, and the values it wrote come out
+      and are assigned afterwards. XLA needs static shapes, so a short last
+      batch traces once more (padding it would change the batch moments).
+    - PyTorch: `fn` runs eagerly under `torch.no_grad()`, so no autograd
+      graph is built for the forward pass.
 
     Args:
         fn: Function of one argument, a nested structure of tensors whose
-            leaves share their first (batch) dimension.
+            leaves share their first (batch) dimension. Returns nothing.
+        variables: Every `keras.Variable` that `fn` reads or writes. On JAX a
+            variable left out would be baked into the trace as a constant.
 
     Returns:
         A function with the same signature as `fn`.
     """
-    if keras.backend.backend() != "tensorflow":
+    backend = keras.backend.backend()
+    if backend == "jax":
+        return _jax_compile_function(fn, list(variables))
+    if backend == "torch":
+        import torch
+
+        def call(inputs):
+            with torch.no_grad():
+                fn(inputs)
+
+        return call
+    if backend != "tensorflow":
         return fn
     import tensorflow as tf
 
@@ -114,6 +133,33 @@ def compile_function(fn):
             )
             traced = True
         return function(inputs)
+
+    return call
+
+
+def _jax_compile_function(fn, variables):
+    import jax
+
+    def stateless(values, inputs):
+        with keras.StatelessScope(
+            state_mapping=list(zip(variables, values))
+        ) as scope:
+            before = dict(scope.state_mapping)
+            fn(inputs)
+        # Only what `fn` wrote comes out: returning the unchanged weights
+        # too would copy them on every call.
+        return {
+            index: scope.state_mapping[id(variable)]
+            for index, variable in enumerate(variables)
+            if scope.state_mapping[id(variable)] is not before[id(variable)]
+        }
+
+    compiled = jax.jit(stateless)
+
+    def call(inputs):
+        written = compiled([variable.value for variable in variables], inputs)
+        for index, value in written.items():
+            variables[index].assign(value)
 
     return call
 
