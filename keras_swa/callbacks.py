@@ -266,7 +266,10 @@ class StochasticWeightAveraging(keras.callbacks.Callback):
         for variable in var_list:
             average = averages_by_id.get(id(variable))
             if average is not None:
-                variable.assign(ops.cast(average.value, variable.dtype))
+                # A copy, as in `AveragedOptimizer.assign_average_vars`.
+                variable.assign(
+                    ops.copy(ops.cast(average.value, variable.dtype))
+                )
 
     def on_train_begin(self, logs=None):
         epochs = self.params["epochs"]

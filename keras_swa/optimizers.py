@@ -226,7 +226,9 @@ class AveragedOptimizer(keras.optimizers.Optimizer):
         for variable in var_list:
             average = averages_by_key.get(self._var_key(variable))
             if average is not None:
-                variable.assign(average)
+                # A copy: on JAX, a variable assigned another's value shares
+                # its buffer, and `fit` donates the buffers of both.
+                variable.assign(ops.copy(average.value))
 
     @property
     def learning_rate(self):
