@@ -4,7 +4,7 @@ import keras
 from keras import ops
 
 
-def fold_in(snapshot, averages, weights, counter, rule):
+def fold_in(snapshot, averages, weights, counter, rule, weight=None):
     """Where `snapshot` holds: `average <- rule(average, weight, counter)`
     for each pair, then `counter += 1`.
 
@@ -15,7 +15,9 @@ def fold_in(snapshot, averages, weights, counter, rule):
     `tf.cond` keeps the pass out of non-snapshot steps. JAX forbids side
     effects inside `lax.cond`, so there the branches return values that are
     assigned inside the trainer's stateless scope. PyTorch runs eagerly: a
-    Python `if` on the concrete value.
+    Python `if` on the concrete value, and with `weight` one fused
+    `torch._foreach_lerp_` over all averages instead of a handful of
+    kernels per variable.
 
     Args:
         snapshot: Boolean scalar tensor, or the Python `True` when every call
@@ -25,10 +27,16 @@ def fold_in(snapshot, averages, weights, counter, rule):
         weights: List of `keras.Variable`s of the same shapes, the weights.
         counter: Integer scalar `keras.Variable`, snapshots so far.
         rule: Function `(average, weight, count) -> new average` on tensors.
+        weight: Optional function `count -> t`, a float32 scalar with
+            `rule(a, w, count) == a + t * (w - a)`.
     """
     backend = keras.backend.backend()
     if backend == "tensorflow":
         _tf_fold_in(snapshot, averages, weights, counter, rule)
+        return
+    if backend == "torch" and weight is not None:
+        if snapshot is True or snapshot:
+            _torch_lerp(averages, weights, counter, weight)
         return
 
     def new_values():
@@ -47,6 +55,22 @@ def fold_in(snapshot, averages, weights, counter, rule):
         return
     for target, value in zip(targets, values):
         target.assign(value)
+
+
+def _torch_lerp(averages, weights, counter, weight):
+    import torch
+
+    t = float(weight(counter.value))
+    pairs = [(a, w) for a, w in zip(averages, weights)]
+    with torch.no_grad():
+        for dtype in {a.value.dtype for a, _ in pairs}:
+            group = [(a, w) for a, w in pairs if a.value.dtype == dtype]
+            torch._foreach_lerp_(
+                [a.value for a, _ in group],
+                [w.value.to(dtype) for _, w in group],
+                t,
+            )
+        counter.assign(counter.value + 1)
 
 
 def _tf_fold_in(snapshot, averages, weights, counter, rule):

@@ -110,6 +110,15 @@ class AveragedOptimizer(keras.optimizers.Optimizer):
         """Returns `average` with the snapshot `value` folded in."""
         raise NotImplementedError
 
+    def average_weight(self, n_averaged):
+        """The `t` with `average_update(a, v, n) == a + t * (v - a)`.
+
+        A float32 scalar tensor, or `None` when the rule is no such
+        interpolation. Eager backends fold all weights in with one fused
+        call when it is given.
+        """
+        return None
+
     def build(self, var_list):
         if self.built:
             return
@@ -189,6 +198,7 @@ class AveragedOptimizer(keras.optimizers.Optimizer):
             [variable for _, variable in pairs],
             self._n_averaged,
             self.average_update,
+            self.average_weight,
         )
 
     def assign_average_vars(self, var_list):
@@ -314,6 +324,9 @@ class SWA(AveragedOptimizer):
     def average_update(self, average, value, n_averaged):
         return averaging.swa_update(average, value, n_averaged)
 
+    def average_weight(self, n_averaged):
+        return averaging.swa_weight(n_averaged)
+
 
 @keras.saving.register_keras_serializable(package="keras_swa")
 class EMA(AveragedOptimizer):
@@ -382,6 +395,9 @@ class EMA(AveragedOptimizer):
         return averaging.ema_update(
             average, value, n_averaged, self.decay, self.warmup
         )
+
+    def average_weight(self, n_averaged):
+        return averaging.ema_weight(n_averaged, self.decay, self.warmup)
 
     def get_config(self):
         config = super().get_config()
