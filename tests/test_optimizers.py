@@ -95,6 +95,14 @@ def assert_weights_close(actual, expected, rtol=1e-5, atol=1e-6):
 @pytest.mark.parametrize("jit_compile", [False, True])
 @pytest.mark.parametrize("start,period", [(0, 1), (3, 4), (5, 10)])
 def test_swa_in_fit_matches_numpy_reference(jit_compile, start, period):
+    if (
+        jit_compile
+        and keras.backend.backend() == "torch"
+        and (start, period) != (3, 4)
+    ):
+        # torch.compile takes a minute or two per case on two CPU cores;
+        # one case with a snapshot branch covers it.
+        pytest.skip("torch.compile: the (3, 4) case only, for time.")
     keras.utils.set_random_seed(1)
     x, y = make_data()
     model = make_model()
