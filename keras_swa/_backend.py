@@ -61,7 +61,7 @@ def _torch_lerp(averages, weights, counter, weight):
     import torch
 
     t = float(weight(counter.value))
-    pairs = [(a, w) for a, w in zip(averages, weights)]
+    pairs = list(zip(averages, weights))
     with torch.no_grad():
         for dtype in {a.value.dtype for a, _ in pairs}:
             group = [(a, w) for a, w in pairs if a.value.dtype == dtype]
