@@ -218,7 +218,9 @@ class StochasticWeightAveraging(keras.callbacks.Callback):
         self._average_variables = []
         self._model_variables = []
         self._n_averaged = keras.Variable(
-            0, dtype="int64", trainable=False, name="n_averaged"
+            # "int", as the optimizers: int64 on TensorFlow, int32 elsewhere
+            # (JAX has no int64 by default).
+            0, dtype="int", trainable=False, name="n_averaged"
         )
         self._start = None
         self._lr0 = None
