@@ -103,6 +103,15 @@ def _tf_fold_in(snapshot, averages, weights, counter, rule):
     )
 
 
+def python_control_flow():
+    """Whether the train step may branch on tensor values in Python.
+
+    PyTorch runs the step eagerly (`torch.compile` breaks the graph there),
+    where a few reads into Python cost less than a dozen tiny tensor ops.
+    """
+    return keras.backend.backend() == "torch"
+
+
 def compile_function(fn, variables):
     """Compiles `fn(inputs)` for batches whose leading dimension varies.
 

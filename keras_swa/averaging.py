@@ -21,13 +21,18 @@ def is_snapshot_step(step, start_averaging: int, average_period: int):
         average_period: Python int, the number of updates between snapshots.
 
     Returns:
-        A boolean scalar tensor.
+        A boolean scalar tensor; a Python bool when `step` is a Python int
+        (eager backends test it in Python, without tensor ops).
 
     Example:
 
     >>> bool(is_snapshot_step(12, start_averaging=2, average_period=5))
     True
     """
+    if isinstance(step, int):
+        return step >= start_averaging and (
+            (step - start_averaging) % average_period == 0
+        )
     step = ops.convert_to_tensor(step)
     offset = ops.subtract(step, ops.cast(start_averaging, step.dtype))
     on_period = ops.equal(

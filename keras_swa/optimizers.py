@@ -166,6 +166,16 @@ class AveragedOptimizer(keras.optimizers.Optimizer):
         # The index of this update is the inner optimizer's `iterations`
         # before it. With gradient accumulation a micro-step leaves
         # `iterations` unchanged, which is how real updates are told apart.
+        if _backend.python_control_flow():
+            step = self._iterations_in_python()
+            self.inner_optimizer.apply(grads, trainable_variables)
+            self._fold_in(
+                self._iterations_in_python() != step
+                and averaging.is_snapshot_step(
+                    step, self.start_averaging, self.average_period
+                )
+            )
+            return
         step = ops.copy(self.inner_optimizer.iterations)
         self.inner_optimizer.apply(grads, trainable_variables)
         updated = ops.not_equal(self.inner_optimizer.iterations, step)
@@ -176,6 +186,9 @@ class AveragedOptimizer(keras.optimizers.Optimizer):
             ),
         )
         self._fold_in(snapshot)
+
+    def _iterations_in_python(self):
+        return int(ops.convert_to_numpy(self.inner_optimizer.iterations))
 
     def _snapshots_every_update(self):
         return (

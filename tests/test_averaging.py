@@ -91,3 +91,16 @@ def test_interpolation_weights_give_the_same_averages(warmup):
             ),
             rtol=1e-6, atol=1e-6,
         )
+
+
+@pytest.mark.parametrize("start,period", [(0, 1), (3, 4), (5, 10)])
+def test_is_snapshot_step_on_python_ints_agrees_with_tensors(start, period):
+    for step in range(30):
+        in_python = averaging.is_snapshot_step(step, start, period)
+        assert isinstance(in_python, bool)
+        tensor = ops.convert_to_tensor(step, dtype="int32")
+        assert in_python == bool(
+            ops.convert_to_numpy(
+                averaging.is_snapshot_step(tensor, start, period)
+            )
+        )
