@@ -53,16 +53,84 @@ def build_model(width, depth, features):
     return keras.Sequential(layers)
 
 
-def compiled(fn, jit_compile=True):
-    """The backend's compiled function (the only backend-specific line here)."""
+def compiled(fn, variables):
+    """`fn()`, compiled as the backend allows (the backend-specific lines).
+
+    `fn` updates Keras variables in place and returns one of them.
+    TensorFlow: `tf.function` with XLA. JAX: `jax.jit` of a stateless `fn`,
+    the values of `variables` (all that `fn` reads or writes) in, donated,
+    and their new values out. PyTorch: eager, under `torch.no_grad()`.
+    """
     backend = keras.backend.backend()
     if backend == "tensorflow":
         import tensorflow as tf
 
-        return tf.function(fn, jit_compile=jit_compile)
-    raise NotImplementedError(
-        f"The update rows are written for TensorFlow, not {backend}."
-    )
+        return tf.function(fn, jit_compile=True)
+    if backend == "torch":
+        import torch
+
+        def eager():
+            with torch.no_grad():
+                return fn()
+
+        return eager
+    if backend != "jax":
+        raise NotImplementedError(f"No compiled rows for {backend}.")
+    import jax
+
+    variables = list(variables)
+
+    def stateless(values):
+        mapping = list(zip(variables, values))
+        with keras.StatelessScope(state_mapping=mapping) as scope:
+            result = fn()
+        new_values = [scope.get_current_value(v) for v in variables]
+        return new_values, scope.get_current_value(result)
+
+    # As Keras' JAX trainer: the state is donated, so that a value passed
+    # through unchanged (the averages on a step without a snapshot) reuses
+    # its buffer instead of being copied out.
+    function = jax.jit(stateless, donate_argnums=0)
+
+    def call():
+        new_values, result = function([v.value for v in variables])
+        for variable, value in zip(variables, new_values):
+            variable.assign(value)
+        return result
+
+    return call
+
+
+def compiled_forward(model):
+    """A compiled training-mode forward pass `f(x)`, BatchNorm updates
+    included: the floor of `update_bn`, compiled as Keras compiles `fit`."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(lambda x: model(x, training=True), reduce_retracing=True)
+    if backend == "torch":
+        import torch
+
+        def eager(x):
+            with torch.no_grad():
+                return model(x, training=True)
+
+        return eager
+    import jax
+
+    @jax.jit
+    def step(trainable, non_trainable, x):
+        return model.stateless_call(trainable, non_trainable, x, training=True)
+
+    state = {"non_trainable": [v.value for v in model.non_trainable_variables]}
+
+    def call(x):
+        trainable = [v.value for v in model.trainable_variables]
+        y, state["non_trainable"] = step(trainable, state["non_trainable"], x)
+        return y
+
+    return call
 
 
 def sync(value):
@@ -107,7 +175,7 @@ def update_variants(model):
             optimizer.apply(grads, weights)
             return optimizer.iterations
 
-        return compiled(step), optimizer
+        return compiled(step, optimizer.variables + weights), optimizer
 
     sgd = lambda **kw: keras.optimizers.SGD(0.01, momentum=0.9, **kw)  # noqa: E731
     variants, optimizers = {}, {}
@@ -130,7 +198,9 @@ def update_variants(model):
             average.assign_add((weight - average) / counter)
         return counter
 
-    variants["floor"] = compiled(floor)
+    variants["floor"] = compiled(
+        floor, averages + [counter] + model.trainable_variables
+    )
     return variants, optimizers
 
 
@@ -175,7 +245,7 @@ def bn_variants(batches, batch_size, image_size):
     rng = np.random.default_rng(2)
     # Same batches for both (update_bn splits arrays into batches of 32).
     images = rng.normal(size=(batches * 32, image_size, image_size, 3)).astype("float32")
-    forward = compiled(lambda x: model(x, training=True), jit_compile=False)
+    forward = compiled_forward(model)
 
     def forward_pass():
         for start in range(0, len(images), 32):

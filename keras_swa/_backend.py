@@ -4,7 +4,7 @@ import keras
 from keras import ops
 
 
-def fold_in(snapshot, averages, weights, counter, rule):
+def fold_in(snapshot, averages, weights, counter, rule, weight=None):
     """Where `snapshot` holds: `average <- rule(average, weight, counter)`
     for each pair, then `counter += 1`.
 
@@ -15,7 +15,9 @@ def fold_in(snapshot, averages, weights, counter, rule):
     `tf.cond` keeps the pass out of non-snapshot steps. JAX forbids side
     effects inside `lax.cond`, so there the branches return values that are
     assigned inside the trainer's stateless scope. PyTorch runs eagerly: a
-    Python `if` on the concrete value.
+    Python `if` on the concrete value, and with `weight` one fused
+    `torch._foreach_lerp_` over all averages instead of a handful of
+    kernels per variable.
 
     Args:
         snapshot: Boolean scalar tensor, or the Python `True` when every call
@@ -25,10 +27,16 @@ def fold_in(snapshot, averages, weights, counter, rule):
         weights: List of `keras.Variable`s of the same shapes, the weights.
         counter: Integer scalar `keras.Variable`, snapshots so far.
         rule: Function `(average, weight, count) -> new average` on tensors.
+        weight: Optional function `count -> t`, a float32 scalar with
+            `rule(a, w, count) == a + t * (w - a)`.
     """
     backend = keras.backend.backend()
     if backend == "tensorflow":
         _tf_fold_in(snapshot, averages, weights, counter, rule)
+        return
+    if backend == "torch" and weight is not None:
+        if snapshot is True or snapshot:
+            _torch_lerp(averages, weights, counter, weight)
         return
 
     def new_values():
@@ -47,6 +55,22 @@ def fold_in(snapshot, averages, weights, counter, rule):
         return
     for target, value in zip(targets, values):
         target.assign(value)
+
+
+def _torch_lerp(averages, weights, counter, weight):
+    import torch
+
+    t = float(weight(counter.value))
+    pairs = list(zip(averages, weights))
+    with torch.no_grad():
+        for dtype in {a.value.dtype for a, _ in pairs}:
+            group = [(a, w) for a, w in pairs if a.value.dtype == dtype]
+            torch._foreach_lerp_(
+                [a.value for a, _ in group],
+                [w.value.to(dtype) for _, w in group],
+                t,
+            )
+        counter.assign(counter.value + 1)
 
 
 def _tf_fold_in(snapshot, averages, weights, counter, rule):
@@ -197,24 +221,52 @@ def restore_variable(variable, copy):
         variable.assign(copy)
 
 
-def compile_function(fn):
+def python_control_flow():
+    """Whether the train step may branch on tensor values in Python.
+
+    PyTorch runs the step eagerly (`torch.compile` breaks the graph there),
+    where a few reads into Python cost less than a dozen tiny tensor ops.
+    """
+    return keras.backend.backend() == "torch"
+
+
+def compile_function(fn, variables):
     """Compiles `fn(inputs)` for batches whose leading dimension varies.
 
-    On TensorFlow, a `tf.function` traced once, on the first call, for a
-    batch dimension of `None`: a short last batch reuses that trace instead of
-    tracing again. `fn` writes Keras variables in place (BatchNormalization
-    updates its statistics when called in training mode), which `jax.jit`
-    only allows through `stateless_call`; JAX and PyTorch therefore run `fn`
-    eagerly.
+    `fn` reads and writes Keras variables in place (BatchNormalization
+    updates its statistics when called in training mode). Per backend:
+
+    - TensorFlow: a `tf.function` traced once, on the first call, for a
+      batch dimension of `None`: a short last batch reuses that trace.
+    - JAX: `jax.jit` of a stateless version of `fn`: the current values of
+      `variables` go in as arguments, `fn` runs inside a
+      `keras.StatelessScope` that maps them, and the values it wrote come out
+      and are assigned afterwards. XLA needs static shapes, so a short last
+      batch traces once more (padding it would change the batch moments).
+    - PyTorch: `fn` runs eagerly under `torch.no_grad()`, so no autograd
+      graph is built for the forward pass.
 
     Args:
         fn: Function of one argument, a nested structure of tensors whose
-            leaves share their first (batch) dimension.
+            leaves share their first (batch) dimension. Returns nothing.
+        variables: Every `keras.Variable` that `fn` reads or writes. On JAX a
+            variable left out would be baked into the trace as a constant.
 
     Returns:
         A function with the same signature as `fn`.
     """
-    if keras.backend.backend() != "tensorflow":
+    backend = keras.backend.backend()
+    if backend == "jax":
+        return _jax_compile_function(fn, list(variables))
+    if backend == "torch":
+        import torch
+
+        def call(inputs):
+            with torch.no_grad():
+                fn(inputs)
+
+        return call
+    if backend != "tensorflow":
         return fn
     import tensorflow as tf
 
@@ -232,6 +284,33 @@ def compile_function(fn):
             )
             traced = True
         return function(inputs)
+
+    return call
+
+
+def _jax_compile_function(fn, variables):
+    import jax
+
+    def stateless(values, inputs):
+        with keras.StatelessScope(
+            state_mapping=list(zip(variables, values))
+        ) as scope:
+            before = dict(scope.state_mapping)
+            fn(inputs)
+        # Only what `fn` wrote comes out: returning the unchanged weights
+        # too would copy them on every call.
+        return {
+            index: scope.state_mapping[id(variable)]
+            for index, variable in enumerate(variables)
+            if scope.state_mapping[id(variable)] is not before[id(variable)]
+        }
+
+    compiled = jax.jit(stateless)
+
+    def call(inputs):
+        written = compiled([variable.value for variable in variables], inputs)
+        for index, value in written.items():
+            variables[index].assign(value)
 
     return call
 

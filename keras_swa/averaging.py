@@ -21,13 +21,18 @@ def is_snapshot_step(step, start_averaging: int, average_period: int):
         average_period: Python int, the number of updates between snapshots.
 
     Returns:
-        A boolean scalar tensor.
+        A boolean scalar tensor; a Python bool when `step` is a Python int
+        (eager backends test it in Python, without tensor ops).
 
     Example:
 
     >>> bool(is_snapshot_step(12, start_averaging=2, average_period=5))
     True
     """
+    if isinstance(step, int):
+        return step >= start_averaging and (
+            (step - start_averaging) % average_period == 0
+        )
     step = ops.convert_to_tensor(step)
     offset = ops.subtract(step, ops.cast(start_averaging, step.dtype))
     on_period = ops.equal(
@@ -108,3 +113,36 @@ def ema_update(average, value, n_averaged, decay: float, warmup: bool = False):
     # For n_averaged == 0 the weight of the old average is 0: a copy.
     d = ops.where(ops.equal(n_averaged, 0), ops.zeros_like(d), d)
     return ops.add(ops.multiply(d, average), ops.multiply(1.0 - d, value))
+
+
+def swa_weight(n_averaged):
+    """The weight `t` of the next snapshot in `swa_update`: `1 / (n + 1)`.
+
+    `swa_update(a, v, n) == a + t * (v - a)`, a linear interpolation, which
+    backends can run as one fused pass over all weights.
+
+    Args:
+        n_averaged: Integer scalar tensor, snapshots folded in so far.
+
+    Returns:
+        A float32 scalar tensor.
+    """
+    return ops.divide(1.0, ops.cast(ops.add(n_averaged, 1), "float32"))
+
+
+def ema_weight(n_averaged, decay: float, warmup: bool):
+    """The weight `t` of the next snapshot in `ema_update`: `1 - d`.
+
+    `ema_update(a, v, n, ...) == a + t * (v - a)`, with `t = 1` for the
+    first snapshot (a copy).
+
+    Args:
+        n_averaged: Integer scalar tensor, snapshots folded in so far.
+        decay: Python float in [0, 1).
+        warmup: Whether to ramp the decay up, see `ema_decay`.
+
+    Returns:
+        A float32 scalar tensor.
+    """
+    d = ema_decay(n_averaged, decay, warmup)
+    return ops.where(ops.equal(n_averaged, 0), 1.0, ops.subtract(1.0, d))

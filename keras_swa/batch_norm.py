@@ -308,7 +308,14 @@ class _Pass:
                 mean_sum.assign_add(weight * layer.moving_mean.value)
                 variance_sum.assign_add(weight * layer.moving_variance.value)
 
-        self.step = _backend.compile_function(step)
+        # On JAX the compiled step takes these as arguments: the model's
+        # weights and statistics (and Dropout's seeds), and the sums.
+        state = [
+            *model().variables,
+            *(variable for pair in self.sums for variable in pair),
+            self.count,
+        ]
+        self.step = _backend.compile_function(step, state)
 
     def run(self, batches, num_batches, verbose):
         """Sums the batch moments of the layers over `batches`."""

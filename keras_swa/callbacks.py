@@ -205,7 +205,9 @@ class StochasticWeightAveraging(keras.callbacks.Callback):
         self._average_variables = []
         self._model_variables = []
         self._n_averaged = keras.Variable(
-            0, dtype="int64", trainable=False, name="n_averaged"
+            # "int", as the optimizers: int64 on TensorFlow, int32 elsewhere
+            # (JAX has no int64 by default).
+            0, dtype="int", trainable=False, name="n_averaged"
         )
         self._start = None
         self._lr0 = None
@@ -253,7 +255,10 @@ class StochasticWeightAveraging(keras.callbacks.Callback):
         for variable in var_list:
             average = averages_by_id.get(id(variable))
             if average is not None:
-                variable.assign(ops.cast(average.value, variable.dtype))
+                # A copy, as in `AveragedOptimizer.assign_average_vars`.
+                variable.assign(
+                    ops.copy(ops.cast(average.value, variable.dtype))
+                )
 
     def on_train_begin(self, logs=None):
         epochs = self.params["epochs"]

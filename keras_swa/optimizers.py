@@ -97,6 +97,15 @@ class AveragedOptimizer(keras.optimizers.Optimizer):
         """Returns `average` with the snapshot `value` folded in."""
         raise NotImplementedError
 
+    def average_weight(self, n_averaged):
+        """The `t` with `average_update(a, v, n) == a + t * (v - a)`.
+
+        A float32 scalar tensor, or `None` when the rule is no such
+        interpolation. Eager backends fold all weights in with one fused
+        call when it is given.
+        """
+        return None
+
     def build(self, var_list):
         if self.built:
             return
@@ -148,6 +157,16 @@ class AveragedOptimizer(keras.optimizers.Optimizer):
         # The index of this update is the inner optimizer's `iterations`
         # before it. With gradient accumulation a micro-step leaves
         # `iterations` unchanged, which is how real updates are told apart.
+        if _backend.python_control_flow():
+            step = self._iterations_in_python()
+            self.inner_optimizer.apply(grads, trainable_variables)
+            self._fold_in(
+                self._iterations_in_python() != step
+                and averaging.is_snapshot_step(
+                    step, self.start_averaging, self.average_period
+                )
+            )
+            return
         step = ops.copy(self.inner_optimizer.iterations)
         self.inner_optimizer.apply(grads, trainable_variables)
         updated = ops.not_equal(self.inner_optimizer.iterations, step)
@@ -158,6 +177,9 @@ class AveragedOptimizer(keras.optimizers.Optimizer):
             ),
         )
         self._fold_in(snapshot)
+
+    def _iterations_in_python(self):
+        return int(ops.convert_to_numpy(self.inner_optimizer.iterations))
 
     def _snapshots_every_update(self):
         return (
@@ -180,6 +202,7 @@ class AveragedOptimizer(keras.optimizers.Optimizer):
             [variable for _, variable in pairs],
             self._n_averaged,
             self.average_update,
+            self.average_weight,
         )
 
     def assign_average_vars(self, var_list):
@@ -217,7 +240,9 @@ class AveragedOptimizer(keras.optimizers.Optimizer):
         for variable in var_list:
             average = averages_by_key.get(self._var_key(variable))
             if average is not None:
-                variable.assign(average)
+                # A copy: on JAX, a variable assigned another's value shares
+                # its buffer, and `fit` donates the buffers of both.
+                variable.assign(ops.copy(average.value))
 
     @property
     def learning_rate(self):
@@ -303,6 +328,9 @@ class SWA(AveragedOptimizer):
     def average_update(self, average, value, n_averaged):
         return averaging.swa_update(average, value, n_averaged)
 
+    def average_weight(self, n_averaged):
+        return averaging.swa_weight(n_averaged)
+
 
 @keras.saving.register_keras_serializable(package="keras_swa")
 class EMA(AveragedOptimizer):
@@ -371,6 +399,9 @@ class EMA(AveragedOptimizer):
         return averaging.ema_update(
             average, value, n_averaged, self.decay, self.warmup
         )
+
+    def average_weight(self, n_averaged):
+        return averaging.ema_weight(n_averaged, self.decay, self.warmup)
 
     def get_config(self):
         config = super().get_config()

@@ -41,3 +41,16 @@ def _float32_policy_and_fresh_names():
     keras.backend.clear_session()
     yield
     keras.config.set_dtype_policy("float32")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skips `tensorflow_only` tests on the other backends."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        return
+    skip = pytest.mark.skip(
+        reason=f"TensorFlow-only test; the backend is {backend}."
+    )
+    for item in items:
+        if "tensorflow_only" in item.keywords:
+            item.add_marker(skip)

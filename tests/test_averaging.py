@@ -66,3 +66,41 @@ def test_ema_decay_warmup_values():
     assert float(ops.convert_to_numpy(averaging.ema_decay(0, 0.95, False))) == (
         pytest.approx(0.95)
     )
+
+
+@pytest.mark.parametrize("warmup", [False, True])
+def test_interpolation_weights_give_the_same_averages(warmup):
+    # The fused path of eager backends: average + t * (value - average).
+    rng = np.random.default_rng(2)
+    average, value = rng.normal(size=(2, 6)).astype("float32")
+    for n in (0, 1, 7, 100):
+        t = float(ops.convert_to_numpy(averaging.swa_weight(n)))
+        assert t == pytest.approx(1 / (n + 1))
+        np.testing.assert_allclose(
+            average + t * (value - average),
+            ops.convert_to_numpy(averaging.swa_update(average, value, n)),
+            rtol=1e-6, atol=1e-6,
+        )
+        t = float(ops.convert_to_numpy(averaging.ema_weight(n, 0.9, warmup)))
+        d = min(0.9, (1 + n) / (10 + n)) if warmup else 0.9
+        assert t == pytest.approx(1.0 if n == 0 else 1 - d)
+        np.testing.assert_allclose(
+            average + t * (value - average),
+            ops.convert_to_numpy(
+                averaging.ema_update(average, value, n, 0.9, warmup)
+            ),
+            rtol=1e-6, atol=1e-6,
+        )
+
+
+@pytest.mark.parametrize("start,period", [(0, 1), (3, 4), (5, 10)])
+def test_is_snapshot_step_on_python_ints_agrees_with_tensors(start, period):
+    for step in range(30):
+        in_python = averaging.is_snapshot_step(step, start, period)
+        assert isinstance(in_python, bool)
+        tensor = ops.convert_to_tensor(step, dtype="int32")
+        assert in_python == bool(
+            ops.convert_to_numpy(
+                averaging.is_snapshot_step(tensor, start, period)
+            )
+        )

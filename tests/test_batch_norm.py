@@ -273,7 +273,11 @@ def test_synchronized_and_renorm_layers():
     keras.utils.set_random_seed(4)
     rng = np.random.default_rng(4)
     inputs = keras.Input((3,))
-    synchronized = keras.layers.BatchNormalization(synchronized=True)
+    # Keras synchronizes the statistics across replicas on TensorFlow only;
+    # elsewhere the layer refuses the argument.
+    synchronized = keras.layers.BatchNormalization(
+        synchronized=keras.backend.backend() == "tensorflow"
+    )
     renorm = keras.layers.BatchNormalization(
         renorm=True, renorm_clipping={"rmax": 2.0, "dmax": 1.0}
     )
@@ -520,7 +524,7 @@ class _TraceCounter(keras.layers.Layer):
 
 
 @pytest.mark.skipif(
-    keras.backend.backend() != "tensorflow", reason="Counts tf.function traces."
+    keras.backend.backend() == "torch", reason="PyTorch runs eagerly: no trace."
 )
 def test_one_trace_for_a_ragged_last_batch():
     keras.utils.set_random_seed(10)
@@ -531,18 +535,22 @@ def test_one_trace_for_a_ragged_last_batch():
     x = np.random.default_rng(10).normal(size=(70, 4)).astype("float32")
     _TraceCounter.calls = 0
 
-    keras_swa.update_bn(model, x, verbose=0)
+    # TensorFlow traces once for any batch size; `jax.jit` needs static
+    # shapes, so there a short batch of a new size traces once more.
+    jax = keras.backend.backend() == "jax"
 
-    assert _TraceCounter.calls == 1
+    keras_swa.update_bn(model, x, verbose=0)  # batches of 32, 32, 6
+
+    assert _TraceCounter.calls == (2 if jax else 1)
     # The compiled pass is kept for the next call on the same model...
-    keras_swa.update_bn(model, x[:50], verbose=0)
-    assert _TraceCounter.calls == 1
+    keras_swa.update_bn(model, x[:50], verbose=0)  # 32, 18: 18 is new
+    assert _TraceCounter.calls == (3 if jax else 1)
     # ...unless a layer changed from trainable to frozen or back.
     second.trainable = False
     _garble([first, second])
     before = _values(second.weights)
     keras_swa.update_bn(model, x, verbose=0)
-    assert _TraceCounter.calls == 2
+    assert _TraceCounter.calls == (5 if jax else 2)
     _assert_same(before, _values(second.weights))
     mean, _ = _expected(
         [_moments(x[:32]), _moments(x[32:64]), _moments(x[64:])], SIZES
