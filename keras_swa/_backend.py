@@ -63,6 +63,8 @@ def _torch_lerp(averages, weights, counter, weight):
     t = float(weight(counter.value))
     pairs = list(zip(averages, weights))
     with torch.no_grad():
+        # `_foreach_lerp_` is the multi-tensor kernel torch.optim itself uses
+        # (no public equivalent): one launch for all averages of a dtype.
         for dtype in {a.value.dtype for a, _ in pairs}:
             group = [(a, w) for a, w in pairs if a.value.dtype == dtype]
             torch._foreach_lerp_(
