@@ -3,10 +3,12 @@
 import keras
 from keras import ops
 
+from keras_swa import averaging
 
-def fold_in(snapshot, averages, weights, counter, rule, weight=None):
-    """Where `snapshot` holds: `average <- rule(average, weight, counter)`
-    for each pair, then `counter += 1`.
+
+def fold_in(snapshot, averages, weights, counter, snapshot_weight):
+    """Where `snapshot` holds: `average <- average + t * (weight - average)`
+    for each pair, with `t = snapshot_weight(counter)`, then `counter += 1`.
 
     A step where `snapshot` is false touches no weights at all. On TensorFlow
     the update runs in cross-replica context through the distribution
@@ -15,9 +17,8 @@ def fold_in(snapshot, averages, weights, counter, rule, weight=None):
     `tf.cond` keeps the pass out of non-snapshot steps. JAX forbids side
     effects inside `lax.cond`, so there the branches return values that are
     assigned inside the trainer's stateless scope. PyTorch runs eagerly: a
-    Python `if` on the concrete value, and with `weight` one fused
-    `torch._foreach_lerp_` over all averages instead of a handful of
-    kernels per variable.
+    Python `if` on the concrete value, and one fused `torch._foreach_lerp_`
+    over all averages instead of a handful of kernels per variable.
 
     Args:
         snapshot: Boolean scalar tensor, or the Python `True` when every call
@@ -26,22 +27,24 @@ def fold_in(snapshot, averages, weights, counter, rule, weight=None):
         averages: List of `keras.Variable`s, the averages.
         weights: List of `keras.Variable`s of the same shapes, the weights.
         counter: Integer scalar `keras.Variable`, snapshots so far.
-        rule: Function `(average, weight, count) -> new average` on tensors.
-        weight: Optional function `count -> t`, a float32 scalar with
-            `rule(a, w, count) == a + t * (w - a)`.
+        snapshot_weight: Function `count -> t`, a float32 scalar tensor.
     """
     backend = keras.backend.backend()
     if backend == "tensorflow":
-        _tf_fold_in(snapshot, averages, weights, counter, rule)
+        _tf_fold_in(snapshot, averages, weights, counter, snapshot_weight)
         return
-    if backend == "torch" and weight is not None:
+    if backend == "torch":
         if snapshot is True or snapshot:
-            _torch_lerp(averages, weights, counter, weight)
+            _torch_lerp(averages, weights, counter, snapshot_weight)
         return
 
     def new_values():
         count = counter.value
-        values = [rule(a.value, w.value, count) for a, w in zip(averages, weights)]
+        t = snapshot_weight(count)
+        values = [
+            averaging.interpolate(a.value, w.value, t)
+            for a, w in zip(averages, weights)
+        ]
         return values + [ops.add(count, 1)]
 
     targets = list(averages) + [counter]
@@ -57,10 +60,10 @@ def fold_in(snapshot, averages, weights, counter, rule, weight=None):
         target.assign(value)
 
 
-def _torch_lerp(averages, weights, counter, weight):
+def _torch_lerp(averages, weights, counter, snapshot_weight):
     import torch
 
-    t = float(weight(counter.value))
+    t = float(snapshot_weight(counter.value))
     pairs = list(zip(averages, weights))
     with torch.no_grad():
         # `_foreach_lerp_` is the multi-tensor kernel torch.optim itself uses
@@ -75,7 +78,7 @@ def _torch_lerp(averages, weights, counter, weight):
         counter.assign(counter.value + 1)
 
 
-def _tf_fold_in(snapshot, averages, weights, counter, rule):
+def _tf_fold_in(snapshot, averages, weights, counter, snapshot_weight):
     import tensorflow as tf
 
     def fold(strategy, snapshot):
@@ -87,7 +90,9 @@ def _tf_fold_in(snapshot, averages, weights, counter, rule):
             for average, weight in zip(averages, weights):
                 strategy.extended.update(
                     average.value,
-                    lambda a, w, n: a.assign(rule(a, w, n)),
+                    lambda a, w, n: a.assign(
+                        averaging.interpolate(a, w, snapshot_weight(n))
+                    ),
                     args=(weight.value, counter.value),
                     group=False,
                 )

@@ -60,10 +60,7 @@ def swa_update(average, value, n_averaged):
     >>> float(swa_update(2.0, 5.0, n_averaged=2))
     3.0
     """
-    average = ops.convert_to_tensor(average)
-    value = ops.cast(value, average.dtype)
-    count = ops.cast(ops.add(n_averaged, 1), average.dtype)
-    return ops.add(average, ops.divide(ops.subtract(value, average), count))
+    return interpolate(average, value, swa_weight(n_averaged))
 
 
 def ema_decay(n_averaged, decay: float, warmup: bool):
@@ -107,19 +104,13 @@ def ema_update(average, value, n_averaged, decay: float, warmup: bool = False):
     >>> float(ema_update(1.0, 3.0, n_averaged=4, decay=0.5))
     2.0
     """
-    average = ops.convert_to_tensor(average)
-    value = ops.cast(value, average.dtype)
-    d = ops.cast(ema_decay(n_averaged, decay, warmup), average.dtype)
-    # For n_averaged == 0 the weight of the old average is 0: a copy.
-    d = ops.where(ops.equal(n_averaged, 0), ops.zeros_like(d), d)
-    return ops.add(ops.multiply(d, average), ops.multiply(1.0 - d, value))
+    return interpolate(
+        average, value, ema_weight(n_averaged, decay, warmup)
+    )
 
 
 def swa_weight(n_averaged):
     """The weight `t` of the next snapshot in `swa_update`: `1 / (n + 1)`.
-
-    `swa_update(a, v, n) == a + t * (v - a)`, a linear interpolation, which
-    backends can run as one fused pass over all weights.
 
     Args:
         n_averaged: Integer scalar tensor, snapshots folded in so far.
@@ -131,10 +122,8 @@ def swa_weight(n_averaged):
 
 
 def ema_weight(n_averaged, decay: float, warmup: bool):
-    """The weight `t` of the next snapshot in `ema_update`: `1 - d`.
-
-    `ema_update(a, v, n, ...) == a + t * (v - a)`, with `t = 1` for the
-    first snapshot (a copy).
+    """The weight `t` of the next snapshot in `ema_update`: `1 - d`, and
+    `1` for the first snapshot (a copy).
 
     Args:
         n_averaged: Integer scalar tensor, snapshots folded in so far.
@@ -146,3 +135,28 @@ def ema_weight(n_averaged, decay: float, warmup: bool):
     """
     d = ema_decay(n_averaged, decay, warmup)
     return ops.where(ops.equal(n_averaged, 0), 1.0, ops.subtract(1.0, d))
+
+
+def interpolate(average, value, weight):
+    """Folds a snapshot in: `average + weight * (value - average)`.
+
+    Both rules are such interpolations (`swa_weight`, `ema_weight`), which
+    eager backends run as one fused pass over all weights.
+
+    Args:
+        average: Tensor, the current average.
+        value: Tensor of the same shape, the new snapshot.
+        weight: Float scalar tensor in [0, 1], the weight of the snapshot.
+
+    Returns:
+        The new average, in the dtype of `average`.
+
+    Example:
+
+    >>> float(interpolate(1.0, 3.0, 0.25))
+    1.5
+    """
+    average = ops.convert_to_tensor(average)
+    value = ops.cast(value, average.dtype)
+    weight = ops.cast(weight, average.dtype)
+    return ops.add(average, ops.multiply(weight, ops.subtract(value, average)))

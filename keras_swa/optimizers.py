@@ -43,8 +43,9 @@ def _check_inner_optimizer(inner_optimizer):
 class AveragedOptimizer(keras.optimizers.Optimizer):
     """Base class of optimizers that average the weights they produce.
 
-    Subclasses define `average_update(average, value, n_averaged)`, the rule
-    that folds one snapshot into an average. Everything else, the snapshot
+    Subclasses define `average_weight(n_averaged)`, the weight of the next
+    snapshot in `average + weight * (value - average)` (both SWA's mean and
+    the EMA are such interpolations). Everything else, the snapshot
     schedule, the variables, delegation to the inner optimizer and
     serialization, lives here.
 
@@ -93,18 +94,10 @@ class AveragedOptimizer(keras.optimizers.Optimizer):
             name="n_averaged",
         )
 
-    def average_update(self, average, value, n_averaged):
-        """Returns `average` with the snapshot `value` folded in."""
-        raise NotImplementedError
-
     def average_weight(self, n_averaged):
-        """The `t` with `average_update(a, v, n) == a + t * (v - a)`.
-
-        A float32 scalar tensor, or `None` when the rule is no such
-        interpolation. Eager backends fold all weights in with one fused
-        call when it is given.
-        """
-        return None
+        """The weight `t` of the next snapshot, a float32 scalar tensor:
+        `average <- average + t * (value - average)`."""
+        raise NotImplementedError
 
     def build(self, var_list):
         if self.built:
@@ -201,7 +194,6 @@ class AveragedOptimizer(keras.optimizers.Optimizer):
             [average for average, _ in pairs],
             [variable for _, variable in pairs],
             self._n_averaged,
-            self.average_update,
             self.average_weight,
         )
 
@@ -325,9 +317,6 @@ class SWA(AveragedOptimizer):
             **kwargs,
         )
 
-    def average_update(self, average, value, n_averaged):
-        return averaging.swa_update(average, value, n_averaged)
-
     def average_weight(self, n_averaged):
         return averaging.swa_weight(n_averaged)
 
@@ -394,11 +383,6 @@ class EMA(AveragedOptimizer):
         )
         self.decay = float(decay)
         self.warmup = warmup
-
-    def average_update(self, average, value, n_averaged):
-        return averaging.ema_update(
-            average, value, n_averaged, self.decay, self.warmup
-        )
 
     def average_weight(self, n_averaged):
         return averaging.ema_weight(n_averaged, self.decay, self.warmup)
