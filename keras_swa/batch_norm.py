@@ -21,7 +21,8 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_swa import _backend
+from keras_swa._backend import compiled
+from keras_swa._backend import distribute
 
 # The batch size of `Model.predict` for arrays.
 _ARRAY_BATCH_SIZE = 32
@@ -117,7 +118,7 @@ def _batches(data):
         cardinality = int(data.cardinality())
         # Negative cardinalities mean infinite or unknown.
         return (
-            _backend.dataset_iterator(data),
+            compiled.dataset_iterator(data),
             cardinality if cardinality >= 0 else None,
         )
     if isinstance(data, keras.utils.PyDataset):
@@ -244,7 +245,7 @@ def update_bn(model, data, steps: int | None = None, verbose="auto") -> None:
         return
     # A model of one strategy run in another strategy's scope fails deep in
     # TensorFlow; say what is wrong instead.
-    _backend.check_distribution(model.variables)
+    distribute.check_distribution(model.variables)
     if steps is not None:
         batches = itertools.islice(batches, steps)
         num_batches = steps if num_batches is None else min(num_batches, steps)
@@ -261,11 +262,11 @@ def update_bn(model, data, steps: int | None = None, verbose="auto") -> None:
         for variable in statistics_variables(model)
     ]
     try:
-        compiled = _compiled_pass(model, layers)
-        compiled.run(itertools.chain([first], batches), num_batches, verbose)
+        bn_pass = _compiled_pass(model, layers)
+        bn_pass.run(itertools.chain([first], batches), num_batches, verbose)
         old_values = {id(variable): value for variable, value in saved}
         for variable, value in _statistics(
-            layers, compiled.sums, compiled.count, old_values
+            layers, bn_pass.sums, bn_pass.count, old_values
         ):
             variable.assign(value)
     except BaseException:
@@ -315,7 +316,7 @@ class _Pass:
             *(variable for pair in self.sums for variable in pair),
             self.count,
         ]
-        self.step = _backend.compile_function(step, state)
+        self.step = compiled.compile_function(step, state)
 
     def run(self, batches, num_batches, verbose):
         """Sums the batch moments of the layers over `batches`."""

@@ -10,7 +10,9 @@ over the weights.
 import keras
 from keras import ops
 
-from keras_swa import _backend
+from keras_swa._backend import compiled
+from keras_swa._backend import distribute
+from keras_swa._backend import fold_in as fold_in_lib
 from keras_swa import _validation
 from keras_swa import averaging
 
@@ -105,7 +107,7 @@ class AveragedOptimizer(keras.optimizers.Optimizer):
         # Before any variable exists: a model and a wrapper of different
         # tf.distribute scopes otherwise fail later, with cryptic errors.
         for optimizer in (self, self.inner_optimizer):
-            _backend.check_distribution(var_list, optimizer=optimizer)
+            distribute.check_distribution(var_list, optimizer=optimizer)
         # Variables a float8 layer overwrites with its gradient have no
         # meaningful average; they get `None`, as in Keras' own optimizers.
         self._average_variables = [
@@ -150,7 +152,7 @@ class AveragedOptimizer(keras.optimizers.Optimizer):
         # The index of this update is the inner optimizer's `iterations`
         # before it. With gradient accumulation a micro-step leaves
         # `iterations` unchanged, which is how real updates are told apart.
-        if _backend.python_control_flow():
+        if compiled.python_control_flow():
             step = self._iterations_in_python()
             self.inner_optimizer.apply(grads, trainable_variables)
             self._fold_in(
@@ -189,7 +191,7 @@ class AveragedOptimizer(keras.optimizers.Optimizer):
             )
             if average is not None
         ]
-        _backend.fold_in(
+        fold_in_lib.fold_in(
             snapshot,
             [average for average, _ in pairs],
             [variable for _, variable in pairs],

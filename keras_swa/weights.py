@@ -9,14 +9,14 @@ import contextlib
 
 import keras
 
-from keras_swa import _backend
+from keras_swa._backend import distribute
 from keras_swa import batch_norm
 
 
 def _resolve_source(model, source):
     # Copying averages into a model of another strategy's scope fails deep
     # in TensorFlow; say what is wrong instead.
-    _backend.check_distribution(model.variables)
+    distribute.check_distribution(model.variables)
     if source is None:
         source = getattr(model, "optimizer", None)
     # With mixed precision, `compile` wraps the optimizer in a
@@ -54,13 +54,13 @@ def _backup(model):
         model
     )
     return [
-        (variable, _backend.copy_variable(variable)) for variable in variables
+        (variable, distribute.copy_variable(variable)) for variable in variables
     ]
 
 
 def _restore(backup):
     for variable, value in backup:
-        _backend.restore_variable(variable, value)
+        distribute.restore_variable(variable, value)
 
 
 def _assign(model, source, bn_data, bn_steps, verbose):

@@ -1,0 +1,111 @@
+"""Folds a snapshot into averages, per backend, inside or outside a
+compiled train step."""
+
+import keras
+from keras import ops
+
+from keras_swa import averaging
+
+
+def fold_in(snapshot, averages, weights, counter, snapshot_weight):
+    """Where `snapshot` holds: `average <- average + t * (weight - average)`
+    for each pair, with `t = snapshot_weight(counter)`, then `counter += 1`.
+
+    A step where `snapshot` is false touches no weights at all. On TensorFlow
+    the update runs in cross-replica context through the distribution
+    strategy (the default one too), so each replica folds in its own copy of
+    the synchronized weights, as Keras updates the weights themselves; a
+    `tf.cond` keeps the pass out of non-snapshot steps. JAX forbids side
+    effects inside `lax.cond`, so there the branches return values that are
+    assigned inside the trainer's stateless scope. PyTorch runs eagerly: a
+    Python `if` on the concrete value, and one fused `torch._foreach_lerp_`
+    over all averages instead of a handful of kernels per variable.
+
+    Args:
+        snapshot: Boolean scalar tensor, or the Python `True` when every call
+            is a snapshot (then there is no branch at all, and the compiler
+            may fuse the pass with the optimizer update).
+        averages: List of `keras.Variable`s, the averages.
+        weights: List of `keras.Variable`s of the same shapes, the weights.
+        counter: Integer scalar `keras.Variable`, snapshots so far.
+        snapshot_weight: Function `count -> t`, a float32 scalar tensor.
+    """
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        _tf_fold_in(snapshot, averages, weights, counter, snapshot_weight)
+        return
+    if backend == "torch":
+        if snapshot is True or snapshot:
+            _torch_lerp(averages, weights, counter, snapshot_weight)
+        return
+
+    def new_values():
+        count = counter.value
+        t = snapshot_weight(count)
+        values = [
+            averaging.interpolate(a.value, w.value, t)
+            for a, w in zip(averages, weights)
+        ]
+        return values + [ops.add(count, 1)]
+
+    targets = list(averages) + [counter]
+    if backend == "jax" and snapshot is not True:
+        values = ops.cond(
+            snapshot, new_values, lambda: [v.value for v in targets]
+        )
+    elif snapshot is True or snapshot:
+        values = new_values()
+    else:
+        return
+    for target, value in zip(targets, values):
+        target.assign(value)
+
+
+def _torch_lerp(averages, weights, counter, snapshot_weight):
+    import torch
+
+    t = float(snapshot_weight(counter.value))
+    pairs = list(zip(averages, weights))
+    with torch.no_grad():
+        # `_foreach_lerp_` is the multi-tensor kernel torch.optim itself uses
+        # (no public equivalent): one launch for all averages of a dtype.
+        for dtype in {a.value.dtype for a, _ in pairs}:
+            group = [(a, w) for a, w in pairs if a.value.dtype == dtype]
+            torch._foreach_lerp_(
+                [a.value for a, _ in group],
+                [w.value.to(dtype) for _, w in group],
+                t,
+            )
+        counter.assign(counter.value + 1)
+
+
+def _tf_fold_in(snapshot, averages, weights, counter, snapshot_weight):
+    import tensorflow as tf
+
+    def fold(strategy, snapshot):
+        if isinstance(snapshot, tf.distribute.DistributedValues):
+            # Every replica computed the same flag from the same counters.
+            snapshot = strategy.experimental_local_results(snapshot)[0]
+
+        def write():
+            for average, weight in zip(averages, weights):
+                strategy.extended.update(
+                    average.value,
+                    lambda a, w, n: a.assign(
+                        averaging.interpolate(a, w, snapshot_weight(n))
+                    ),
+                    args=(weight.value, counter.value),
+                    group=False,
+                )
+            strategy.extended.update(
+                counter.value, lambda n: n.assign_add(1), group=False
+            )
+
+        if snapshot is True:
+            write()
+        else:
+            tf.cond(snapshot, write, lambda: None)
+
+    tf.__internal__.distribute.interim.maybe_merge_call(
+        fold, tf.distribute.get_strategy(), snapshot
+    )
