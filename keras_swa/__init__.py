@@ -2,6 +2,7 @@
 
 from keras_swa.batch_norm import update_bn
 from keras_swa.callbacks import StochasticWeightAveraging
+from keras_swa.optimizers import AveragedOptimizer
 from keras_swa.optimizers import EMA
 from keras_swa.optimizers import SWA
 from keras_swa.schedules import SWALearningRate

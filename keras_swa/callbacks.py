@@ -9,11 +9,10 @@ import warnings
 
 import keras
 import numpy as np
-from keras import ops
-
 from keras_swa import _validation
 from keras_swa import averaging
 from keras_swa import batch_norm
+from keras_swa import engine
 from keras_swa import optimizers
 from keras_swa import schedules
 from keras_swa import weights
@@ -26,7 +25,7 @@ def _check_start_epoch(start_epoch):
         "`start_epoch` must be an integer >= 0 (a 0-based epoch) or a float "
         "in (0, 1] (a fraction of `epochs`)."
     )
-    if isinstance(start_epoch, bool) or not isinstance(
+    if isinstance(start_epoch, (bool, np.bool_)) or not isinstance(
         start_epoch, numbers.Real
     ):
         raise TypeError(
@@ -36,8 +35,10 @@ def _check_start_epoch(start_epoch):
     if isinstance(start_epoch, numbers.Integral):
         if start_epoch < 0:
             raise ValueError(f"{message} Received: start_epoch={start_epoch}")
-    elif not 0.0 < start_epoch <= 1.0:
+        return int(start_epoch)
+    if not 0.0 < start_epoch <= 1.0:
         raise ValueError(f"{message} Received: start_epoch={start_epoch}")
+    return float(start_epoch)
 
 
 def _optimizer_chain(optimizer):
@@ -57,14 +58,6 @@ def _unpack_validation_data(data):
         x, y, sample_weight = (tuple(data) + (None, None))[:3]
         return x, y, sample_weight
     return data, None, None
-
-
-def _average_dtype(variable):
-    # Thousands of float16 snapshots would drown in rounding: the running
-    # mean of a narrow float variable is kept in float32.
-    if variable.dtype in ("float16", "bfloat16"):
-        return "float32"
-    return variable.dtype
 
 
 class StochasticWeightAveraging(keras.callbacks.Callback):
@@ -167,15 +160,18 @@ class StochasticWeightAveraging(keras.callbacks.Callback):
         allow_averaging_optimizer: bool = False,
     ):
         super().__init__()
-        _check_start_epoch(start_epoch)
-        if swa_lr is not None:
-            _validation.check_learning_rate("swa_lr", swa_lr)
-            swa_lr = float(swa_lr)
-        _validation.check_int("anneal_epochs", anneal_epochs, 0)
+        start_epoch = _check_start_epoch(start_epoch)
+        swa_lr = _validation.real("swa_lr", swa_lr, minimum=0.0, optional=True)
+        anneal_epochs = _validation.integer("anneal_epochs", anneal_epochs, 0)
         schedules.check_anneal_strategy(anneal_strategy)
-        _validation.check_int("average_period", average_period, 1)
-        if bn_steps is not None:
-            _validation.check_int("bn_steps", bn_steps, 1)
+        average_period = _validation.integer(
+            "average_period", average_period, 1
+        )
+        bn_steps = _validation.integer("bn_steps", bn_steps, 1, optional=True)
+        verbose = _validation.choice("verbose", verbose, (0, 1))
+        allow_averaging_optimizer = _validation.boolean(
+            "allow_averaging_optimizer", allow_averaging_optimizer
+        )
         if isinstance(validation_data, (tuple, list)) and not (
             1 <= len(validation_data) <= 3
         ):
@@ -193,17 +189,17 @@ class StochasticWeightAveraging(keras.callbacks.Callback):
             )
         self.start_epoch = start_epoch
         self.swa_lr = swa_lr
-        self.anneal_epochs = int(anneal_epochs)
+        self.anneal_epochs = anneal_epochs
         self.anneal_strategy = anneal_strategy
-        self.average_period = int(average_period)
+        self.average_period = average_period
         self.bn_data = bn_data
         self.bn_steps = bn_steps
         self.validation_data = validation_data
         self.backup_dir = None if backup_dir is None else os.fspath(backup_dir)
         self.verbose = verbose
         self.allow_averaging_optimizer = allow_averaging_optimizer
-        self._average_variables = []
-        self._model_variables = []
+        self._averages = None
+        self._diverged = False
         self._n_averaged = keras.Variable(
             # "int", as the optimizers: int64 on TensorFlow, int32 elsewhere
             # (JAX has no int64 by default).
@@ -215,8 +211,9 @@ class StochasticWeightAveraging(keras.callbacks.Callback):
 
     @property
     def average_variables(self):
-        """The averages, one per `model.trainable_variables` entry, in order."""
-        return list(self._average_variables)
+        """The averages, one per `model.trainable_variables` entry, in order
+        (float32 for float16 and bfloat16 variables)."""
+        return [] if self._averages is None else list(self._averages.averages)
 
     @property
     def n_averaged(self):
@@ -238,44 +235,44 @@ class StochasticWeightAveraging(keras.callbacks.Callback):
             ValueError: if nothing has been averaged yet; the variables are
                 then left untouched.
         """
-        # `Variable.numpy()`, here and below: `ops.convert_to_numpy` of a
-        # TensorFlow variable warns under NumPy 2.
-        if int(self._n_averaged.numpy()) == 0:
+        if self._averages is None:
             raise ValueError(
                 "StochasticWeightAveraging has averaged no epoch yet "
-                "(n_averaged=0), so there is no average to assign. Train "
-                "past `start_epoch` first."
+                "(n_averaged=0): `fit` has not run with it."
             )
-        averages_by_id = {
-            id(variable): average
-            for variable, average in zip(
-                self._model_variables, self._average_variables
-            )
-        }
-        for variable in var_list:
-            average = averages_by_id.get(id(variable))
-            if average is not None:
-                # A copy, as in `AveragedOptimizer.assign_average_vars`.
-                variable.assign(
-                    ops.copy(ops.cast(average.value, variable.dtype))
-                )
+        self._averages.assign_to(
+            var_list, "StochasticWeightAveraging", self._schedule()
+        )
+
+    def _schedule(self):
+        if self._start is None:
+            return "It has not run in a `fit` yet."
+        return (
+            f"It averages from epoch {self._start} (0-based; "
+            f"start_epoch={self.start_epoch}) every {self.average_period} "
+            "epoch(s) (average_period), and the last epoch; `fit` stopped "
+            "before."
+        )
 
     def on_train_begin(self, logs=None):
         epochs = self.params["epochs"]
         self._start = self._resolve_start_epoch(epochs)
         self._check_optimizer()
-        self._model_variables = list(self.model.trainable_variables)
-        self._average_variables = [
-            keras.Variable(
+        self._averages = engine.Averages(
+            self.model.trainable_variables,
+            self._n_averaged,
+            lambda shape, dtype, name, layout: keras.Variable(
                 initializer="zeros",
-                shape=variable.shape,
-                dtype=_average_dtype(variable),
+                shape=shape,
+                dtype=dtype,
                 trainable=False,
-                name="swa_average",
-            )
-            for variable in self._model_variables
-        ]
+                name=name,
+                layout=layout,
+            ),
+            name="swa_average",
+        )
         self._n_averaged.assign(0)
+        self._diverged = False
         self._lr0 = None
         self._resumed_after_epoch = None
         if self.backup_dir is not None:
@@ -309,7 +306,11 @@ class StochasticWeightAveraging(keras.callbacks.Callback):
             on_period or last_epoch or self.model.stop_training
         ):
             self._fold_in(epoch)
-            if self.validation_data is not None and logs is not None:
+            if (
+                self.validation_data is not None
+                and logs is not None
+                and self._averages.n_averaged > 0
+            ):
                 # The same `logs` dict goes to the callbacks after this one,
                 # History and the progress bar among them.
                 logs.update(self._evaluate_average())
@@ -317,7 +318,9 @@ class StochasticWeightAveraging(keras.callbacks.Callback):
             self._write_backup(epoch)
 
     def on_train_end(self, logs=None):
-        if int(self._n_averaged.numpy()) == 0:
+        if not self._diverged and not self._averages.variables_finite():
+            self._diverged = True
+        if self._averages.n_averaged == 0:
             warnings.warn(
                 "StochasticWeightAveraging averaged no epoch: training "
                 f"stopped before `start_epoch` (epoch {self._start}). The "
@@ -345,10 +348,22 @@ class StochasticWeightAveraging(keras.callbacks.Callback):
                 bn_steps=self.bn_steps,
                 verbose=1 if self.verbose else 0,
             )
-        if self.backup_dir is not None:
-            path = os.path.join(self.backup_dir, BACKUP_FILENAME)
-            if os.path.exists(path):
-                os.remove(path)
+        if self.backup_dir is None:
+            return
+        path = os.path.join(self.backup_dir, BACKUP_FILENAME)
+        if self._diverged:
+            # Ended by `TerminateOnNaN`, say: the average of the epochs
+            # before is the one good thing left of this fit. (A fit that
+            # ends by an exception never gets here, and keeps it too.)
+            warnings.warn(
+                "StochasticWeightAveraging keeps its backup "
+                f"{path!r}: the weights diverged (NaN or infinity) in this "
+                "fit. It holds the average of the finite snapshots and "
+                "resumes from it; delete it to start over.",
+                stacklevel=2,
+            )
+        elif os.path.exists(path):
+            os.remove(path)
 
     def _resolve_start_epoch(self, epochs):
         if isinstance(self.start_epoch, numbers.Integral):
@@ -401,14 +416,17 @@ class StochasticWeightAveraging(keras.callbacks.Callback):
         return self.swa_lr * alpha + self._lr0 * (1.0 - alpha)
 
     def _fold_in(self, epoch):
-        n = self._n_averaged.value
-        for average, variable in zip(
-            self._average_variables, self._model_variables
-        ):
-            average.assign(
-                averaging.swa_update(average.value, variable.value, n)
+        if not self._averages.variables_finite():
+            self._diverged = True
+            warnings.warn(
+                f"Epoch {epoch + 1}: StochasticWeightAveraging skipped this "
+                "epoch's snapshot: the weights hold NaN or infinity (training "
+                f"diverged). The average keeps its "
+                f"{self._averages.n_averaged} earlier snapshot(s).",
+                stacklevel=2,
             )
-        self._n_averaged.assign(n + 1)
+            return
+        self._averages.fold_in(True, averaging.swa_weight)
         if self.verbose:
             print(
                 f"\nEpoch {epoch + 1}: StochasticWeightAveraging folded the "
@@ -447,12 +465,9 @@ class StochasticWeightAveraging(keras.callbacks.Callback):
             "epoch": np.int64(epoch),
             "start_epoch": np.int64(self._start),
             "average_period": np.int64(self.average_period),
-            "n_averaged": np.int64(self._n_averaged.numpy()),
-            "num_averages": np.int64(len(self._average_variables)),
             "lr0": np.float64(np.nan if self._lr0 is None else self._lr0),
+            **self._averages.get_state(),
         }
-        for i, average in enumerate(self._average_variables):
-            state[f"average_{i}"] = average.numpy()
         os.makedirs(self.backup_dir, exist_ok=True)
         # A crash mid-write must leave the previous backup intact: write a
         # temporary file beside it, then rename it over the old one.
@@ -477,27 +492,16 @@ class StochasticWeightAveraging(keras.callbacks.Callback):
             return
         with np.load(path) as file:
             state = dict(file)
-        averages = [
-            state[f"average_{i}"]
-            for i in range(int(state["num_averages"]))
-        ]
-        shapes = [average.shape for average in averages]
-        expected_shapes = [
-            tuple(average.shape) for average in self._average_variables
-        ]
         saved = (int(state["start_epoch"]), int(state["average_period"]))
         expected = (self._start, self.average_period)
-        if shapes != expected_shapes or saved != expected:
+        if saved != expected:
             raise ValueError(
                 f"The StochasticWeightAveraging backup {path!r} does not "
-                "match this fit: it holds averages of shapes "
-                f"{shapes} for (start epoch, average_period)={saved}, while "
-                f"this fit has shapes {expected_shapes} and {expected}. "
+                "match this fit: it was written for (start epoch, "
+                f"average_period)={saved}, while this fit has {expected}. "
                 "Delete it to start over."
             )
-        for variable, value in zip(self._average_variables, averages):
-            variable.assign(value)
-        self._n_averaged.assign(int(state["n_averaged"]))
+        self._averages.set_state(state, path)
         lr0 = float(state["lr0"])
         self._lr0 = None if math.isnan(lr0) else lr0
         self._resumed_after_epoch = int(state["epoch"])

@@ -10,11 +10,13 @@ over the weights.
 import keras
 from keras import ops
 
-from keras_swa._backend import compiled
-from keras_swa._backend import distribute
-from keras_swa._backend import fold_in as fold_in_lib
+import warnings
+
 from keras_swa import _validation
 from keras_swa import averaging
+from keras_swa import engine
+from keras_swa._backend import compiled
+from keras_swa._backend import distribute
 
 
 def _check_inner_optimizer(inner_optimizer):
@@ -42,24 +44,55 @@ def _check_inner_optimizer(inner_optimizer):
         )
 
 
+@keras.saving.register_keras_serializable(package="keras_swa")
 class AveragedOptimizer(keras.optimizers.Optimizer):
-    """Base class of optimizers that average the weights they produce.
+    """An optimizer wrapper that averages the weights it produces.
 
-    Subclasses define `average_weight(n_averaged)`, the weight of the next
-    snapshot in `average + weight * (value - average)` (both SWA's mean and
-    the EMA are such interpolations). Everything else, the snapshot
-    schedule, the variables, delegation to the inner optimizer and
-    serialization, lives here.
+    The base of `SWA` and `EMA`, and public so that a custom averaging rule
+    takes a few lines, as `avg_fn` does in `torch.optim.swa_utils`: subclass
+    it and define `average_weight(n_averaged)`, the weight `t` of the next
+    snapshot in `average <- average + t * (weights - average)`. Everything
+    else is shared by every averager of keras_swa (the averaging engine,
+    `keras_swa.engine`): the snapshot schedule, float32 averages for float16
+    and bfloat16 weights, the fold-in inside the compiled train step on each
+    backend, delegation to the inner optimizer, copying the averages into a
+    model and serialization.
+
+    Snapshots: after update `i` (0-based: the inner optimizer's `iterations`
+    before it), the weights are folded in if `i >= start_averaging` and
+    `(i - start_averaging) % average_period == 0`. Only real updates count:
+    gradient-accumulation micro-steps are not snapshots.
+
+    Non-finite weights: with `skip_non_finite=False`, a snapshot is folded in
+    whatever it holds, at no extra cost; weights that diverge (NaN) then
+    make the averages NaN, which `assign_average_vars`, `assign_average` and
+    `averaged_weights` refuse with an error, and `fit` warns at its end. With
+    `skip_non_finite=True` a snapshot whose weights are not all finite is
+    skipped inside the train step (not counted in `n_averaged`), at the cost
+    of one more read of the weights on snapshot steps.
 
     Args:
         inner_optimizer: The `keras.optimizers.Optimizer` that computes the
             updates. It must not be a `LossScaleOptimizer` or another
             averaging wrapper.
         start_averaging: Integer >= 0, the 0-based index of the first update
-            whose result is averaged.
+            whose result is averaged. Defaults to `0`.
         average_period: Integer >= 1, the number of updates between two
-            snapshots.
-        name: String, the name of the optimizer.
+            snapshots. Defaults to `1`.
+        skip_non_finite: Boolean, whether snapshots of weights that hold NaN
+            or infinity are skipped. Defaults to `False`.
+        name: String, the name of the optimizer. Defaults to `None`.
+
+    Example:
+
+    A weighted running mean in which the `n`-th snapshot weighs `n`:
+
+    >>> class LinearlyWeighted(keras_swa.AveragedOptimizer):
+    ...     def average_weight(self, n_averaged):
+    ...         n = keras.ops.cast(n_averaged, "float32")
+    ...         return 2.0 / (n + 2.0)
+    >>> opt = LinearlyWeighted(keras.optimizers.SGD(0.1))
+    >>> model.compile(optimizer=opt, loss="mse")  # doctest: +SKIP
     """
 
     def __init__(
@@ -67,6 +100,7 @@ class AveragedOptimizer(keras.optimizers.Optimizer):
         inner_optimizer,
         start_averaging=0,
         average_period=1,
+        skip_non_finite=False,
         name=None,
         **kwargs,
     ):
@@ -76,15 +110,23 @@ class AveragedOptimizer(keras.optimizers.Optimizer):
                 f"`{'`, `'.join(kwargs)}`: set them on the inner optimizer."
             )
         _check_inner_optimizer(inner_optimizer)
-        _validation.check_int("start_averaging", start_averaging, 0)
-        _validation.check_int("average_period", average_period, 1)
+        start_averaging = _validation.integer(
+            "start_averaging", start_averaging, 0
+        )
+        average_period = _validation.integer(
+            "average_period", average_period, 1
+        )
+        skip_non_finite = _validation.boolean(
+            "skip_non_finite", skip_non_finite
+        )
         # The wrapper's own learning rate is never used: it delegates to the
         # inner optimizer, as LossScaleOptimizer does.
         super().__init__(learning_rate=0.0, name=name)
         self.inner_optimizer = inner_optimizer
-        self.start_averaging = int(start_averaging)
-        self.average_period = int(average_period)
-        self._average_variables = []
+        self.start_averaging = start_averaging
+        self.average_period = average_period
+        self.skip_non_finite = skip_non_finite
+        self._averages = None
         # Created now (not in `build`) so that it can be read before the
         # first step. "only_first_replica": every replica folds in the same
         # synchronized weights, so the count is that of one replica.
@@ -97,9 +139,23 @@ class AveragedOptimizer(keras.optimizers.Optimizer):
         )
 
     def average_weight(self, n_averaged):
-        """The weight `t` of the next snapshot, a float32 scalar tensor:
-        `average <- average + t * (value - average)`."""
-        raise NotImplementedError
+        """The weight of the next snapshot: define it in a subclass.
+
+        Called inside the compiled train step on snapshot steps.
+
+        Args:
+            n_averaged: Integer scalar tensor, the snapshots folded in before
+                this one.
+
+        Returns:
+            A float32 scalar tensor `t` in [0, 1]:
+            `average <- average + t * (weights - average)`. With
+            `n_averaged == 0` it should be 1 (the first snapshot is copied).
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} must define `average_weight(n_averaged)`, "
+            "the weight of the next snapshot."
+        )
 
     def build(self, var_list):
         if self.built:
@@ -110,12 +166,18 @@ class AveragedOptimizer(keras.optimizers.Optimizer):
             distribute.check_distribution(var_list, optimizer=optimizer)
         # Variables a float8 layer overwrites with its gradient have no
         # meaningful average; they get `None`, as in Keras' own optimizers.
-        self._average_variables = [
-            None
-            if self._overwrite_variable_with_gradient(variable)
-            else self.add_variable_from_reference(variable, name="average")
-            for variable in var_list
-        ]
+        self._averages = engine.Averages(
+            var_list,
+            self._n_averaged,
+            lambda shape, dtype, name, layout: self.add_variable(
+                shape=shape, dtype=dtype, name=name, layout=layout
+            ),
+            excluded=[
+                variable
+                for variable in var_list
+                if self._overwrite_variable_with_gradient(variable)
+            ],
+        )
         self.inner_optimizer.build(var_list)
         super().build(var_list)
 
@@ -125,8 +187,9 @@ class AveragedOptimizer(keras.optimizers.Optimizer):
 
     @property
     def average_variables(self):
-        """The averages, one per trainable variable, in the same order."""
-        return list(self._average_variables)
+        """The averages, one per trainable variable, in the same order
+        (float32 for float16 and bfloat16 variables)."""
+        return [] if self._averages is None else list(self._averages.averages)
 
     @property
     def n_averaged(self):
@@ -184,19 +247,16 @@ class AveragedOptimizer(keras.optimizers.Optimizer):
         )
 
     def _fold_in(self, snapshot):
-        pairs = [
-            (average, variable)
-            for average, variable in zip(
-                self._average_variables, self._trainable_variables
-            )
-            if average is not None
-        ]
-        fold_in_lib.fold_in(
-            snapshot,
-            [average for average, _ in pairs],
-            [variable for _, variable in pairs],
-            self._n_averaged,
-            self.average_weight,
+        self._averages.fold_in(
+            snapshot, self.average_weight, self.skip_non_finite
+        )
+
+    def _schedule(self):
+        updates = int(self.inner_optimizer.iterations.numpy())
+        return (
+            f"{type(self).__name__} averages from update {self.start_averaging}"
+            f" (start_averaging) every {self.average_period} update(s) "
+            f"(average_period); {updates} update(s) have run so far."
         )
 
     def assign_average_vars(self, var_list):
@@ -211,32 +271,21 @@ class AveragedOptimizer(keras.optimizers.Optimizer):
                 `model.trainable_variables` or `model.variables`.
 
         Raises:
-            ValueError: if nothing has been averaged yet; the variables are
-                then left untouched.
+            ValueError: if nothing has been averaged yet, or the averages are
+                not finite; the variables are then left untouched.
 
         Example:
 
         >>> opt.assign_average_vars(model.variables)  # doctest: +SKIP
         """
-        if not self.built or int(self._n_averaged.numpy()) == 0:
+        if self._averages is None:
             raise ValueError(
                 f"{type(self).__name__} has averaged no snapshot yet "
-                f"(n_averaged=0; it averages from update {self.start_averaging}"
-                f" every {self.average_period} update(s)), so there is no "
-                "average to assign. Train past `start_averaging` first."
+                "(n_averaged=0): it has not been built, so no update has run."
             )
-        averages_by_key = {
-            self._var_key(variable): average
-            for variable, average in zip(
-                self._trainable_variables, self._average_variables
-            )
-        }
-        for variable in var_list:
-            average = averages_by_key.get(self._var_key(variable))
-            if average is not None:
-                # A copy: on JAX, a variable assigned another's value shares
-                # its buffer, and `fit` donates the buffers of both.
-                variable.assign(ops.copy(average.value))
+        self._averages.assign_to(
+            var_list, type(self).__name__, self._schedule()
+        )
 
     @property
     def learning_rate(self):
@@ -254,9 +303,28 @@ class AveragedOptimizer(keras.optimizers.Optimizer):
         return self.inner_optimizer.scale_loss(loss)
 
     def finalize_variable_values(self, var_list):
-        # The inner optimizer's own `use_ema` still applies; the averages of
-        # this wrapper never overwrite the model by themselves.
+        # Keras calls this at the end of `fit`. The inner optimizer's own
+        # `use_ema` still applies; the averages of this wrapper never
+        # overwrite the model by themselves, but an average that a user
+        # would find missing or broken only later is said now.
         self.inner_optimizer.finalize_variable_values(var_list)
+        if self._averages is None:
+            return
+        if self._averages.n_averaged == 0:
+            warnings.warn(
+                f"{type(self).__name__} has averaged no snapshot by the end "
+                f"of `fit`: {self._schedule()} Train longer or lower "
+                "`start_averaging`; the averages cannot be assigned yet.",
+                stacklevel=2,
+            )
+        elif not self._averages.averages_finite():
+            warnings.warn(
+                f"The averages of {type(self).__name__} are not finite (NaN "
+                "or infinity) at the end of `fit`: the weights diverged and "
+                "a snapshot folded them in. Pass `skip_non_finite=True` to "
+                "keep the average of the finite snapshots.",
+                stacklevel=2,
+            )
 
     def get_config(self):
         # Not super().get_config(): the base arguments belong to the inner
@@ -268,6 +336,7 @@ class AveragedOptimizer(keras.optimizers.Optimizer):
             ),
             "start_averaging": self.start_averaging,
             "average_period": self.average_period,
+            "skip_non_finite": self.skip_non_finite,
         }
 
     @classmethod
@@ -296,6 +365,9 @@ class SWA(AveragedOptimizer):
             Defaults to `0`.
         average_period: Integer >= 1, updates between two snapshots.
             Defaults to `10`.
+        skip_non_finite: Boolean, whether a snapshot of weights holding NaN
+            or infinity is skipped (see `keras_swa.AveragedOptimizer`).
+            Defaults to `False`.
         name: String. Defaults to `None` (an automatic name).
 
     Example:
@@ -308,13 +380,19 @@ class SWA(AveragedOptimizer):
     """
 
     def __init__(
-        self, inner_optimizer, start_averaging=0, average_period=10, name=None,
+        self,
+        inner_optimizer,
+        start_averaging=0,
+        average_period=10,
+        skip_non_finite=False,
+        name=None,
         **kwargs,
     ):
         super().__init__(
             inner_optimizer,
             start_averaging=start_averaging,
             average_period=average_period,
+            skip_non_finite=skip_non_finite,
             name=name,
             **kwargs,
         )
@@ -342,6 +420,9 @@ class EMA(AveragedOptimizer):
         average_period: Integer >= 1, updates between two snapshots.
             Defaults to `1`.
         warmup: Boolean, whether to ramp the decay up. Defaults to `False`.
+        skip_non_finite: Boolean, whether a snapshot of weights holding NaN
+            or infinity is skipped (see `keras_swa.AveragedOptimizer`).
+            Defaults to `False`.
         name: String. Defaults to `None` (an automatic name).
 
     Example:
@@ -360,30 +441,21 @@ class EMA(AveragedOptimizer):
         start_averaging=0,
         average_period=1,
         warmup=False,
+        skip_non_finite=False,
         name=None,
         **kwargs,
     ):
-        if isinstance(decay, bool) or not isinstance(decay, (int, float)):
-            raise TypeError(
-                "`decay` must be a float in [0, 1). "
-                f"Received: decay={decay!r} of type {type(decay).__name__}"
-            )
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(
-                f"`decay` must be a float in [0, 1). Received: decay={decay}"
-            )
-        if not isinstance(warmup, bool):
-            raise TypeError(
-                f"`warmup` must be True or False. Received: warmup={warmup!r}"
-            )
+        decay = _validation.real("decay", decay, minimum=0.0, below=1.0)
+        warmup = _validation.boolean("warmup", warmup)
         super().__init__(
             inner_optimizer,
             start_averaging=start_averaging,
             average_period=average_period,
+            skip_non_finite=skip_non_finite,
             name=name,
             **kwargs,
         )
-        self.decay = float(decay)
+        self.decay = decay
         self.warmup = warmup
 
     def average_weight(self, n_averaged):

@@ -14,7 +14,9 @@ _Schedule = keras.optimizers.schedules.LearningRateSchedule
 
 def check_anneal_strategy(anneal_strategy):
     """Raises a `ValueError` unless `anneal_strategy` is "cos" or "linear"."""
-    if anneal_strategy not in ANNEAL_STRATEGIES:
+    if not isinstance(anneal_strategy, str) or (
+        anneal_strategy not in ANNEAL_STRATEGIES
+    ):
         raise ValueError(
             '`anneal_strategy` must be one of "cos", "linear". '
             f"Received: anneal_strategy={anneal_strategy!r}"
@@ -123,14 +125,15 @@ class SWALearningRate(keras.optimizers.schedules.LearningRateSchedule):
                     "`keras.optimizers.schedules.LearningRateSchedule`. "
                     f"Received: base={base!r} of type {type(base).__name__}"
                 )
-            _validation.check_learning_rate("base", base)
-            base = float(base)
-        _validation.check_int("swa_start", swa_start, 0)
-        _validation.check_learning_rate("swa_lr", swa_lr)
-        _validation.check_int("anneal_steps", anneal_steps, 0)
+            base = _validation.real("base", base, minimum=0.0)
+        swa_start = _validation.integer("swa_start", swa_start, 0)
+        swa_lr = _validation.real("swa_lr", swa_lr, minimum=0.0)
+        anneal_steps = _validation.integer("anneal_steps", anneal_steps, 0)
         check_anneal_strategy(anneal_strategy)
+        cycle_length = _validation.integer(
+            "cycle_length", cycle_length, 1, optional=True
+        )
         if cycle_length is not None:
-            _validation.check_int("cycle_length", cycle_length, 1)
             if anneal_steps:
                 raise ValueError(
                     "`anneal_steps` must be 0 when `cycle_length` is set: "
@@ -139,11 +142,11 @@ class SWALearningRate(keras.optimizers.schedules.LearningRateSchedule):
                     f"cycle_length={cycle_length}"
                 )
         self.base = base
-        self.swa_start = int(swa_start)
-        self.swa_lr = float(swa_lr)
-        self.anneal_steps = int(anneal_steps)
+        self.swa_start = swa_start
+        self.swa_lr = swa_lr
+        self.anneal_steps = anneal_steps
         self.anneal_strategy = anneal_strategy
-        self.cycle_length = None if cycle_length is None else int(cycle_length)
+        self.cycle_length = cycle_length
 
     def _base_value(self, step):
         if isinstance(self.base, _Schedule):

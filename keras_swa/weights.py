@@ -9,15 +9,19 @@ import contextlib
 
 import keras
 
-from keras_swa._backend import distribute
+from keras_swa import _validation
 from keras_swa import batch_norm
+from keras_swa._backend import distribute
 
 
 def _resolve_source(model, source):
+    _validation.model("model", model)
     # Copying averages into a model of another strategy's scope fails deep
     # in TensorFlow; say what is wrong instead.
     distribute.check_distribution(model.variables)
+    where = "`source`"
     if source is None:
+        where = "`model.optimizer` (the default `source`)"
         source = getattr(model, "optimizer", None)
     # With mixed precision, `compile` wraps the optimizer in a
     # LossScaleOptimizer; the averages live in the wrapper inside it.
@@ -38,10 +42,15 @@ def _resolve_source(model, source):
     # `Variable.numpy()`: `ops.convert_to_numpy` of a TensorFlow variable
     # warns under NumPy 2.
     if int(source.n_averaged.numpy()) == 0:
+        # keras_swa's averagers say when they average and how far training
+        # got; any other source at least gets its name.
+        schedule = getattr(source, "_schedule", None)
         raise ValueError(
-            "`source` has averaged no weights yet (n_averaged=0), so there is "
-            "nothing to assign; the model is unchanged. Train past the start "
-            f"of averaging first. Received: source={source!r:.200}"
+            f"{where}, {type(source).__name__}, has averaged no weights yet "
+            "(n_averaged=0), so there is nothing to assign; the model is "
+            "unchanged. "
+            + (schedule() if callable(schedule) else
+               "Train past the start of averaging first.")
         )
     return source
 

@@ -388,7 +388,7 @@ def test_backup_of_another_model_is_refused(tmp_path):
     )
     with pytest.raises(RuntimeError, match="Interrupted"):
         fit(make_model(), [swa, InterruptAt(1)], epochs=5)
-    with pytest.raises(ValueError, match="does not match"):
+    with pytest.raises(ValueError, match="do not match this model"):
         fit(make_model(batch_norm=True), [swa], epochs=5)
 
 

@@ -9,3 +9,14 @@
 
 Everything else in keras_swa is backend-agnostic `keras.ops`.
 """
+
+import keras
+
+
+def variable_value(variable):
+    """The tensor behind a variable: a `keras.Variable`'s `value`, or a plain
+    backend variable itself (a `tf.Variable` in a TensorFlow custom loop,
+    which Keras' optimizers accept, and whose `value` is a method)."""
+    if isinstance(variable, keras.Variable):
+        return variable.value
+    return variable

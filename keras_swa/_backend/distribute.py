@@ -3,6 +3,8 @@
 import keras
 from keras import ops
 
+from keras_swa._backend import variable_value
+
 
 def check_distribution(variables, optimizer=None):
     """Raises a clear error where `variables` and the strategy do not match.
@@ -60,12 +62,12 @@ def check_distribution(variables, optimizer=None):
                 variable
                 for variable in variables
                 if not strategy.extended.variable_created_in_scope(
-                    variable.value
+                    variable_value(variable)
                 )
             ]
             if mismatched:
                 problem = (
-                    f"the model (variable {mismatched[0].path!r}) was not "
+                    f"the model (variable {_name(mismatched[0])!r}) was not "
                     f"created in the same scope as {owner}, which was "
                     f"created under {name(strategy)}"
                 )
@@ -73,12 +75,14 @@ def check_distribution(variables, optimizer=None):
         mismatched = [
             variable
             for variable in variables
-            if isinstance(variable.value, tf.distribute.DistributedValues)
-            and not current.extended.variable_created_in_scope(variable.value)
+            if isinstance(variable_value(variable), tf.distribute.DistributedValues)
+            and not current.extended.variable_created_in_scope(
+                variable_value(variable)
+            )
         ]
         if mismatched:
             problem = (
-                f"the model (variable {mismatched[0].path!r}) was created under "
+                f"the model (variable {_name(mismatched[0])!r}) was created under "
                 f"another tf.distribute strategy than the {name(current)} "
                 "whose scope is in effect"
             )
@@ -120,3 +124,7 @@ def restore_variable(variable, copy):
             component.assign(value)
     else:
         variable.assign(copy)
+
+
+def _name(variable):
+    return getattr(variable, "path", None) or variable.name

@@ -5,9 +5,18 @@ import keras
 from keras import ops
 
 from keras_swa import averaging
+from keras_swa._backend import variable_value as _value
 
 
-def fold_in(snapshot, averages, weights, counter, snapshot_weight):
+def _all_finite(weights):
+    return ops.all(
+        ops.stack([ops.all(ops.isfinite(_value(w))) for w in weights])
+    )
+
+
+def fold_in(
+    snapshot, averages, weights, counter, snapshot_weight, skip_non_finite=False
+):
     """Where `snapshot` holds: `average <- average + t * (weight - average)`
     for each pair, with `t = snapshot_weight(counter)`, then `counter += 1`.
 
@@ -22,32 +31,41 @@ def fold_in(snapshot, averages, weights, counter, snapshot_weight):
     over all averages instead of a handful of kernels per variable.
 
     Args:
-        snapshot: Boolean scalar tensor, or the Python `True` when every call
-            is a snapshot (then there is no branch at all, and the compiler
-            may fuse the pass with the optimizer update).
+        snapshot: Boolean scalar tensor, a Python bool, or `True` when every
+            call is a snapshot (then there is no branch at all, and the
+            compiler may fuse the pass with the optimizer update).
         averages: List of `keras.Variable`s, the averages.
-        weights: List of `keras.Variable`s of the same shapes, the weights.
+        weights: List of variables of the same shapes, the weights.
         counter: Integer scalar `keras.Variable`, snapshots so far.
         snapshot_weight: Function `count -> t`, a float32 scalar tensor.
+        skip_non_finite: Whether a snapshot is also skipped when a weight
+            holds NaN or infinity (one more read of the weights on snapshot
+            steps). Defaults to `False`.
     """
     backend = keras.backend.backend()
     if backend == "tensorflow":
-        _tf_fold_in(snapshot, averages, weights, counter, snapshot_weight)
+        _tf_fold_in(
+            snapshot, averages, weights, counter, snapshot_weight,
+            skip_non_finite,
+        )
         return
     if backend == "torch":
         if snapshot is True or snapshot:
-            _torch_lerp(averages, weights, counter, snapshot_weight)
+            if not skip_non_finite or bool(_all_finite(weights)):
+                _torch_lerp(averages, weights, counter, snapshot_weight)
         return
 
     def new_values():
         count = counter.value
         t = snapshot_weight(count)
         values = [
-            averaging.interpolate(a.value, w.value, t)
+            averaging.interpolate(a.value, _stored(w), t)
             for a, w in zip(averages, weights)
         ]
         return values + [ops.add(count, 1)]
 
+    if skip_non_finite:
+        snapshot = ops.logical_and(snapshot, _all_finite(weights))
     targets = list(averages) + [counter]
     if backend == "jax" and snapshot is not True:
         values = ops.cond(
@@ -73,13 +91,31 @@ def _torch_lerp(averages, weights, counter, snapshot_weight):
             group = [(a, w) for a, w in pairs if a.value.dtype == dtype]
             torch._foreach_lerp_(
                 [a.value for a, _ in group],
-                [w.value.to(dtype) for _, w in group],
+                [_value(w).to(dtype) for _, w in group],
                 t,
             )
         counter.assign(counter.value + 1)
 
 
-def _tf_fold_in(snapshot, averages, weights, counter, snapshot_weight):
+def _stored(weight):
+    """The weight as stored: on JAX, a barrier before a narrow weight is
+    widened again. Fused with the optimizer's update, XLA removes the
+    `float32 -> bfloat16 -> float32` conversions of the new weight, and the
+    average would fold in the weight before its rounding to its own dtype
+    (off by that rounding, about 1e-3 for bfloat16)."""
+    value = _value(weight)
+    if keras.backend.backend() == "jax" and keras.backend.standardize_dtype(
+        value.dtype
+    ) in ("float16", "bfloat16"):
+        import jax
+
+        return jax.lax.optimization_barrier(value)
+    return value
+
+
+def _tf_fold_in(
+    snapshot, averages, weights, counter, snapshot_weight, skip_non_finite
+):
     import tensorflow as tf
 
     def fold(strategy, snapshot):
@@ -94,13 +130,16 @@ def _tf_fold_in(snapshot, averages, weights, counter, snapshot_weight):
                     lambda a, w, n: a.assign(
                         averaging.interpolate(a, w, snapshot_weight(n))
                     ),
-                    args=(weight.value, counter.value),
+                    args=(_value(weight), counter.value),
                     group=False,
                 )
             strategy.extended.update(
                 counter.value, lambda n: n.assign_add(1), group=False
             )
 
+        if skip_non_finite:
+            # The weights are synchronized: one replica's copy tells.
+            snapshot = tf.logical_and(snapshot, _all_finite(weights))
         if snapshot is True:
             write()
         else:

@@ -1,0 +1,286 @@
+"""The averaging engine: the one place where averages of weights are kept.
+
+Every averager of keras_swa (the optimizer wrappers inside the compiled train
+step, the `fit` callbacks between epochs) holds its averages in an `Averages`:
+the average variables, the snapshot counter, the fold-in on each backend, the
+copy into a model, and the saved state. So the rules that make an average
+right hold for all of them alike:
+
+- an average of a float16 or bfloat16 variable is float32 (thousands of
+  snapshots would drown in the rounding of a narrow type); float32 and
+  float64 variables are averaged in their own type;
+- an average is created beside its variable: sharded like it
+  (`keras.distribution` layouts) and, under `tf.distribute`, mirrored like it;
+- a non-finite average is never copied into a model.
+"""
+
+import re
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_swa._backend import fold_in as fold_in_lib
+from keras_swa._backend import variable_value
+
+_NARROW_FLOATS = ("float16", "bfloat16")
+
+
+def average_dtype(dtype) -> str:
+    """The dtype in which a variable of `dtype` is averaged.
+
+    Args:
+        dtype: A dtype (string or backend dtype).
+
+    Returns:
+        `"float32"` for float16 and bfloat16, else `dtype` as a string.
+
+    Example:
+
+    >>> average_dtype("bfloat16")
+    'float32'
+    """
+    dtype = keras.backend.standardize_dtype(dtype)
+    return "float32" if dtype in _NARROW_FLOATS else dtype
+
+
+def variable_name(variable) -> str:
+    """A name for a variable derived from `variable`, as Keras' optimizers
+    name their slots: its path with `/` replaced (a plain `tf.Variable` in a
+    custom loop has a name but no path)."""
+    name = getattr(variable, "path", None) or variable.name
+    return str(name).replace("/", "_").replace(":", "_")
+
+
+def all_finite(variables) -> bool:
+    """Whether every element of every variable is finite (eagerly).
+
+    Args:
+        variables: List of `keras.Variable`s or tensors.
+
+    Returns:
+        A Python bool.
+    """
+    for variable in variables:
+        value = variable_value(variable)
+        if not keras.backend.is_float_dtype(keras.backend.standardize_dtype(
+            value.dtype
+        )):
+            continue
+        if not bool(ops.convert_to_numpy(ops.all(ops.isfinite(value)))):
+            return False
+    return True
+
+
+class Averages:
+    """The running averages of a list of variables, with their counter.
+
+    Each averager creates one `Averages` for the variables it averages and
+    folds snapshots in with a rule given as the weight `t` of the snapshot:
+    `average <- average + t * (value - average)` (SWA's mean and the EMA are
+    both such interpolations, see `keras_swa.averaging`).
+
+    Args:
+        variables: List of the variables to average (a model's trainable
+            variables). An entry of `excluded` gets no average.
+        counter: Scalar integer `keras.Variable`, the snapshots folded in
+            (`n_averaged`); the averager creates it, so that it exists before
+            the averages do.
+        create_variable: Function `(shape, dtype, name, layout) ->
+            keras.Variable` that creates a zero-initialized average: an
+            optimizer's `add_variable` (the average is then an optimizer
+            variable, saved and distributed with it) or `keras.Variable`.
+        excluded: Collection of variables, by identity, without an average
+            (a float8 layer's variables overwritten with their gradient).
+            Defaults to `()`.
+        name: String, the suffix of the averages' names. Defaults to
+            `"average"`.
+
+    Example:
+
+    >>> counter = keras.Variable(0, dtype="int", trainable=False)
+    >>> averages = Averages(model.trainable_variables, counter,
+    ...                     lambda shape, dtype, name, layout: keras.Variable(
+    ...                         "zeros", shape, dtype, trainable=False,
+    ...                         name=name, layout=layout))  # doctest: +SKIP
+    >>> averages.fold_in(True, keras_swa.averaging.swa_weight)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        variables,
+        counter,
+        create_variable,
+        excluded=(),
+        name: str = "average",
+    ):
+        excluded = {id(variable) for variable in excluded}
+        self.variables = list(variables)
+        self.counter = counter
+        self.averages = [
+            None
+            if id(variable) in excluded
+            else create_variable(
+                tuple(variable.shape),
+                average_dtype(variable.dtype),
+                f"{variable_name(variable)}_{name}",
+                getattr(variable, "_layout", None),
+            )
+            for variable in self.variables
+        ]
+
+    @property
+    def n_averaged(self) -> int:
+        """The number of snapshots folded in, as a Python int."""
+        # `Variable.numpy()`: `ops.convert_to_numpy` of a TensorFlow variable
+        # warns under NumPy 2.
+        return int(np.asarray(self.counter.numpy()))
+
+    def _pairs(self):
+        return [
+            (average, variable)
+            for average, variable in zip(self.averages, self.variables)
+            if average is not None
+        ]
+
+    def fold_in(self, snapshot, average_weight, skip_non_finite=False):
+        """Folds the variables' current values in where `snapshot` holds.
+
+        Runs inside a compiled train step or eagerly; a step where `snapshot`
+        is false touches no weights.
+
+        Args:
+            snapshot: Boolean scalar tensor, a Python bool, or `True` when
+                every call is a snapshot (no branch: the compiler may fuse
+                the pass with the optimizer's update).
+            average_weight: Function `n_averaged -> t`, a float32 scalar
+                tensor: the weight of the snapshot.
+            skip_non_finite: Whether a snapshot whose values are not all
+                finite is skipped (an extra read of the weights on snapshot
+                steps). Defaults to `False`.
+        """
+        pairs = self._pairs()
+        fold_in_lib.fold_in(
+            snapshot,
+            [average for average, _ in pairs],
+            [variable for _, variable in pairs],
+            self.counter,
+            average_weight,
+            skip_non_finite=skip_non_finite,
+        )
+
+    def variables_finite(self) -> bool:
+        """Whether the averaged variables hold only finite values, eagerly."""
+        return all_finite([variable for _, variable in self._pairs()])
+
+    def averages_finite(self) -> bool:
+        """Whether the averages hold only finite values, eagerly."""
+        return all_finite([average for average, _ in self._pairs()])
+
+    def assign_to(self, var_list, owner: str, schedule: str) -> None:
+        """Copies the averages into the variables of `var_list` they belong to.
+
+        Variables without an average (BatchNorm statistics, say) are left as
+        they are. Nothing is written when there is nothing right to write.
+
+        Args:
+            var_list: List of variables, such as `model.variables`.
+            owner: What holds the averages, for messages (`"SWA"`, ...).
+            schedule: When the owner takes snapshots and how far training got,
+                for the message when nothing was averaged.
+
+        Raises:
+            ValueError: if no snapshot was folded in yet, or an average holds
+                NaN or infinity (a snapshot of diverged weights).
+        """
+        n_averaged = self.n_averaged
+        if n_averaged == 0:
+            raise ValueError(
+                f"{owner} has averaged no snapshot yet (n_averaged=0), so "
+                f"there is no average to assign; nothing was changed. "
+                f"{schedule}"
+            )
+        if not self.averages_finite():
+            raise ValueError(
+                f"The averages of {owner} are not finite (NaN or infinity): "
+                f"one of its {n_averaged} snapshot(s) folded in weights that "
+                "had diverged. Nothing was changed. Averages whose snapshots "
+                "skip non-finite weights: pass `skip_non_finite=True` to the "
+                "optimizer wrapper (the fit callbacks always skip them)."
+            )
+        averages_by_variable = {
+            id(variable): average for average, variable in self._pairs()
+        }
+        for variable in var_list:
+            average = averages_by_variable.get(id(variable))
+            if average is not None:
+                # A copy: on JAX, a variable assigned another's value shares
+                # its buffer, and `fit` donates the buffers of both.
+                variable.assign(
+                    ops.copy(ops.cast(average.value, variable.dtype))
+                )
+
+    def get_state(self, prefix: str = "") -> dict:
+        """The counter and the averages as NumPy arrays, for a backup file.
+
+        Args:
+            prefix: String before every key, so that several `Averages` can
+                share one file. Defaults to `""`.
+
+        Returns:
+            A dict: `"<prefix>n_averaged"` and `"<prefix>average_<i>"` for
+            each average (`i` its index in `variables`).
+        """
+        state = {f"{prefix}n_averaged": np.int64(self.n_averaged)}
+        for index, average in enumerate(self.averages):
+            if average is not None:
+                state[f"{prefix}average_{index}"] = np.asarray(average.numpy())
+        return state
+
+    def set_state(self, state: dict, source: str, prefix: str = "") -> None:
+        """Loads what `get_state` returned, after checking it fits.
+
+        Args:
+            state: A dict as returned by `get_state` (other keys ignored).
+            source: Where the state comes from, for messages (a file path).
+            prefix: The prefix given to `get_state`. Defaults to `""`.
+
+        Raises:
+            ValueError: if the averages do not match in number or shape; the
+                averages are then unchanged.
+        """
+        key = re.compile(re.escape(prefix) + r"average_(\d+)")
+        saved = sorted(
+            int(match.group(1))
+            for match in map(key.fullmatch, state)
+            if match
+        )
+        expected = [
+            index for index, average in enumerate(self.averages)
+            if average is not None
+        ]
+        problem = None
+        if saved != expected:
+            problem = (
+                f"it holds {len(saved)} averages where this model has "
+                f"{len(expected)}"
+            )
+        else:
+            for index in expected:
+                shape = tuple(state[f"{prefix}average_{index}"].shape)
+                wanted = tuple(self.averages[index].shape)
+                if shape != wanted:
+                    problem = (
+                        f"its average {index} has shape {shape} where the "
+                        f"variable {variable_name(self.variables[index])!r} "
+                        f"has shape {wanted}"
+                    )
+                    break
+        if problem is not None:
+            raise ValueError(
+                f"The saved averages {source!r} do not match this model: "
+                f"{problem}. Delete them to start over."
+            )
+        for index in expected:
+            self.averages[index].assign(state[f"{prefix}average_{index}"])
+        self.counter.assign(int(state[f"{prefix}n_averaged"]))

@@ -1,0 +1,400 @@
+"""The averaging engine under every averager: narrow dtypes, non-finite
+snapshots, a custom rule, plain backend variables and argument checks.
+
+Each case is checked against weights recorded in float64 and averaged in
+NumPy, on every backend (a hand-written training loop where `fit` would hide
+the per-update weights on JAX).
+"""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+
+import keras_swa
+from tests.test_optimizers import assert_weights_close
+from tests.test_optimizers import custom_train_step
+from tests.test_optimizers import ema_reference
+from tests.test_optimizers import make_data
+from tests.test_optimizers import make_model
+from tests.test_optimizers import swa_reference
+
+# ---------------------------------------------------------------------------
+# float16 and bfloat16 variables: float32 averages
+
+
+def _train_by_hand(model, optimizer, x, y, steps, batch=16, nan_at=None):
+    """Runs `steps` updates; returns (index, float64 weights) after each.
+
+    With `nan_at`, the inputs of that update and the later ones hold a NaN,
+    so the weights are NaN from that update on.
+    """
+    train_step = custom_train_step(
+        model, optimizer, keras.losses.MeanSquaredError()
+    )
+    updates = []
+    for step in range(steps):
+        start = (step * batch) % len(x)
+        xb, yb = x[start : start + batch].copy(), y[start : start + batch]
+        if nan_at is not None and step >= nan_at:
+            xb[0, 0] = np.nan
+        train_step(xb, yb)
+        updates.append(
+            (
+                step,
+                [
+                    np.asarray(v.numpy()).astype("float64")
+                    for v in model.trainable_variables
+                ],
+            )
+        )
+    return updates
+
+
+@pytest.mark.parametrize("policy", ["bfloat16", "float16"])
+@pytest.mark.parametrize("kind", ["swa", "ema"])
+def test_wrapper_averages_narrow_variables_in_float32(policy, kind):
+    keras.config.set_dtype_policy(policy)
+    keras.utils.set_random_seed(1)
+    x, y = make_data()
+    model = make_model(batch_norm=False)
+    assert model.trainable_variables[0].dtype == policy
+    if kind == "swa":
+        optimizer = keras_swa.SWA(
+            keras.optimizers.SGD(0.02), start_averaging=2, average_period=1
+        )
+    else:
+        optimizer = keras_swa.EMA(keras.optimizers.SGD(0.02), decay=0.9)
+
+    updates = _train_by_hand(model, optimizer, x, y, steps=60)
+
+    if kind == "swa":
+        expected, count = swa_reference(updates, 2, 1)
+    else:
+        expected, count = ema_reference(updates, 0, 1, 0.9, False)
+    assert int(optimizer.n_averaged.numpy()) == count
+    assert all(
+        average.dtype == "float32" for average in optimizer.average_variables
+    )
+    # Within float32 rounding of the float64 reference; averages kept in the
+    # narrow type are off by 1e-3 and more.
+    assert_weights_close(
+        [a.numpy() for a in optimizer.average_variables],
+        expected,
+        rtol=2e-6,
+        atol=2e-7,
+    )
+
+
+class _EpochEndWeights(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.weights = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.weights.append(
+            [
+                np.asarray(v.numpy()).astype("float64")
+                for v in self.model.trainable_variables
+            ]
+        )
+
+
+@pytest.mark.parametrize("policy", ["bfloat16", "float16"])
+def test_callback_averages_narrow_variables_in_float32(policy):
+    keras.config.set_dtype_policy(policy)
+    keras.utils.set_random_seed(2)
+    x, y = make_data()
+    model = make_model(batch_norm=False)
+    model.compile(optimizer=keras.optimizers.SGD(0.02), loss="mse")
+    recorder = _EpochEndWeights()
+    swa = keras_swa.StochasticWeightAveraging(start_epoch=1, verbose=0)
+    model.fit(x, y, batch_size=16, epochs=8, verbose=0,
+              callbacks=[recorder, swa])
+
+    expected = [np.mean(ws, axis=0) for ws in zip(*recorder.weights[1:])]
+    assert all(a.dtype == "float32" for a in swa.average_variables)
+    assert_weights_close(
+        [a.numpy() for a in swa.average_variables], expected,
+        rtol=2e-6, atol=2e-7,
+    )
+
+
+# ---------------------------------------------------------------------------
+# Non-finite snapshots
+
+
+@pytest.mark.parametrize("kind", ["swa", "ema"])
+def test_wrapper_skip_non_finite_keeps_the_finite_average(kind):
+    keras.utils.set_random_seed(3)
+    x, y = make_data()
+    model = make_model(batch_norm=False)
+    if kind == "swa":
+        optimizer = keras_swa.SWA(
+            keras.optimizers.SGD(0.05), start_averaging=1, average_period=2,
+            skip_non_finite=True,
+        )
+    else:
+        optimizer = keras_swa.EMA(
+            keras.optimizers.SGD(0.05), decay=0.5, skip_non_finite=True
+        )
+
+    updates = _train_by_hand(model, optimizer, x, y, steps=10, nan_at=6)
+
+    assert not np.isfinite(updates[-1][1][0]).all()
+    finite = updates[:6]
+    if kind == "swa":
+        expected, count = swa_reference(finite, 1, 2)
+    else:
+        expected, count = ema_reference(finite, 0, 1, 0.5, False)
+    assert int(optimizer.n_averaged.numpy()) == count
+    assert_weights_close(optimizer.average_variables, expected)
+    # The finite average goes into the model.
+    optimizer.assign_average_vars(model.trainable_variables)
+    assert_weights_close(model.trainable_variables, expected)
+
+
+def test_wrapper_non_finite_average_is_refused_and_model_kept():
+    keras.utils.set_random_seed(4)
+    x, y = make_data()
+    model = make_model(batch_norm=False)
+    optimizer = keras_swa.SWA(keras.optimizers.SGD(0.05), average_period=1)
+    _train_by_hand(model, optimizer, x, y, steps=5, nan_at=3)
+    assert int(optimizer.n_averaged.numpy()) == 5
+
+    model.trainable_variables[0].assign(
+        np.zeros(model.trainable_variables[0].shape, "float32")
+    )
+    before = [v.numpy().copy() for v in model.variables]
+    with pytest.raises(ValueError, match="not finite.*skip_non_finite=True"):
+        keras_swa.assign_average(model, source=optimizer)
+    with pytest.raises(ValueError, match="not finite"):
+        optimizer.assign_average_vars(model.variables)
+    for variable, value in zip(model.variables, before):
+        np.testing.assert_array_equal(variable.numpy(), value)
+
+
+def test_fit_warns_at_its_end_when_the_average_is_not_finite():
+    keras.utils.set_random_seed(5)
+    x, y = make_data()
+    x[40, 0] = np.nan
+    model = make_model(batch_norm=False)
+    model.compile(
+        optimizer=keras_swa.SWA(keras.optimizers.SGD(0.05), average_period=1),
+        loss="mse",
+    )
+    with pytest.warns(UserWarning, match="not finite.*skip_non_finite"):
+        model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+
+
+def _diverge_from(epoch):
+    # A learning rate that sends the weights to infinity from `epoch` on.
+    return keras.callbacks.LearningRateScheduler(
+        lambda e, lr: 1e30 if e >= epoch else 0.01
+    )
+
+
+def test_callback_skips_non_finite_epochs_and_keeps_its_backup(tmp_path):
+    keras.utils.set_random_seed(6)
+    x, y = make_data()
+    model = make_model(batch_norm=False)
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    recorder = _EpochEndWeights()
+    swa = keras_swa.StochasticWeightAveraging(
+        start_epoch=1, backup_dir=tmp_path / "swa", verbose=0
+    )
+    with pytest.warns(UserWarning) as warned:
+        model.fit(
+            x, y, batch_size=16, epochs=8, verbose=0,
+            callbacks=[
+                _diverge_from(4), recorder, swa,
+                keras.callbacks.TerminateOnNaN(),
+            ],
+        )
+    messages = [str(w.message) for w in warned]
+    assert any(
+        "Epoch 5: StochasticWeightAveraging skipped" in m for m in messages
+    ), messages
+    assert any("keeps its backup" in m for m in messages), messages
+    # Epochs 1, 2, 3 were finite; epoch 4 (0-based) diverged.
+    assert not np.isfinite(recorder.weights[4][0]).all()
+    expected = [np.mean(ws, axis=0) for ws in zip(*recorder.weights[1:4])]
+    assert int(swa.n_averaged.numpy()) == 3
+    assert_weights_close(model.trainable_variables, expected)
+    assert os.path.exists(
+        tmp_path / "swa" / "stochastic_weight_averaging.npz"
+    )
+
+
+def test_callback_backup_survives_an_exception(tmp_path):
+    class Fail(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 2:
+                raise RuntimeError("boom")
+
+    x, y = make_data()
+    model = make_model(batch_norm=False)
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    swa = keras_swa.StochasticWeightAveraging(
+        start_epoch=0, backup_dir=tmp_path, verbose=0
+    )
+    with pytest.raises(RuntimeError, match="boom"):
+        model.fit(x, y, epochs=5, verbose=0, callbacks=[swa, Fail()])
+    with np.load(tmp_path / "stochastic_weight_averaging.npz") as state:
+        assert int(state["n_averaged"]) == 3
+
+
+# ---------------------------------------------------------------------------
+# A custom rule: `AveragedOptimizer.average_weight`
+
+
+class LinearlyWeighted(keras_swa.AveragedOptimizer):
+    """The k-th snapshot (1-based) weighs k: t = 2 / (n + 2)."""
+
+    def average_weight(self, n_averaged):
+        n = keras.ops.cast(n_averaged, "float32")
+        return 2.0 / (n + 2.0)
+
+
+def test_custom_averaging_rule_by_subclassing():
+    keras.utils.set_random_seed(7)
+    x, y = make_data()
+    model = make_model(batch_norm=False)
+    optimizer = LinearlyWeighted(
+        keras.optimizers.SGD(0.05), start_averaging=1, average_period=2
+    )
+    updates = _train_by_hand(model, optimizer, x, y, steps=9)
+
+    chosen = [w for i, w in updates if i >= 1 and (i - 1) % 2 == 0]
+    factors = np.arange(1, len(chosen) + 1, dtype="float64")
+    expected = [
+        sum(f * w for f, w in zip(factors, ws)) / factors.sum()
+        for ws in zip(*chosen)
+    ]
+    assert int(optimizer.n_averaged.numpy()) == len(chosen) == 4
+    assert_weights_close(optimizer.average_variables, expected)
+
+
+def test_a_subclass_without_a_rule_says_what_is_missing():
+    class NoRule(keras_swa.AveragedOptimizer):
+        pass
+
+    x, y = make_data()
+    model = make_model(batch_norm=False)
+    with pytest.raises(NotImplementedError, match="average_weight"):
+        _train_by_hand(model, NoRule(keras.optimizers.SGD(0.1)), x, y, 1)
+
+
+@pytest.mark.tensorflow_only
+def test_tensorflow_custom_loop_over_plain_variables():
+    import tensorflow as tf
+
+    variable = tf.Variable([1.0, -2.0, 3.0])
+    optimizer = keras_swa.SWA(
+        keras.optimizers.SGD(0.1), start_averaging=1, average_period=1
+    )
+    optimizer.build([variable])
+    rng = np.random.default_rng(0)
+    values = []
+    for _ in range(4):
+        gradient = rng.normal(size=3).astype("float32")
+        optimizer.apply_gradients([(tf.constant(gradient), variable)])
+        values.append(variable.numpy().astype("float64"))
+    np.testing.assert_allclose(
+        optimizer.average_variables[0].numpy(), np.mean(values[1:], axis=0),
+        rtol=1e-6,
+    )
+
+
+# ---------------------------------------------------------------------------
+# Nothing averaged: what was asked and how far training got
+
+
+def test_nothing_averaged_says_the_schedule_and_the_updates():
+    x, y = make_data()
+    model = make_model(batch_norm=False)
+    model.compile(
+        optimizer=keras_swa.SWA(
+            keras.optimizers.SGD(0.01), start_averaging=3000,
+            average_period=100,
+        ),
+        loss="mse",
+    )
+    with pytest.warns(UserWarning, match="averaged no snapshot by the end"):
+        model.fit(x, y, batch_size=32, epochs=2, verbose=0)
+    with pytest.raises(ValueError) as error:
+        keras_swa.assign_average(model)
+    message = str(error.value)
+    assert "`model.optimizer`" in message
+    assert "start_averaging" in message and "3000" in message
+    assert "6 update(s) have run" in message
+
+
+# ---------------------------------------------------------------------------
+# Arguments: NumPy scalars accepted, booleans strict, every message names
+# the argument the user wrote
+
+
+def test_numpy_scalars_are_accepted_everywhere():
+    ema = keras_swa.EMA(keras.optimizers.SGD(0.1), decay=np.float32(0.9),
+                        warmup=np.bool_(True))
+    assert ema.decay == pytest.approx(0.9) and ema.warmup is True
+    assert type(ema.get_config()["decay"]) is float
+    swa = keras_swa.StochasticWeightAveraging(
+        start_epoch=np.float64(0.5), swa_lr=np.float32(0.01),
+        anneal_epochs=np.int64(1), bn_steps=np.int64(2),
+    )
+    assert type(swa.bn_steps) is int and type(swa.anneal_epochs) is int
+    assert type(swa.start_epoch) is float
+
+
+def test_numpy_bn_steps_works_after_training():
+    keras.utils.set_random_seed(8)
+    x, y = make_data()
+    model = make_model(batch_norm=True)
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    swa = keras_swa.StochasticWeightAveraging(
+        start_epoch=0, bn_data=x, bn_steps=np.int64(2), verbose=0
+    )
+    model.fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=[swa])
+    assert int(swa.n_averaged.numpy()) == 2
+
+
+@pytest.mark.parametrize(
+    "make, error, name",
+    [
+        (lambda: keras_swa.StochasticWeightAveraging(
+            allow_averaging_optimizer="no"), TypeError,
+         "allow_averaging_optimizer"),
+        (lambda: keras_swa.StochasticWeightAveraging(verbose="yes"),
+         ValueError, "verbose"),
+        (lambda: keras_swa.StochasticWeightAveraging(verbose=True),
+         ValueError, "verbose"),
+        (lambda: keras_swa.StochasticWeightAveraging(bn_steps=0),
+         ValueError, "bn_steps"),
+        (lambda: keras_swa.StochasticWeightAveraging(swa_lr=float("nan")),
+         ValueError, "swa_lr"),
+        (lambda: keras_swa.SWA(keras.optimizers.SGD(0.1), skip_non_finite=1),
+         TypeError, "skip_non_finite"),
+        (lambda: keras_swa.EMA(keras.optimizers.SGD(0.1), warmup="yes"),
+         TypeError, "warmup"),
+        (lambda: keras_swa.EMA(keras.optimizers.SGD(0.1), decay=1.0),
+         ValueError, "decay"),
+        (lambda: keras_swa.SWALearningRate(0.1, np.int64(10), 0.01,
+                                           anneal_strategy=3),
+         ValueError, "anneal_strategy"),
+        (lambda: keras_swa.assign_average(None), TypeError, "`model`"),
+        (lambda: keras_swa.averaged_weights(None).__enter__(), TypeError,
+         "`model`"),
+    ],
+)
+def test_bad_arguments_name_the_argument(make, error, name):
+    with pytest.raises(error, match=name):
+        make()
+
+
+def test_wrapper_config_round_trips_skip_non_finite():
+    optimizer = keras_swa.EMA(keras.optimizers.SGD(0.1), skip_non_finite=True)
+    restored = keras_swa.EMA.from_config(optimizer.get_config())
+    assert restored.skip_non_finite is True
