@@ -9,10 +9,13 @@ import warnings
 
 import keras
 import numpy as np
+
+from keras_swa import _callback_order
 from keras_swa import _validation
 from keras_swa import averaging
 from keras_swa import batch_norm
 from keras_swa import engine
+from keras_swa import evaluation
 from keras_swa import optimizers
 from keras_swa import schedules
 from keras_swa import weights
@@ -51,13 +54,14 @@ def _optimizer_chain(optimizer):
     return chain
 
 
-def _unpack_validation_data(data):
-    # The forms of `fit(validation_data=...)`: `(x, y)`, `(x, y,
-    # sample_weight)`, or a dataset yielding them.
-    if isinstance(data, (tuple, list)):
-        x, y, sample_weight = (tuple(data) + (None, None))[:3]
-        return x, y, sample_weight
-    return data, None, None
+def _schedule_of(optimizer):
+    # Keras' `learning_rate` property evaluates a schedule at the current
+    # step; the schedule object itself is only held in `_learning_rate`
+    # (there is no public accessor). A float rate is a `keras.Variable`.
+    rate = getattr(optimizer, "_learning_rate", None)
+    if isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
+        return rate
+    return None
 
 
 class StochasticWeightAveraging(keras.callbacks.Callback):
@@ -145,6 +149,10 @@ class StochasticWeightAveraging(keras.callbacks.Callback):
     >>> model.evaluate(test_ds)  # the averaged model  # doctest: +SKIP
     """
 
+    # The kind of average, for the `val_<log_name>_*` metrics of
+    # `keras_swa.EvaluateAverage`.
+    log_name = "swa"
+
     def __init__(
         self,
         start_epoch: int | float = 0.75,
@@ -172,14 +180,7 @@ class StochasticWeightAveraging(keras.callbacks.Callback):
         allow_averaging_optimizer = _validation.boolean(
             "allow_averaging_optimizer", allow_averaging_optimizer
         )
-        if isinstance(validation_data, (tuple, list)) and not (
-            1 <= len(validation_data) <= 3
-        ):
-            raise ValueError(
-                "`validation_data` given as a tuple must be `(x, y)` or "
-                "`(x, y, sample_weight)`. Received a tuple of length "
-                f"{len(validation_data)}"
-            )
+        evaluation.check_validation_data(validation_data)
         if backup_dir is not None and not isinstance(
             backup_dir, (str, os.PathLike)
         ):
@@ -258,6 +259,9 @@ class StochasticWeightAveraging(keras.callbacks.Callback):
         epochs = self.params["epochs"]
         self._start = self._resolve_start_epoch(epochs)
         self._check_optimizer()
+        _callback_order.check_nothing_restores_after(self)
+        if self.validation_data is not None:
+            _callback_order.check_metrics_come_first(self, "val_swa_")
         self._averages = engine.Averages(
             self.model.trainable_variables,
             self._n_averaged,
@@ -274,9 +278,13 @@ class StochasticWeightAveraging(keras.callbacks.Callback):
         self._n_averaged.assign(0)
         self._diverged = False
         self._lr0 = None
+        self._rate_epoch = None
         self._resumed_after_epoch = None
         if self.backup_dir is not None:
             self._restore_backup()
+        self._base_schedule = None
+        if self.swa_lr is not None:
+            self._take_over_schedule()
 
     def on_epoch_begin(self, epoch, logs=None):
         if self._resumed_after_epoch is not None:
@@ -288,14 +296,22 @@ class StochasticWeightAveraging(keras.callbacks.Callback):
                 f"\nEpoch {epoch + 1}: StochasticWeightAveraging starts "
                 "averaging at the end of this epoch."
             )
-        if self.swa_lr is None:
+        if self.swa_lr is not None and self._base_schedule is None:
+            # Set at the first batch, after every callback's
+            # `on_epoch_begin`: a `LearningRateScheduler` later in the list
+            # would otherwise override the SWA rate.
+            self._rate_epoch = epoch
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self._rate_epoch is None:
             return
         optimizer = _optimizer_chain(self.model.optimizer)[-1]
         if self._lr0 is None:
             self._lr0 = float(optimizer.learning_rate.numpy())
         optimizer.learning_rate = self._annealed_learning_rate(
-            epoch - self._start
+            self._rate_epoch - self._start
         )
+        self._rate_epoch = None
 
     def on_epoch_end(self, epoch, logs=None):
         last_epoch = epoch == self.params["epochs"] - 1
@@ -318,6 +334,7 @@ class StochasticWeightAveraging(keras.callbacks.Callback):
             self._write_backup(epoch)
 
     def on_train_end(self, logs=None):
+        self._give_back_schedule()
         if not self._diverged and not self._averages.variables_finite():
             self._diverged = True
         if self._averages.n_averaged == 0:
@@ -396,16 +413,60 @@ class StochasticWeightAveraging(keras.callbacks.Callback):
                 "keeps an average too: two averages of one model. Use one of "
                 "them, or pass `allow_averaging_optimizer=True` to keep both."
             )
-        if self.swa_lr is not None and not isinstance(
-            chain[-1].learning_rate, keras.Variable
-        ):
+
+    def _take_over_schedule(self):
+        """With a `LearningRateSchedule`, the SWA phase joins the schedule.
+
+        The schedule runs unchanged until the first step of `start_epoch`;
+        from there `keras_swa.SWALearningRate` anneals from its value to
+        `swa_lr` over `anneal_epochs` epochs of steps, inside the compiled
+        train step. The train function is traced anew for it, and for the
+        original schedule, which comes back at the end of `fit`.
+        """
+        optimizer = _optimizer_chain(self.model.optimizer)[-1]
+        schedule = _schedule_of(optimizer)
+        if schedule is None:
+            return
+        steps = self.params.get("steps")
+        if not steps:
             raise ValueError(
-                "StochasticWeightAveraging cannot set `swa_lr`: the learning "
-                f"rate of the optimizer {type(chain[-1]).__name__} is a "
-                "schedule, not a settable float. Either compile with a float "
-                "learning rate, or keep the schedule, fold the SWA phase into "
-                "it with `keras_swa.SWALearningRate`, and pass `swa_lr=None`."
+                "StochasticWeightAveraging needs the number of steps per "
+                "epoch to hand a `LearningRateSchedule` over to `swa_lr`, "
+                "and `fit` does not know it for this data: pass "
+                "`steps_per_epoch` to `fit`."
             )
+        phase = dict(
+            swa_start=self._start * steps,
+            swa_lr=self.swa_lr,
+            anneal_steps=self.anneal_epochs * steps,
+            anneal_strategy=self.anneal_strategy,
+        )
+        if isinstance(schedule, schedules.SWALearningRate):
+            ours = schedule.cycle_length is None and all(
+                getattr(schedule, key) == value
+                for key, value in phase.items()
+            )
+            if not ours:
+                raise ValueError(
+                    "The optimizer's learning rate is already a "
+                    "`keras_swa.SWALearningRate` with its own SWA phase; "
+                    "StochasticWeightAveraging's `swa_lr` would add a "
+                    "second one. Pass `swa_lr=None` to the callback, or "
+                    "compile with the base schedule."
+                )
+            # Saved in the middle of a fit with this callback: resume it.
+            schedule = schedule.base
+        self._base_schedule = schedule
+        optimizer.learning_rate = schedules.SWALearningRate(schedule, **phase)
+        self.model.make_train_function(force=True)
+
+    def _give_back_schedule(self):
+        if self._base_schedule is None:
+            return
+        optimizer = _optimizer_chain(self.model.optimizer)[-1]
+        optimizer.learning_rate = self._base_schedule
+        self._base_schedule = None
+        self.model.make_train_function(force=True)
 
     def _annealed_learning_rate(self, k):
         if self.anneal_epochs == 0:
@@ -434,18 +495,14 @@ class StochasticWeightAveraging(keras.callbacks.Callback):
             )
 
     def _evaluate_average(self):
-        x, y, sample_weight = _unpack_validation_data(self.validation_data)
-        with weights.averaged_weights(
+        return evaluation.evaluate_average(
             self.model,
-            source=self,
-            bn_data=self.bn_data,
-            bn_steps=self.bn_steps,
-            verbose=0,
-        ):
-            results = self.model.evaluate(
-                x, y, sample_weight=sample_weight, verbose=0, return_dict=True
-            )
-        return {f"val_swa_{name}": value for name, value in results.items()}
+            self,
+            self.validation_data,
+            self.bn_data,
+            self.bn_steps,
+            "val_swa_",
+        )
 
     def _check_resumed_epoch(self, epoch):
         expected = self._resumed_after_epoch + 1

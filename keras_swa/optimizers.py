@@ -20,6 +20,16 @@ from keras_swa._backend import distribute
 
 
 def _check_inner_optimizer(inner_optimizer):
+    if isinstance(inner_optimizer, (str, dict)):
+        # What `compile(optimizer=...)` accepts: "sgd", a config dict.
+        try:
+            inner_optimizer = keras.optimizers.get(inner_optimizer)
+        except ValueError as error:
+            raise ValueError(
+                "`inner_optimizer` must be a `keras.optimizers.Optimizer` or "
+                "a name or config `keras.optimizers.get` knows, such as "
+                f'"sgd". Received: inner_optimizer={inner_optimizer!r}'
+            ) from error
     if isinstance(inner_optimizer, keras.optimizers.LossScaleOptimizer):
         raise ValueError(
             "`inner_optimizer` must not be a LossScaleOptimizer: wrap the "
@@ -42,6 +52,7 @@ def _check_inner_optimizer(inner_optimizer):
             f"inner_optimizer={inner_optimizer!r} of type "
             f"{type(inner_optimizer).__name__}"
         )
+    return inner_optimizer
 
 
 @keras.saving.register_keras_serializable(package="keras_swa")
@@ -95,6 +106,10 @@ class AveragedOptimizer(keras.optimizers.Optimizer):
     >>> model.compile(optimizer=opt, loss="mse")  # doctest: +SKIP
     """
 
+    # The kind of average, for the `val_<log_name>_*` metrics of
+    # `keras_swa.EvaluateAverage`.
+    log_name = "avg"
+
     def __init__(
         self,
         inner_optimizer,
@@ -109,7 +124,7 @@ class AveragedOptimizer(keras.optimizers.Optimizer):
                 f"{type(self).__name__} does not support arguments "
                 f"`{'`, `'.join(kwargs)}`: set them on the inner optimizer."
             )
-        _check_inner_optimizer(inner_optimizer)
+        inner_optimizer = _check_inner_optimizer(inner_optimizer)
         start_averaging = _validation.integer(
             "start_averaging", start_averaging, 0
         )
@@ -302,6 +317,44 @@ class AveragedOptimizer(keras.optimizers.Optimizer):
     def scale_loss(self, loss):
         return self.inner_optimizer.scale_loss(loss)
 
+    def exclude_from_weight_decay(self, var_list=None, var_names=None):
+        """Excludes variables from the inner optimizer's weight decay.
+
+        As `keras.optimizers.Optimizer.exclude_from_weight_decay`: call it
+        before the optimizer is built.
+        """
+        self.inner_optimizer.exclude_from_weight_decay(
+            var_list=var_list, var_names=var_names
+        )
+
+    def load_own_variables(self, store):
+        # A checkpoint of the same model trained with the bare inner
+        # optimizer holds only the inner optimizer's variables. Keras would
+        # skip them all with a warning (momentum lost, `iterations` back to
+        # 0, so `start_averaging` would count from the restart); they belong
+        # to the inner optimizer, and the averages start empty.
+        inner_count = len(self.inner_optimizer.variables)
+        if (
+            self.built
+            and len(store.keys()) == inner_count
+            and inner_count != len(self.variables)
+        ):
+            inner = self.inner_optimizer
+            inner.load_own_variables(store)
+            # Keras' saving then visits the inner optimizer at a path of its
+            # own, which such a checkpoint lacks: that one visit must not
+            # warn that it skipped the state just loaded.
+            load = inner.load_own_variables
+
+            def skip_the_empty_visit(nested_store):
+                del inner.load_own_variables
+                if len(nested_store.keys()):
+                    load(nested_store)
+
+            inner.load_own_variables = skip_the_empty_visit
+            return
+        super().load_own_variables(store)
+
     def finalize_variable_values(self, var_list):
         # Keras calls this at the end of `fit`. The inner optimizer's own
         # `use_ema` still applies; the averages of this wrapper never
@@ -397,6 +450,8 @@ class SWA(AveragedOptimizer):
             **kwargs,
         )
 
+    log_name = "swa"
+
     def average_weight(self, n_averaged):
         return averaging.swa_weight(n_averaged)
 
@@ -457,6 +512,8 @@ class EMA(AveragedOptimizer):
         )
         self.decay = decay
         self.warmup = warmup
+
+    log_name = "ema"
 
     def average_weight(self, n_averaged):
         return averaging.ema_weight(n_averaged, self.decay, self.warmup)

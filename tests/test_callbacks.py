@@ -12,6 +12,8 @@ EPOCH_LR = 0.05
 
 
 def to_numpy(variable):
+    if isinstance(variable, np.ndarray):
+        return variable
     # `ops.convert_to_numpy` of a TensorFlow variable warns under NumPy 2.
     return np.array(variable.numpy())
 
@@ -238,16 +240,16 @@ def test_swa_lr_none_leaves_the_learning_rate_alone():
     )
 
 
-def test_learning_rate_schedule_with_swa_lr_is_refused():
-    schedule = keras.optimizers.schedules.ExponentialDecay(0.1, 10, 0.5)
+def test_a_second_swa_phase_is_refused():
+    # A SWALearningRate of the user's own, with another phase than swa_lr's.
+    schedule = keras_swa.SWALearningRate(0.05, swa_start=4, swa_lr=0.02)
     model = make_model(optimizer=keras.optimizers.SGD(schedule))
     swa = keras_swa.StochasticWeightAveraging(
         start_epoch=1, swa_lr=0.01, verbose=0
     )
-    with pytest.raises(ValueError, match="SWALearningRate"):
+    with pytest.raises(ValueError, match="second one"):
         fit(model, [swa], epochs=3)
     # Without swa_lr the schedule is left to do its work.
-    model = make_model(optimizer=keras.optimizers.SGD(schedule))
     swa = keras_swa.StochasticWeightAveraging(start_epoch=1, verbose=0)
     fit(model, [swa], epochs=3)
     assert int(swa.n_averaged) == 2
@@ -554,3 +556,151 @@ def test_weights_utilities_accept_the_callback():
     assert_weights_close(model.trainable_variables, raw, rtol=0, atol=0)
     keras_swa.assign_average(model, source=swa)
     assert_weights_close(model.trainable_variables, recorder.mean([1, 2]))
+
+
+# ---------------------------------------------------------------------------
+# Living with the rest of Keras: other callbacks in any order, schedules
+
+
+def constant_scheduler(rate):
+    return keras.callbacks.LearningRateScheduler(lambda epoch, lr: rate)
+
+
+@pytest.mark.parametrize("scheduler_first", [False, True])
+def test_learning_rate_scheduler_in_either_order(scheduler_first):
+    model = make_model()
+    swa = keras_swa.StochasticWeightAveraging(
+        start_epoch=2, swa_lr=0.001, anneal_epochs=2, verbose=0
+    )
+    scheduler = constant_scheduler(0.05)
+    recorder = Recorder()
+    callbacks = [scheduler, swa] if scheduler_first else [swa, scheduler]
+    fit(model, callbacks + [recorder], epochs=6)
+    expected = reference_learning_rates(6, 2, 0.05, 0.001, 2, "cos")
+    actual = [recorder.learning_rates[e] for e in range(6)]
+    np.testing.assert_allclose(actual, expected, rtol=1e-6)
+
+    # The compiled step trained with those rates: the raw weights of the
+    # last epoch are those of a run whose scheduler gives them directly.
+    reference = make_model()
+    reference_recorder = Recorder()
+    fit(
+        reference,
+        [keras.callbacks.LearningRateScheduler(lambda e, lr: expected[e]),
+         reference_recorder],
+        epochs=6,
+    )
+    assert_weights_close(recorder.weights[5], reference_recorder.weights[5])
+
+
+def schedule_model():
+    schedule = keras.optimizers.schedules.CosineDecay(0.05, decay_steps=12)
+    return make_model(optimizer=keras.optimizers.SGD(schedule, momentum=0.9))
+
+
+def test_learning_rate_schedule_hands_over_to_swa_lr():
+    # 16 samples in batches of 8: 2 steps per epoch.
+    model = schedule_model()
+    base = model.optimizer._learning_rate
+    swa = keras_swa.StochasticWeightAveraging(
+        start_epoch=3, swa_lr=0.002, anneal_epochs=1, verbose=0
+    )
+    recorder = Recorder()
+    fit(model, [swa, recorder], epochs=6)
+
+    # The same training with the expected per-step rates given directly.
+    reference = make_model(
+        optimizer=keras.optimizers.SGD(
+            keras_swa.SWALearningRate(
+                keras.optimizers.schedules.CosineDecay(0.05, decay_steps=12),
+                swa_start=6, swa_lr=0.002, anneal_steps=2,
+            ),
+            momentum=0.9,
+        )
+    )
+    reference_recorder = Recorder()
+    fit(reference, [reference_recorder], epochs=6)
+    for epoch in range(6):
+        assert_weights_close(
+            recorder.weights[epoch], reference_recorder.weights[epoch]
+        )
+    # Without the hand-over the weights differ (the test can fail).
+    plain = schedule_model()
+    plain_recorder = Recorder()
+    fit(plain, [plain_recorder], epochs=6)
+    assert not np.allclose(plain_recorder.weights[5][0], recorder.weights[5][0])
+    # The model averaged epochs 3..5, and the schedule is given back.
+    assert_weights_close(model.trainable_variables, recorder.mean([3, 4, 5]))
+    assert model.optimizer._learning_rate is base
+
+
+def test_learning_rate_schedule_without_known_steps_is_refused():
+    import tensorflow as tf
+
+    model = schedule_model()
+    x, y = make_data()
+    # A generator-backed dataset of unknown length.
+    data = tf.data.Dataset.from_generator(
+        lambda: iter([(x[:8], y[:8]), (x[8:], y[8:])]),
+        output_signature=(
+            tf.TensorSpec((None, 4), "float32"),
+            tf.TensorSpec((None, 1), "float32"),
+        ),
+    )
+    swa = keras_swa.StochasticWeightAveraging(start_epoch=1, swa_lr=0.01)
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        model.fit(data, epochs=3, verbose=0, callbacks=[swa])
+    assert int(model.optimizer.iterations.numpy()) == 0
+
+
+def test_early_stopping_restoring_after_the_callback_is_refused():
+    model = make_model()
+    swa = keras_swa.StochasticWeightAveraging(start_epoch=1, verbose=0)
+    stop = keras.callbacks.EarlyStopping(
+        monitor="loss", patience=1, restore_best_weights=True
+    )
+    before = [to_numpy(v) for v in model.trainable_variables]
+    with pytest.raises(ValueError, match="Put EarlyStopping before"):
+        fit(model, [swa, stop], epochs=4)
+    assert int(model.optimizer.iterations.numpy()) == 0
+    assert_weights_close(model.trainable_variables, before, rtol=0, atol=0)
+
+
+def test_early_stopping_restoring_before_the_callback_keeps_the_average():
+    model = make_model()
+    stop = keras.callbacks.EarlyStopping(
+        monitor="loss", patience=1, restore_best_weights=True
+    )
+    swa = keras_swa.StochasticWeightAveraging(start_epoch=1, verbose=0)
+    recorder = Recorder()
+    fit(model, [stop, swa, recorder], epochs=4)
+    assert_weights_close(
+        model.trainable_variables, recorder.mean([1, 2, 3])
+    )
+
+
+def test_a_monitor_before_the_val_swa_logs_is_refused():
+    model = make_model()
+    x, y = make_data(seed=1)
+    stop = keras.callbacks.EarlyStopping(monitor="val_swa_loss", patience=1)
+    swa = keras_swa.StochasticWeightAveraging(
+        start_epoch=1, validation_data=(x, y), verbose=0
+    )
+    with pytest.raises(ValueError, match="Put EarlyStopping after"):
+        fit(model, [stop, swa], epochs=4)
+
+
+def test_early_stopping_on_val_swa_after_the_callback():
+    model = make_model()
+    x, y = make_data(seed=1)
+    swa = keras_swa.StochasticWeightAveraging(
+        start_epoch=0, validation_data=(x, y), verbose=0
+    )
+    # With an impossible improvement threshold it stops after `patience`
+    # epochs of val_swa_loss, which it must therefore see.
+    stop = keras.callbacks.EarlyStopping(
+        monitor="val_swa_loss", mode="min", patience=2, min_delta=1e9
+    )
+    history = fit(model, [swa, stop], epochs=10)
+    assert len(history.history["val_swa_loss"]) == 3
+    assert int(swa.n_averaged.numpy()) == 3

@@ -1,0 +1,108 @@
+"""The orders of `fit` callbacks that would silently lose an average.
+
+Keras runs callbacks in list order, and some orders undo what a keras_swa
+callback did: `EarlyStopping(restore_best_weights=True)` after the
+`StochasticWeightAveraging` callback puts raw weights back over the average,
+and a callback that monitors `val_swa_accuracy` before the callback that logs
+it never sees it. These are refused before training, with the order to use.
+"""
+
+import sys
+
+import keras
+
+
+def fit_callbacks(callback):
+    """The callbacks of the running `fit`, in order, or None if unknown.
+
+    Call it from `on_train_begin`. Keras gives a callback no public way to
+    see the others; the `keras.callbacks.CallbackList` that calls
+    `on_train_begin` holds them, so this looks for it among the calling
+    frames. Where it is not found (a custom loop calling the hooks by hand),
+    nothing is checked.
+    """
+    frame = sys._getframe(1)
+    for _ in range(4):
+        frame = frame.f_back
+        if frame is None:
+            return None
+        caller = frame.f_locals.get("self")
+        if isinstance(caller, keras.callbacks.CallbackList) and any(
+            other is callback for other in caller.callbacks
+        ):
+            return list(caller.callbacks)
+    return None
+
+
+def _index(callbacks, callback):
+    return next(i for i, other in enumerate(callbacks) if other is callback)
+
+
+def check_metrics_come_first(callback, prefix: str) -> None:
+    """Raises if a callback before `callback` monitors what it logs.
+
+    Args:
+        callback: A callback that adds `<prefix><metric>` to the epoch logs
+            in `on_epoch_end`.
+        prefix: The prefix of those logs, such as `"val_swa_"`.
+
+    Raises:
+        ValueError: naming both callbacks and the order to use.
+    """
+    callbacks = fit_callbacks(callback)
+    if callbacks is None:
+        return
+    for other in callbacks[: _index(callbacks, callback)]:
+        monitor = getattr(other, "monitor", None)
+        if isinstance(monitor, str) and monitor.startswith(prefix):
+            raise ValueError(
+                f"{type(other).__name__}(monitor={monitor!r}) comes before "
+                f"{type(callback).__name__} in `callbacks`, but "
+                f"{type(callback).__name__} adds `{prefix}*` to the logs at "
+                "the end of each epoch: the earlier callback would never see "
+                f"it. Put {type(other).__name__} after "
+                f"{type(callback).__name__} in the list."
+            )
+
+
+def check_nothing_restores_after(callback) -> None:
+    """Raises if `EarlyStopping(restore_best_weights=True)` runs after
+    `callback`, which puts an average into the model at the end of `fit`.
+
+    Raises:
+        ValueError: naming the callbacks and what to do instead.
+    """
+    callbacks = fit_callbacks(callback)
+    if callbacks is None:
+        return
+    for other in callbacks[_index(callbacks, callback) + 1 :]:
+        if isinstance(other, keras.callbacks.EarlyStopping) and getattr(
+            other, "restore_best_weights", False
+        ):
+            raise ValueError(
+                "EarlyStopping(restore_best_weights=True) comes after "
+                f"{type(callback).__name__} in `callbacks`: at the end of "
+                "`fit` it would put the best raw weights back over the "
+                "average, silently. Put EarlyStopping before "
+                f"{type(callback).__name__} (the average then replaces the "
+                "restored weights), or pass `restore_best_weights=False`."
+            )
+
+
+def check_source_comes_first(callback, source) -> None:
+    """Raises if `source`, a callback that folds in at the end of each
+    epoch, runs after `callback`, which reads its average then.
+
+    Raises:
+        ValueError: naming both callbacks and the order to use.
+    """
+    callbacks = fit_callbacks(callback)
+    if callbacks is None or not any(other is source for other in callbacks):
+        return
+    if _index(callbacks, source) > _index(callbacks, callback):
+        raise ValueError(
+            f"{type(source).__name__} comes after {type(callback).__name__} "
+            f"in `callbacks`, so each epoch {type(callback).__name__} would "
+            "see the average of the epoch before. Put "
+            f"{type(callback).__name__} after {type(source).__name__}."
+        )

@@ -1,0 +1,225 @@
+"""`EvaluateAverage` and `AverageModelCheckpoint`: the average watched and
+saved during `fit`, for every averager, with the training weights untouched.
+"""
+
+import keras
+import numpy as np
+import pytest
+
+import keras_swa
+
+
+def make_data(n=48, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 4)).astype("float32")
+    y = (x @ rng.normal(size=(4, 1)) + 0.1).astype("float32")
+    return x, y
+
+
+def make_model(optimizer, seed=0):
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(8, activation="relu"),
+            keras.layers.BatchNormalization(),
+            keras.layers.Dense(1),
+        ]
+    )
+    model.compile(optimizer=optimizer, loss="mse", metrics=["mae"])
+    return model
+
+
+def swa_optimizer():
+    return keras_swa.SWA(
+        keras.optimizers.SGD(0.02, momentum=0.9), start_averaging=2,
+        average_period=3,
+    )
+
+
+def ema_optimizer():
+    return keras_swa.EMA(keras.optimizers.SGD(0.02), decay=0.8)
+
+
+def fit(model, callbacks, epochs=4):
+    x, y = make_data()
+    return model.fit(
+        x, y, batch_size=16, epochs=epochs, shuffle=False, verbose=0,
+        callbacks=callbacks,
+    )
+
+
+def raw_values(model):
+    return [np.array(v.numpy()) for v in model.variables]
+
+
+@pytest.mark.parametrize(
+    "make_optimizer, prefix", [(swa_optimizer, "val_swa_"),
+                               (ema_optimizer, "val_ema_")]
+)
+def test_logs_equal_averaged_weights_and_evaluate(make_optimizer, prefix):
+    x, _ = make_data()
+    validation = make_data(n=32, seed=1)
+    model = make_model(make_optimizer())
+    history = fit(
+        model,
+        [keras_swa.EvaluateAverage(validation, bn_data=(x,))],
+    )
+    logged = {
+        name: values[-1]
+        for name, values in history.history.items()
+        if name.startswith(prefix)
+    }
+    assert set(logged) == {f"{prefix}loss", f"{prefix}mae"}
+
+    with keras_swa.averaged_weights(model, bn_data=(x,), verbose=0):
+        expected = model.evaluate(*validation, verbose=0, return_dict=True)
+    for name, value in expected.items():
+        np.testing.assert_allclose(logged[f"{prefix}{name}"], value,
+                                   rtol=1e-5)
+
+
+def test_training_is_untouched_by_evaluation_and_checkpoints(tmp_path):
+    x, _ = make_data()
+    validation = make_data(n=32, seed=1)
+    plain = make_model(swa_optimizer())
+    fit(plain, [])
+    watched = make_model(swa_optimizer())
+    fit(
+        watched,
+        [
+            keras_swa.EvaluateAverage(validation, bn_data=(x,)),
+            keras_swa.AverageModelCheckpoint(
+                str(tmp_path / "avg_{epoch}.weights.h5"),
+                save_weights_only=True, bn_data=(x,),
+            ),
+        ],
+    )
+    for a, b in zip(raw_values(plain), raw_values(watched)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_no_log_before_the_first_snapshot():
+    validation = make_data(n=32, seed=1)
+    model = make_model(
+        keras_swa.SWA(keras.optimizers.SGD(0.02), start_averaging=6,
+                      average_period=1)
+    )
+    # 3 updates an epoch: the first snapshot is update 6, in epoch 3.
+    history = fit(model, [keras_swa.EvaluateAverage(validation)], epochs=4)
+    assert len(history.history["val_swa_loss"]) == 2
+
+
+def test_the_callback_as_source_and_early_stopping_on_its_metric():
+    validation = make_data(n=32, seed=1)
+    model = make_model(keras.optimizers.SGD(0.02))
+    swa = keras_swa.StochasticWeightAveraging(start_epoch=1, verbose=0)
+    stop = keras.callbacks.EarlyStopping(
+        monitor="val_swa_loss", mode="min", patience=1, min_delta=1e9
+    )
+    history = fit(
+        model,
+        [swa, keras_swa.EvaluateAverage(validation, source=swa), stop],
+        epochs=10,
+    )
+    # Averaging from epoch 1; the first logged value is the best, then one
+    # epoch of patience: epochs 1 and 2 are logged, then it stops.
+    assert len(history.history["loss"]) == 3
+    assert len(history.history["val_swa_loss"]) == 2
+
+
+def test_source_callback_after_the_evaluation_is_refused():
+    validation = make_data(n=32, seed=1)
+    model = make_model(keras.optimizers.SGD(0.02))
+    swa = keras_swa.StochasticWeightAveraging(start_epoch=1, verbose=0)
+    with pytest.raises(ValueError, match="Put EvaluateAverage after"):
+        fit(model, [keras_swa.EvaluateAverage(validation, source=swa), swa])
+
+
+def test_monitor_before_the_evaluation_is_refused():
+    validation = make_data(n=32, seed=1)
+    model = make_model(ema_optimizer())
+    stop = keras.callbacks.EarlyStopping(monitor="val_ema_loss", mode="min")
+    with pytest.raises(ValueError, match="Put EarlyStopping after"):
+        fit(model, [stop, keras_swa.EvaluateAverage(validation)])
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="validation_data"):
+        keras_swa.EvaluateAverage(None)
+    with pytest.raises(ValueError, match="validation_data"):
+        keras_swa.EvaluateAverage((1, 2, 3, 4))
+    with pytest.raises(TypeError, match="prefix"):
+        keras_swa.EvaluateAverage(make_data(), prefix=3)
+    with pytest.raises(ValueError, match="bn_steps"):
+        keras_swa.AverageModelCheckpoint("a.keras", bn_steps=0)
+
+
+@pytest.mark.parametrize("weights_only", [True, False])
+def test_checkpoint_saves_the_averaged_model(tmp_path, weights_only):
+    x, _ = make_data()
+    model = make_model(ema_optimizer())
+    suffix = ".weights.h5" if weights_only else ".keras"
+    path = str(tmp_path / f"average{suffix}")
+    fit(
+        model,
+        [keras_swa.AverageModelCheckpoint(
+            path, save_weights_only=weights_only, bn_data=(x,))],
+    )
+    with keras_swa.averaged_weights(model, bn_data=(x,), verbose=0):
+        expected = [np.array(v.numpy()) for v in model.weights]
+    if weights_only:
+        loaded = make_model(ema_optimizer(), seed=5)
+        loaded.load_weights(path)
+    else:
+        loaded = keras.models.load_model(path)
+    for variable, value in zip(loaded.weights, expected):
+        np.testing.assert_allclose(variable.numpy(), value, rtol=1e-6)
+
+
+def test_checkpoint_saves_nothing_before_the_first_snapshot(tmp_path):
+    model = make_model(
+        keras_swa.SWA(keras.optimizers.SGD(0.02), start_averaging=6,
+                      average_period=1)
+    )
+    fit(
+        model,
+        [keras_swa.AverageModelCheckpoint(
+            str(tmp_path / "{epoch}.weights.h5"), save_weights_only=True)],
+    )
+    saved = sorted(p.name for p in tmp_path.iterdir())
+    assert saved == ["3.weights.h5", "4.weights.h5"]
+
+
+def test_checkpoint_keeps_the_best_average(tmp_path):
+    validation = make_data(n=32, seed=1)
+    model = make_model(swa_optimizer())
+    path = str(tmp_path / "best.weights.h5")
+    recorded = []
+
+    class RecordAverage(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if "val_swa_loss" in logs:
+                with keras_swa.averaged_weights(self.model, verbose=0):
+                    recorded.append(
+                        (logs["val_swa_loss"],
+                         [np.array(v.numpy()) for v in self.model.weights])
+                    )
+
+    fit(
+        model,
+        [
+            keras_swa.EvaluateAverage(validation),
+            RecordAverage(),
+            keras_swa.AverageModelCheckpoint(
+                path, monitor="val_swa_loss", mode="min",
+                save_best_only=True, save_weights_only=True,
+            ),
+        ],
+        epochs=6,
+    )
+    best = min(recorded, key=lambda entry: entry[0])[1]
+    loaded = make_model(swa_optimizer(), seed=5)
+    loaded.load_weights(path)
+    for variable, value in zip(loaded.weights, best):
+        np.testing.assert_allclose(variable.numpy(), value, rtol=1e-6)
