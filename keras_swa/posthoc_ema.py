@@ -336,9 +336,8 @@ class _Snapshot:
 class _Reconstruction:
     """A reconstructed EMA as a source of averages for `keras_swa.weights`."""
 
-    def __init__(self, values, n_averaged, sigma_rel):
+    def __init__(self, values, n_averaged):
         self._values = values
-        self.sigma_rel = sigma_rel
         self.n_averaged = keras.Variable(
             n_averaged, dtype="int32", trainable=False, name="n_averaged"
         )
@@ -413,7 +412,7 @@ def _reconstruction(model, directory, sigma_rel, step):
             term = coefficient * array.astype("float64")
             key = id(variables[index])
             values[key] = term if key not in values else values[key] + term
-    source = _Reconstruction(values, target.n_averaged, sigma_rel)
+    source = _Reconstruction(values, target.n_averaged)
     return source, [
         SnapshotCoefficient(
             snapshot.step, snapshot.sigma_rels[profile], float(coefficient)
