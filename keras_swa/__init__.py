@@ -6,7 +6,12 @@ from keras_swa.evaluation import AverageModelCheckpoint
 from keras_swa.evaluation import EvaluateAverage
 from keras_swa.optimizers import AveragedOptimizer
 from keras_swa.optimizers import EMA
+from keras_swa.optimizers import PostHocEMA
+from keras_swa.optimizers import PowerEMA
 from keras_swa.optimizers import SWA
+from keras_swa.posthoc_ema import EMASnapshots
+from keras_swa.posthoc_ema import reconstruct_ema
+from keras_swa.posthoc_ema import sweep_ema
 from keras_swa.schedules import SWALearningRate
 from keras_swa.weights import assign_average
 from keras_swa.weights import averaged_weights

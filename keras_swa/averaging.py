@@ -5,6 +5,9 @@ maps tensors to tensors, so the same rule serves the optimizer wrappers (inside
 a compiled train step), the epoch-level callback and the tests' references.
 """
 
+import math
+
+import numpy as np
 from keras import ops
 
 
@@ -160,3 +163,92 @@ def interpolate(average, value, weight):
     value = ops.cast(value, average.dtype)
     weight = ops.cast(weight, average.dtype)
     return ops.add(average, ops.multiply(weight, ops.subtract(value, average)))
+
+
+# The widest relative standard deviation of a power-function EMA: the paper
+# (Karras et al. 2024) bounds `sigma_rel` below 0.28, where `gamma` is still
+# positive and the cubic that ties the two has one root on that branch.
+MAX_SIGMA_REL = 0.28
+
+
+def power_ema_weight(n_averaged, gamma: float):
+    """The weight `t` of the next snapshot of a power-function EMA.
+
+    For the `k`-th snapshot (`k = n_averaged + 1`) the average decays by
+    `beta = (1 - 1/k) ** (gamma + 1)` (Karras et al. 2024), so the snapshot
+    weighs `t = 1 - beta`; the first snapshot (`k = 1`) weighs 1, a copy.
+    After `k` snapshots snapshot `i` weighs `(i/k)**(gamma+1) -
+    ((i-1)/k)**(gamma+1)`: the profile `(gamma + 1) * tau**gamma / k**(gamma+1)`
+    integrated over `(i - 1, i]`.
+
+    `t` is computed as `-expm1((gamma + 1) * log1p(-1/k))`: `1 - beta` in
+    float32 would lose all digits of `t` (about `(gamma + 1) / k`) once `k`
+    reaches the millions.
+
+    Args:
+        n_averaged: Integer scalar tensor, snapshots folded in so far.
+        gamma: Python float, the exponent of the profile (see
+            `sigma_rel_to_gamma`).
+
+    Returns:
+        A float32 scalar tensor.
+
+    Example:
+
+    >>> round(float(power_ema_weight(1, gamma=1.0)), 6)  # 1 - (1/2)**2
+    0.75
+    """
+    k = ops.cast(ops.add(n_averaged, 1), "float32")
+    t = ops.negative(
+        ops.expm1(ops.multiply(gamma + 1.0, ops.log1p(ops.negative(
+            ops.divide(1.0, k)
+        ))))
+    )
+    return ops.where(ops.equal(n_averaged, 0), 1.0, t)
+
+
+def gamma_to_sigma_rel(gamma: float) -> float:
+    """The relative standard deviation of the power-function EMA profile
+    of exponent `gamma`.
+
+    `sigma_rel = sqrt((gamma + 1) / ((gamma + 2)**2 * (gamma + 3)))`: the
+    standard deviation of the profile `tau**gamma` on `[0, t]` divided by `t`.
+
+    Args:
+        gamma: Python float > -1.
+
+    Returns:
+        A Python float.
+
+    Example:
+
+    >>> round(gamma_to_sigma_rel(6.9372), 4)
+    0.1
+    """
+    gamma = float(gamma)
+    return math.sqrt((gamma + 1.0) / ((gamma + 2.0) ** 2 * (gamma + 3.0)))
+
+
+def sigma_rel_to_gamma(sigma_rel: float) -> float:
+    """The exponent of the power-function EMA of relative width `sigma_rel`.
+
+    Inverts `gamma_to_sigma_rel` on its decreasing branch (`gamma > 0`):
+    squared and multiplied out, it is the cubic
+    `gamma**3 + 7 gamma**2 + (16 - s) gamma + (12 - s) = 0` with
+    `s = sigma_rel**-2` (Karras et al. 2024, Algorithm 2), whose largest real
+    root is the one wanted.
+
+    Args:
+        sigma_rel: Python float in `(0, MAX_SIGMA_REL)`.
+
+    Returns:
+        A Python float.
+
+    Example:
+
+    >>> round(sigma_rel_to_gamma(0.1), 4)
+    6.9372
+    """
+    s = float(sigma_rel) ** -2
+    roots = np.roots([1.0, 7.0, 16.0 - s, 12.0 - s])
+    return float(roots[np.isreal(roots)].real.max())

@@ -284,3 +284,50 @@ class Averages:
         for index in expected:
             self.averages[index].assign(state[f"{prefix}average_{index}"])
         self.counter.assign(int(state[f"{prefix}n_averaged"]))
+
+
+def fold_in_together(
+    average_sets, snapshot, average_weights, skip_non_finite=False
+):
+    """Folds the same snapshot into several `Averages` in one pass.
+
+    For averagers that keep several averages of the same weights with
+    different rules (`keras_swa.PostHocEMA`'s profiles): one branch and one
+    read of the weights for all of them, instead of one `fold_in` each. The
+    sets share their counter, which counts the snapshot once.
+
+    Args:
+        average_sets: List of `Averages` of the same variables (the same
+            objects, in the same order, the same ones excluded) and the same
+            counter.
+        snapshot: As in `Averages.fold_in`.
+        average_weights: List of functions `n_averaged -> t`, one per set.
+        skip_non_finite: As in `Averages.fold_in`. Defaults to `False`.
+
+    Raises:
+        ValueError: if the sets do not average the same variables with the
+            same counter.
+    """
+    first = average_sets[0]
+    layout = [
+        (id(variable), average is None)
+        for average, variable in zip(first.averages, first.variables)
+    ]
+    for other in average_sets[1:]:
+        if other.counter is not first.counter or layout != [
+            (id(variable), average is None)
+            for average, variable in zip(other.averages, other.variables)
+        ]:
+            raise ValueError(
+                "Averages folded in together must average the same "
+                "variables with the same counter."
+            )
+    fold_in_lib.fold_in_sets(
+        snapshot,
+        [[average for average, _ in averages._pairs()]
+         for averages in average_sets],
+        [variable for _, variable in first._pairs()],
+        first.counter,
+        list(average_weights),
+        skip_non_finite=skip_non_finite,
+    )

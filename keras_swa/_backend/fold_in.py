@@ -148,3 +148,133 @@ def _tf_fold_in(
     tf.__internal__.distribute.interim.maybe_merge_call(
         fold, tf.distribute.get_strategy(), snapshot
     )
+
+
+def fold_in_sets(
+    snapshot,
+    average_sets,
+    weights,
+    counter,
+    snapshot_weights,
+    skip_non_finite=False,
+):
+    """`fold_in` for several sets of averages of the same weights, together:
+    where `snapshot` holds, `average <- average + t_s * (weight - average)`
+    for every set `s` and pair, with `t_s = snapshot_weights[s](counter)`,
+    then `counter += 1` once.
+
+    All sets share one branch and one pass: on TensorFlow one `tf.cond`
+    whose body updates every set; on JAX one `lax.cond` returning all new
+    values, so XLA reads each weight once for all sets; on PyTorch one
+    multi-tensor lerp per dtype for all sets, each set with its own weight.
+
+    Args:
+        snapshot: As in `fold_in`.
+        average_sets: List of lists of `keras.Variable`s, each list one set
+            of averages in the order of `weights`.
+        weights: List of variables, the weights.
+        counter: Integer scalar `keras.Variable`, snapshots so far (shared by
+            all sets).
+        snapshot_weights: List of functions `count -> t`, one per set.
+        skip_non_finite: As in `fold_in`. Defaults to `False`.
+    """
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        _tf_fold_in_sets(
+            snapshot, average_sets, weights, counter, snapshot_weights,
+            skip_non_finite,
+        )
+        return
+    if backend == "torch":
+        if snapshot is True or snapshot:
+            if not skip_non_finite or bool(_all_finite(weights)):
+                _torch_lerp_sets(
+                    average_sets, weights, counter, snapshot_weights
+                )
+        return
+
+    def new_values():
+        count = counter.value
+        stored = [_stored(w) for w in weights]
+        values = []
+        for averages, snapshot_weight in zip(average_sets, snapshot_weights):
+            t = snapshot_weight(count)
+            values += [
+                averaging.interpolate(a.value, w, t)
+                for a, w in zip(averages, stored)
+            ]
+        return values + [ops.add(count, 1)]
+
+    if skip_non_finite:
+        snapshot = ops.logical_and(snapshot, _all_finite(weights))
+    targets = [a for averages in average_sets for a in averages] + [counter]
+    if backend == "jax" and snapshot is not True:
+        values = ops.cond(
+            snapshot, new_values, lambda: [v.value for v in targets]
+        )
+    elif snapshot is True or snapshot:
+        values = new_values()
+    else:
+        return
+    for target, value in zip(targets, values):
+        target.assign(value)
+
+
+def _torch_lerp_sets(average_sets, weights, counter, snapshot_weights):
+    import torch
+
+    ts = [float(f(counter.value)) for f in snapshot_weights]
+    entries = [
+        (a, w, t)
+        for averages, t in zip(average_sets, ts)
+        for a, w in zip(averages, weights)
+    ]
+    with torch.no_grad():
+        # As `_torch_lerp`, with one weight per average (the `ScalarList`
+        # overload): one launch for all sets of a dtype.
+        for dtype in {a.value.dtype for a, _, _ in entries}:
+            group = [e for e in entries if e[0].value.dtype == dtype]
+            torch._foreach_lerp_(
+                [a.value for a, _, _ in group],
+                [_value(w).to(dtype) for _, w, _ in group],
+                [t for _, _, t in group],
+            )
+        counter.assign(counter.value + 1)
+
+
+def _tf_fold_in_sets(
+    snapshot, average_sets, weights, counter, snapshot_weights, skip_non_finite
+):
+    import tensorflow as tf
+
+    def fold(strategy, snapshot):
+        if isinstance(snapshot, tf.distribute.DistributedValues):
+            snapshot = strategy.experimental_local_results(snapshot)[0]
+
+        def write():
+            for index, weight in enumerate(weights):
+                for averages, snapshot_weight in zip(
+                    average_sets, snapshot_weights
+                ):
+                    strategy.extended.update(
+                        averages[index].value,
+                        lambda a, w, n, f=snapshot_weight: a.assign(
+                            averaging.interpolate(a, w, f(n))
+                        ),
+                        args=(_value(weight), counter.value),
+                        group=False,
+                    )
+            strategy.extended.update(
+                counter.value, lambda n: n.assign_add(1), group=False
+            )
+
+        if skip_non_finite:
+            snapshot = tf.logical_and(snapshot, _all_finite(weights))
+        if snapshot is True:
+            write()
+        else:
+            tf.cond(snapshot, write, lambda: None)
+
+    tf.__internal__.distribute.interim.maybe_merge_call(
+        fold, tf.distribute.get_strategy(), snapshot
+    )
