@@ -2,6 +2,8 @@
 
 from keras_swa.batch_norm import update_bn
 from keras_swa.callbacks import StochasticWeightAveraging
+from keras_swa.checkpoints import average_checkpoints
+from keras_swa.checkpoints import greedy_soup
 from keras_swa.optimizers import EMA
 from keras_swa.optimizers import SWA
 from keras_swa.schedules import SWALearningRate
