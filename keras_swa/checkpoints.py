@@ -284,7 +284,9 @@ class _Workspace:
     def read(self, path, datasets, key):
         """The float variable `key` of a file, in its accumulator dtype."""
         dataset = datasets[key]
-        value = _read_dataset(dataset).astype(self.layout[key].accumulator)
+        value = _read_dataset(dataset).astype(
+            self.layout[key].accumulator, copy=False
+        )
         if not np.all(np.isfinite(value)):
             raise ValueError(
                 f"The file {path!r} holds non-finite values (NaN or inf) in "
@@ -292,21 +294,22 @@ class _Workspace:
             )
         return value
 
-    def load(self, values, last_path):
-        """Writes `values` (float variables, by path) and the other variables
-        of `last_path` into the model."""
+    def write(self, values, last_path):
+        """Writes `values(key)` for the float variables and the values of
+        `last_path` for the others into the file that `load` loads."""
         with contextlib.ExitStack() as stack:
             target = stack.enter_context(h5py.File(self.target, "r+"))
             last = stack.enter_context(self.open(last_path))
             for key, entry in self.layout.items():
+                dataset = target[key]
                 if entry.accumulator is None:
-                    target[key][()] = last[key][()]
+                    dataset[()] = last[key][()]
                 else:
-                    dataset = target[key]
                     # A bfloat16 dataset is opaque to h5py: write the bits.
-                    dataset[()] = values(key).astype(entry.dtype).view(
-                        dataset.dtype
-                    )
+                    value = values(key).astype(entry.dtype, copy=False)
+                    dataset[()] = value.view(dataset.dtype)
+
+    def load(self):
         self.model.load_weights(self.target)
 
     def restore(self):
@@ -330,26 +333,39 @@ class _Sum:
         with self.workspace.open(path) as datasets:
             for key, total in self.sums.items():
                 value = self.workspace.read(path, datasets, key)
-                total += np.asarray(weight, total.dtype) * value
+                # In place: no temporary beside the one variable read.
+                value *= np.asarray(weight, total.dtype)
+                total += value
         self.total += weight
         self.last_path = path
 
-    def load_mean(self, candidate=None):
-        """Loads the mean into the model; with `candidate`, the mean of the
-        files summed so far and that file, without adding it to the sums."""
+    def load_mean(self):
+        """Loads the mean into the model, consuming the sums: each is freed
+        once written, so that Keras' loading does not add to the peak."""
+
+        def values(key):
+            value = self.sums.pop(key)
+            value /= np.asarray(self.total, value.dtype)
+            return value
+
+        self.workspace.write(values, self.last_path)
+        self.workspace.load()
+
+    def load_mean_with(self, candidate):
+        """Loads the mean of the files summed so far and `candidate` into the
+        model, without adding `candidate` to the sums."""
         workspace = self.workspace
-        if candidate is None:
-            workspace.load(lambda key: self.sums[key] / self.total, self.last_path)
-            return
         with workspace.open(candidate) as datasets:
 
             def values(key):
                 value = workspace.read(candidate, datasets, key)
                 if self.total:
-                    value = (self.sums[key] + value) / (self.total + 1.0)
+                    value += self.sums[key]
+                    value /= np.asarray(self.total + 1.0, value.dtype)
                 return value
 
-            workspace.load(values, candidate)
+            workspace.write(values, candidate)
+        workspace.load()
 
 
 def _has_batch_norm(model):
@@ -643,7 +659,7 @@ def greedy_soup(
             empty = _Sum(workspace)
             scores = []
             for path in paths:
-                empty.load_mean(candidate=path)
+                empty.load_mean_with(path)
                 scores.append(evaluate())
             sign = 1.0 if higher_is_better else -1.0
             # A stable sort: equal files keep the order of `paths`.
@@ -657,7 +673,7 @@ def greedy_soup(
             chosen = [paths[first]]
             model_holds_soup = len(paths) == 1
             for i in order[1:]:
-                soup.load_mean(candidate=paths[i])
+                soup.load_mean_with(paths[i])
                 value = evaluate()
                 added = sign * value >= sign * best
                 if added:
