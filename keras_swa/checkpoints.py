@@ -60,23 +60,20 @@ class _Entry:
 
 
 def _stored_dtype(dataset):
-    # h5py has no bfloat16; Keras stores it with an attribute (as `H5IOStore`).
+    # h5py has no bfloat16: Keras' `H5IOStore` writes its bits as an opaque
+    # type and marks the dataset with an attribute.
     if dataset.attrs.get("dtype") == "bfloat16":
         return np.dtype(ml_dtypes.bfloat16)
     return dataset.dtype
 
 
 def _read_dataset(dataset):
-    value = np.asarray(dataset[()])
-    if dataset.attrs.get("dtype") == "bfloat16":
-        # Stored as opaque 16-bit values: the same bits.
-        value = value.view(ml_dtypes.bfloat16)
-    return value
+    return np.asarray(dataset[()]).view(_stored_dtype(dataset))
 
 
 def _accumulator_dtype(dtype):
-    # As the averaging engine: float16/bfloat16 averages are float32; float32
-    # and float64 stay as they are. Integers, booleans and the like (counters,
+    # As every averager of the library: float16/bfloat16 averages are
+    # float32; float32 and float64 stay as they are. Integers, booleans and the like (counters,
     # seeds) are not averaged.
     if dtype == np.float64:
         return np.dtype(np.float64)
@@ -90,18 +87,12 @@ def _datasets(h5_file):
     found = {}
 
     def visit(name, item):
-        if isinstance(item, h5py.Dataset):
+        if isinstance(item, h5py.Dataset) and (
+            name.split("/")[0] != _OPTIMIZER_GROUP
+        ):
             found[name] = item
 
-    for key, item in h5_file.items():
-        if key == _OPTIMIZER_GROUP:
-            continue
-        if isinstance(item, h5py.Dataset):
-            found[key] = item
-        else:
-            item.visititems(
-                lambda name, sub, key=key: visit(f"{key}/{name}", sub)
-            )
+    h5_file.visititems(visit)
     return found
 
 
@@ -299,7 +290,8 @@ class _Workspace:
         `last_path` for the others into the file that `load` loads."""
         with contextlib.ExitStack() as stack:
             target = stack.enter_context(h5py.File(self.target, "r+"))
-            last = stack.enter_context(self.open(last_path))
+            if any(entry.accumulator is None for entry in self.layout.values()):
+                last = stack.enter_context(self.open(last_path))
             for key, entry in self.layout.items():
                 dataset = target[key]
                 if entry.accumulator is None:
@@ -321,21 +313,23 @@ class _Sum:
 
     def __init__(self, workspace):
         self.workspace = workspace
-        self.sums = {
-            key: np.zeros(entry.shape, entry.accumulator)
-            for key, entry in workspace.layout.items()
-            if entry.accumulator is not None
-        }
+        self.sums = {}
         self.total = 0.0
         self.last_path = None
 
     def add(self, path, weight):
-        with self.workspace.open(path) as datasets:
-            for key, total in self.sums.items():
-                value = self.workspace.read(path, datasets, key)
+        workspace = self.workspace
+        with workspace.open(path) as datasets:
+            for key, entry in workspace.layout.items():
+                if entry.accumulator is None:
+                    continue
+                value = workspace.read(path, datasets, key)
                 # In place: no temporary beside the one variable read.
-                value *= np.asarray(weight, total.dtype)
-                total += value
+                value *= np.asarray(weight, value.dtype)
+                if key in self.sums:
+                    self.sums[key] += value
+                else:
+                    self.sums[key] = value
         self.total += weight
         self.last_path = path
 

@@ -420,3 +420,19 @@ def test_keras_file_without_weights_member_is_rejected(tmp_path):
         keras_swa.average_checkpoints(model, [path])
     _assert_unchanged(model, before)
     assert os.path.exists(path)
+
+
+def test_greedy_soup_adds_an_ingredient_that_ties(tmp_path):
+    # A copy of the best file leaves the soup's metric equal: `>=` adds it.
+    keras.utils.set_random_seed(0)
+    paths, kernels, x, y = _soup_case(tmp_path)
+    best = paths[int(np.argmin([_mse(k, x, y) for k in kernels]))]
+    copy = str(tmp_path / "copy.weights.h5")
+    with open(best, "rb") as source, open(copy, "wb") as target:
+        target.write(source.read())
+    chosen = keras_swa.greedy_soup(
+        _linear_model(), [best, paths[-1], copy], (x, y), metric="loss"
+    )
+    assert list(chosen) == [best, copy]
+    assert [step.added for step in chosen.steps] == [True, True, False]
+    assert chosen.steps[1].soup_metric == chosen.steps[0].metric
