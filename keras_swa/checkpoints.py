@@ -73,8 +73,8 @@ def _read_dataset(dataset):
 
 def _accumulator_dtype(dtype):
     # As every averager of the library: float16/bfloat16 averages are
-    # float32; float32 and float64 stay as they are. Integers, booleans and the like (counters,
-    # seeds) are not averaged.
+    # float32; float32 and float64 stay as they are. Integers, booleans and
+    # the like (counters, seeds) are not averaged.
     if dtype == np.float64:
         return np.dtype(np.float64)
     if dtype in (np.float16, np.float32, ml_dtypes.bfloat16):
@@ -309,7 +309,7 @@ class _Workspace:
 
 
 class _Sum:
-    """Weighted sums of the float variables of files, one file read at a time."""
+    """Weighted sums of the float variables of files, read one at a time."""
 
     def __init__(self, workspace):
         self.workspace = workspace

@@ -64,7 +64,8 @@ def test_round_trip_averages_the_last_files_in_natural_order(tmp_path):
         str(tmp_path), ["ckpt_1.keras", "ckpt_2.keras", "ckpt_10.keras"]
     )
     output = str(tmp_path / "avg.keras")
-    result = _run(f"--output={output}", "--last=2", str(tmp_path / "ckpt_*.keras"))
+    pattern = str(tmp_path / "ckpt_*.keras")
+    result = _run(f"--output={output}", "--last=2", pattern)
     assert result.returncode == 0, result.stderr[-3000:]
     # Natural order: 2 before 10, so the last two are 2 and 10.
     chosen = [str(tmp_path / "ckpt_2.keras"), str(tmp_path / "ckpt_10.keras")]
@@ -84,9 +85,8 @@ def test_round_trip_averages_the_last_files_in_natural_order(tmp_path):
 @pytest.mark.slow
 def test_bad_flag_gets_one_line_naming_it(tmp_path):
     _save_checkpoints(str(tmp_path), ["a.keras"])
-    result = _run(
-        f"--output={tmp_path / 'avg.keras'}", "--last=0", str(tmp_path / "a.keras")
-    )
+    output = f"--output={tmp_path / 'avg.keras'}"
+    result = _run(output, "--last=0", str(tmp_path / "a.keras"))
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     assert "--last" in _last_line(result.stderr)

@@ -2,6 +2,7 @@
 
 import os
 import warnings
+import zipfile
 
 import keras
 import numpy as np
@@ -283,9 +284,10 @@ def test_bad_input_is_rejected_and_the_model_unchanged(tmp_path):
         with pytest.raises(error, match=message):
             keras_swa.average_checkpoints(model, paths, weights=weights)
         _assert_unchanged(model, before)
+    good = _bad_inputs(tmp_path)[0][0][:2]
     with pytest.raises(TypeError, match="`bn_steps`"):
         keras_swa.average_checkpoints(
-            model, _bad_inputs(tmp_path)[0][0][:2], bn_data=_data(), bn_steps=1.5
+            model, good, bn_data=_data(), bn_steps=1.5
         )
     _assert_unchanged(model, before)
 
@@ -332,7 +334,9 @@ def test_greedy_soup_leaves_out_the_bad_ingredient(tmp_path):
     assert chosen[0] == paths[int(np.argmin(singles))]
     # The model holds the mean of the chosen files.
     soup_kernel = np.mean([kernels[paths.index(p)] for p in chosen], axis=0)
-    np.testing.assert_allclose(model.layers[0].kernel.numpy(), soup_kernel, rtol=1e-6)
+    np.testing.assert_allclose(
+        model.layers[0].kernel.numpy(), soup_kernel, rtol=1e-6
+    )
     soup_loss = _mse(soup_kernel, x, y)
     assert soup_loss <= min(singles)
     assert chosen.soup_metric == pytest.approx(soup_loss, rel=1e-4)
@@ -361,7 +365,9 @@ def test_greedy_soup_maximizes_accuracy(tmp_path):
         metrics=["accuracy"],
     )
     paths, kernels = [], []
-    for i, (scale, flip) in enumerate([(0.5, 1), (0.5, 1), (0.5, 1), (0.2, -1)]):
+    # The last ingredient predicts the opposite class order.
+    ingredients = [(0.5, 1), (0.5, 1), (0.5, 1), (0.2, -1)]
+    for i, (scale, flip) in enumerate(ingredients):
         kernel = flip * true_kernel + rng.normal(0.0, scale, (4, 3))
         model.set_weights([kernel.astype("float32"), np.zeros(3, "float32")])
         paths.append(str(tmp_path / f"{i}.keras"))
@@ -369,7 +375,7 @@ def test_greedy_soup_maximizes_accuracy(tmp_path):
         kernels.append(kernel.astype("float32").astype("float64"))
     accuracy = [float(np.mean(np.argmax(x @ k, 1) == y)) for k in kernels]
     chosen = keras_swa.greedy_soup(model, paths, (x, y))
-    assert paths[3] not in chosen  # Predicts the opposite class order.
+    assert paths[3] not in chosen
     assert chosen[0] == paths[int(np.argmax(accuracy))]
     assert chosen.soup_metric >= max(accuracy)
     soup_kernel = np.mean([kernels[paths.index(p)] for p in chosen], axis=0)
@@ -395,9 +401,7 @@ def test_greedy_soup_bad_input_leaves_the_model_unchanged(tmp_path):
         (dict(paths=[]), ValueError, "`paths` is empty"),
     ]
     for overrides, error, message in cases:
-        arguments = dict(
-            paths=paths, validation_data=(x, y), metric="loss", **{}
-        )
+        arguments = dict(paths=paths, validation_data=(x, y), metric="loss")
         arguments.update(overrides)
         with pytest.raises(error, match=message):
             keras_swa.greedy_soup(model, **arguments)
@@ -410,8 +414,6 @@ def test_greedy_soup_bad_input_leaves_the_model_unchanged(tmp_path):
 
 def test_keras_file_without_weights_member_is_rejected(tmp_path):
     path = str(tmp_path / "empty.keras")
-    import zipfile
-
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr("config.json", "{}")
     model = _model()
