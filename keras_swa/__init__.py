@@ -2,6 +2,8 @@
 
 from keras_swa.batch_norm import update_bn
 from keras_swa.callbacks import StochasticWeightAveraging
+from keras_swa.checkpoints import average_checkpoints
+from keras_swa.checkpoints import greedy_soup
 from keras_swa.evaluation import AverageModelCheckpoint
 from keras_swa.evaluation import EvaluateAverage
 from keras_swa.optimizers import AveragedOptimizer
