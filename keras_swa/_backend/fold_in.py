@@ -42,59 +42,10 @@ def fold_in(
             holds NaN or infinity (one more read of the weights on snapshot
             steps). Defaults to `False`.
     """
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
-        _tf_fold_in(
-            snapshot, averages, weights, counter, snapshot_weight,
-            skip_non_finite,
-        )
-        return
-    if backend == "torch":
-        if snapshot is True or snapshot:
-            if not skip_non_finite or bool(_all_finite(weights)):
-                _torch_lerp(averages, weights, counter, snapshot_weight)
-        return
-
-    def new_values():
-        count = counter.value
-        t = snapshot_weight(count)
-        values = [
-            averaging.interpolate(a.value, _stored(w), t)
-            for a, w in zip(averages, weights)
-        ]
-        return values + [ops.add(count, 1)]
-
-    if skip_non_finite:
-        snapshot = ops.logical_and(snapshot, _all_finite(weights))
-    targets = list(averages) + [counter]
-    if backend == "jax" and snapshot is not True:
-        values = ops.cond(
-            snapshot, new_values, lambda: [v.value for v in targets]
-        )
-    elif snapshot is True or snapshot:
-        values = new_values()
-    else:
-        return
-    for target, value in zip(targets, values):
-        target.assign(value)
-
-
-def _torch_lerp(averages, weights, counter, snapshot_weight):
-    import torch
-
-    t = float(snapshot_weight(counter.value))
-    pairs = list(zip(averages, weights))
-    with torch.no_grad():
-        # `_foreach_lerp_` is the multi-tensor kernel torch.optim itself uses
-        # (no public equivalent): one launch for all averages of a dtype.
-        for dtype in {a.value.dtype for a, _ in pairs}:
-            group = [(a, w) for a, w in pairs if a.value.dtype == dtype]
-            torch._foreach_lerp_(
-                [a.value for a, _ in group],
-                [_value(w).to(dtype) for _, w in group],
-                t,
-            )
-        counter.assign(counter.value + 1)
+    fold_in_sets(
+        snapshot, [averages], weights, counter, [snapshot_weight],
+        skip_non_finite,
+    )
 
 
 def _stored(weight):
@@ -111,43 +62,6 @@ def _stored(weight):
 
         return jax.lax.optimization_barrier(value)
     return value
-
-
-def _tf_fold_in(
-    snapshot, averages, weights, counter, snapshot_weight, skip_non_finite
-):
-    import tensorflow as tf
-
-    def fold(strategy, snapshot):
-        if isinstance(snapshot, tf.distribute.DistributedValues):
-            # Every replica computed the same flag from the same counters.
-            snapshot = strategy.experimental_local_results(snapshot)[0]
-
-        def write():
-            for average, weight in zip(averages, weights):
-                strategy.extended.update(
-                    average.value,
-                    lambda a, w, n: a.assign(
-                        averaging.interpolate(a, w, snapshot_weight(n))
-                    ),
-                    args=(_value(weight), counter.value),
-                    group=False,
-                )
-            strategy.extended.update(
-                counter.value, lambda n: n.assign_add(1), group=False
-            )
-
-        if skip_non_finite:
-            # The weights are synchronized: one replica's copy tells.
-            snapshot = tf.logical_and(snapshot, _all_finite(weights))
-        if snapshot is True:
-            write()
-        else:
-            tf.cond(snapshot, write, lambda: None)
-
-    tf.__internal__.distribute.interim.maybe_merge_call(
-        fold, tf.distribute.get_strategy(), snapshot
-    )
 
 
 def fold_in_sets(
@@ -230,8 +144,9 @@ def _torch_lerp_sets(average_sets, weights, counter, snapshot_weights):
         for a, w in zip(averages, weights)
     ]
     with torch.no_grad():
-        # As `_torch_lerp`, with one weight per average (the `ScalarList`
-        # overload): one launch for all sets of a dtype.
+        # `_foreach_lerp_` is the multi-tensor kernel torch.optim itself
+        # uses (no public equivalent); its `ScalarList` overload gives each
+        # average its own weight: one launch for all sets of a dtype.
         for dtype in {a.value.dtype for a, _, _ in entries}:
             group = [e for e in entries if e[0].value.dtype == dtype]
             torch._foreach_lerp_(
