@@ -64,7 +64,7 @@ def _schedule_of(optimizer):
     return None
 
 
-class StochasticWeightAveraging(keras.callbacks.Callback):
+class StochasticWeightAveraging(keras.callbacks.Callback, engine.Averager):
     """Stochastic Weight Averaging (Izmailov et al., 2018) over `fit` epochs.
 
     From epoch `start_epoch` on, the callback sets the learning rate of the
@@ -209,41 +209,6 @@ class StochasticWeightAveraging(keras.callbacks.Callback):
         self._start = None
         self._lr0 = None
         self._resumed_after_epoch = None
-
-    @property
-    def average_variables(self):
-        """The averages, one per `model.trainable_variables` entry, in order
-        (float32 for float16 and bfloat16 variables)."""
-        return [] if self._averages is None else list(self._averages.averages)
-
-    @property
-    def n_averaged(self):
-        """Scalar integer variable: the snapshots folded in so far."""
-        return self._n_averaged
-
-    def assign_average_vars(self, var_list):
-        """Copies the averages into the given model variables.
-
-        Variables without an average (those not in the model's
-        `trainable_variables`, such as BatchNorm statistics) are left as they
-        are, as by `keras_swa.SWA.assign_average_vars`.
-
-        Args:
-            var_list: List of model variables, such as
-                `model.trainable_variables` or `model.variables`.
-
-        Raises:
-            ValueError: if nothing has been averaged yet; the variables are
-                then left untouched.
-        """
-        if self._averages is None:
-            raise ValueError(
-                "StochasticWeightAveraging has averaged no epoch yet "
-                "(n_averaged=0): `fit` has not run with it."
-            )
-        self._averages.assign_to(
-            var_list, "StochasticWeightAveraging", self._schedule()
-        )
 
     def _schedule(self):
         if self._start is None:
