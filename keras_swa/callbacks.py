@@ -227,19 +227,7 @@ class StochasticWeightAveraging(keras.callbacks.Callback, engine.Averager):
         _callback_order.check_nothing_restores_after(self)
         if self.validation_data is not None:
             _callback_order.check_metrics_come_first(self, "val_swa_")
-        self._averages = engine.Averages(
-            self.model.trainable_variables,
-            self._n_averaged,
-            lambda shape, dtype, name, layout: keras.Variable(
-                initializer="zeros",
-                shape=shape,
-                dtype=dtype,
-                trainable=False,
-                name=name,
-                layout=layout,
-            ),
-            name="swa_average",
-        )
+        self._create_averages()
         self._n_averaged.assign(0)
         self._diverged = False
         self._lr0 = None
@@ -250,6 +238,37 @@ class StochasticWeightAveraging(keras.callbacks.Callback, engine.Averager):
         self._base_schedule = None
         if self.swa_lr is not None:
             self._take_over_schedule()
+
+    def _new_averages(self, name):
+        """Zero averages of the model's trainable variables, counted by
+        `n_averaged` and created as the callback's own (a subclass keeps its
+        further moments alike: same dtypes, same distribution)."""
+        return engine.Averages(
+            self.model.trainable_variables,
+            self._n_averaged,
+            lambda shape, dtype, name, layout: keras.Variable(
+                initializer="zeros",
+                shape=shape,
+                dtype=dtype,
+                trainable=False,
+                name=name,
+                layout=layout,
+            ),
+            name=name,
+        )
+
+    def _create_averages(self):
+        """Creates what the callback keeps for a fit (before a backup is
+        read into it)."""
+        self._averages = self._new_averages("swa_average")
+
+    def _state(self):
+        """The averages as NumPy arrays, for the backup file."""
+        return self._averages.get_state()
+
+    def _set_state(self, state, path):
+        """Loads what `_state` returned, read from the backup `path`."""
+        self._averages.set_state(state, path)
 
     def on_epoch_begin(self, epoch, logs=None):
         if self._resumed_after_epoch is not None:
@@ -488,7 +507,7 @@ class StochasticWeightAveraging(keras.callbacks.Callback, engine.Averager):
             "start_epoch": np.int64(self._start),
             "average_period": np.int64(self.average_period),
             "lr0": np.float64(np.nan if self._lr0 is None else self._lr0),
-            **self._averages.get_state(),
+            **self._state(),
         }
         os.makedirs(self.backup_dir, exist_ok=True)
         # A crash mid-write must leave the previous backup intact: write a
@@ -523,7 +542,7 @@ class StochasticWeightAveraging(keras.callbacks.Callback, engine.Averager):
                 f"average_period)={saved}, while this fit has {expected}. "
                 "Delete it to start over."
             )
-        self._averages.set_state(state, path)
+        self._set_state(state, path)
         lr0 = float(state["lr0"])
         self._lr0 = None if math.isnan(lr0) else lr0
         self._resumed_after_epoch = int(state["epoch"])

@@ -223,6 +223,22 @@ class Averages:
             skip_non_finite=skip_non_finite,
         )
 
+    def assign_values(self, values) -> None:
+        """Writes given values into the averages, eagerly.
+
+        For moments that are not an interpolation towards the variables
+        (SWAG's second moment and deviations); the counter is left alone.
+
+        Args:
+            values: List with one tensor per entry of `variables`, cast to
+                its average's dtype (`None` where the variable has no
+                average). On JAX a value must not be another variable's
+                buffer, which `fit` donates: pass computed tensors.
+        """
+        for average, value in zip(self.averages, values):
+            if average is not None:
+                average.assign(ops.cast(value, average.dtype))
+
     def variables_finite(self) -> bool:
         """Whether the averaged variables hold only finite values, eagerly."""
         return all_finite([variable for _, variable in self._pairs()])
