@@ -1,6 +1,9 @@
 """Stochastic Weight Averaging and related weight averaging for Keras 3."""
 
+from keras_swa import metrics
 from keras_swa.batch_norm import update_bn
+from keras_swa.bma import predict_bma
+from keras_swa.bma import sampled_weights
 from keras_swa.callbacks import StochasticWeightAveraging
 from keras_swa.checkpoints import average_checkpoints
 from keras_swa.checkpoints import greedy_soup
@@ -15,6 +18,7 @@ from keras_swa.posthoc_ema import EMASnapshots
 from keras_swa.posthoc_ema import reconstruct_ema
 from keras_swa.posthoc_ema import sweep_ema
 from keras_swa.schedules import SWALearningRate
+from keras_swa.swag import SWAG
 from keras_swa.weights import assign_average
 from keras_swa.weights import averaged_weights
 

@@ -64,7 +64,7 @@ def _schedule_of(optimizer):
     return None
 
 
-class StochasticWeightAveraging(keras.callbacks.Callback):
+class StochasticWeightAveraging(keras.callbacks.Callback, engine.Averager):
     """Stochastic Weight Averaging (Izmailov et al., 2018) over `fit` epochs.
 
     From epoch `start_epoch` on, the callback sets the learning rate of the
@@ -210,41 +210,6 @@ class StochasticWeightAveraging(keras.callbacks.Callback):
         self._lr0 = None
         self._resumed_after_epoch = None
 
-    @property
-    def average_variables(self):
-        """The averages, one per `model.trainable_variables` entry, in order
-        (float32 for float16 and bfloat16 variables)."""
-        return [] if self._averages is None else list(self._averages.averages)
-
-    @property
-    def n_averaged(self):
-        """Scalar integer variable: the snapshots folded in so far."""
-        return self._n_averaged
-
-    def assign_average_vars(self, var_list):
-        """Copies the averages into the given model variables.
-
-        Variables without an average (those not in the model's
-        `trainable_variables`, such as BatchNorm statistics) are left as they
-        are, as by `keras_swa.SWA.assign_average_vars`.
-
-        Args:
-            var_list: List of model variables, such as
-                `model.trainable_variables` or `model.variables`.
-
-        Raises:
-            ValueError: if nothing has been averaged yet; the variables are
-                then left untouched.
-        """
-        if self._averages is None:
-            raise ValueError(
-                "StochasticWeightAveraging has averaged no epoch yet "
-                "(n_averaged=0): `fit` has not run with it."
-            )
-        self._averages.assign_to(
-            var_list, "StochasticWeightAveraging", self._schedule()
-        )
-
     def _schedule(self):
         if self._start is None:
             return "It has not run in a `fit` yet."
@@ -262,19 +227,7 @@ class StochasticWeightAveraging(keras.callbacks.Callback):
         _callback_order.check_nothing_restores_after(self)
         if self.validation_data is not None:
             _callback_order.check_metrics_come_first(self, "val_swa_")
-        self._averages = engine.Averages(
-            self.model.trainable_variables,
-            self._n_averaged,
-            lambda shape, dtype, name, layout: keras.Variable(
-                initializer="zeros",
-                shape=shape,
-                dtype=dtype,
-                trainable=False,
-                name=name,
-                layout=layout,
-            ),
-            name="swa_average",
-        )
+        self._create_averages()
         self._n_averaged.assign(0)
         self._diverged = False
         self._lr0 = None
@@ -285,6 +238,37 @@ class StochasticWeightAveraging(keras.callbacks.Callback):
         self._base_schedule = None
         if self.swa_lr is not None:
             self._take_over_schedule()
+
+    def _new_averages(self, name):
+        """Zero averages of the model's trainable variables, counted by
+        `n_averaged` and created as the callback's own (a subclass keeps its
+        further moments alike: same dtypes, same distribution)."""
+        return engine.Averages(
+            self.model.trainable_variables,
+            self._n_averaged,
+            lambda shape, dtype, name, layout: keras.Variable(
+                initializer="zeros",
+                shape=shape,
+                dtype=dtype,
+                trainable=False,
+                name=name,
+                layout=layout,
+            ),
+            name=name,
+        )
+
+    def _create_averages(self):
+        """Creates what the callback keeps for a fit (before a backup is
+        read into it)."""
+        self._averages = self._new_averages("swa_average")
+
+    def _state(self):
+        """The averages as NumPy arrays, for the backup file."""
+        return self._averages.get_state()
+
+    def _set_state(self, state, path):
+        """Loads what `_state` returned, read from the backup `path`."""
+        self._averages.set_state(state, path)
 
     def on_epoch_begin(self, epoch, logs=None):
         if self._resumed_after_epoch is not None:
@@ -523,7 +507,7 @@ class StochasticWeightAveraging(keras.callbacks.Callback):
             "start_epoch": np.int64(self._start),
             "average_period": np.int64(self.average_period),
             "lr0": np.float64(np.nan if self._lr0 is None else self._lr0),
-            **self._averages.get_state(),
+            **self._state(),
         }
         os.makedirs(self.backup_dir, exist_ok=True)
         # A crash mid-write must leave the previous backup intact: write a
@@ -558,7 +542,7 @@ class StochasticWeightAveraging(keras.callbacks.Callback):
                 f"average_period)={saved}, while this fit has {expected}. "
                 "Delete it to start over."
             )
-        self._averages.set_state(state, path)
+        self._set_state(state, path)
         lr0 = float(state["lr0"])
         self._lr0 = None if math.isnan(lr0) else lr0
         self._resumed_after_epoch = int(state["epoch"])

@@ -72,6 +72,60 @@ def all_finite(variables) -> bool:
     return True
 
 
+class Averager:
+    """What every averager shows of its averages, as the wrappers of
+    `tensorflow_addons` did: `average_variables`, `n_averaged` and
+    `assign_average_vars`.
+
+    A base of the optimizer wrappers and of the `fit` callbacks. They keep
+    an `Averages` in `self._averages` (`None` until they are built or `fit`
+    runs) and its counter in `self._n_averaged`, and say in `_schedule()`
+    when they take snapshots and how far training got.
+    """
+
+    @property
+    def average_variables(self):
+        """The averages, one per trainable variable, in the same order
+        (float32 for float16 and bfloat16 variables)."""
+        return [] if self._averages is None else list(self._averages.averages)
+
+    @property
+    def n_averaged(self):
+        """Scalar integer variable: the snapshots folded in so far."""
+        return self._n_averaged
+
+    def assign_average_vars(self, var_list) -> None:
+        """Copies the averages into the given model variables.
+
+        Variables without an average (BatchNorm statistics, say) are left as
+        they are, as in `tensorflow_addons`. Run it eagerly, outside a train
+        step.
+
+        Args:
+            var_list: List of model variables, such as
+                `model.trainable_variables` or `model.variables`.
+
+        Raises:
+            ValueError: if nothing has been averaged yet, or the averages are
+                not finite; the variables are then left untouched.
+
+        Example:
+
+        >>> opt.assign_average_vars(model.variables)  # doctest: +SKIP
+        """
+        if self._averages is None:
+            raise ValueError(
+                f"{type(self).__name__} has averaged no snapshot yet "
+                f"(n_averaged=0). {self._schedule()}"
+            )
+        self._averages.assign_to(
+            var_list, type(self).__name__, self._schedule()
+        )
+
+    def _schedule(self) -> str:
+        raise NotImplementedError
+
+
 class Averages:
     """The running averages of a list of variables, with their counter.
 
@@ -168,6 +222,22 @@ class Averages:
             average_weight,
             skip_non_finite=skip_non_finite,
         )
+
+    def assign_values(self, values) -> None:
+        """Writes given values into the averages, eagerly.
+
+        For moments that are not an interpolation towards the variables
+        (SWAG's second moment and deviations); the counter is left alone.
+
+        Args:
+            values: List with one tensor per entry of `variables`, cast to
+                its average's dtype (`None` where the variable has no
+                average). On JAX a value must not be another variable's
+                buffer, which `fit` donates: pass computed tensors.
+        """
+        for average, value in zip(self.averages, values):
+            if average is not None:
+                average.assign(ops.cast(value, average.dtype))
 
     def variables_finite(self) -> bool:
         """Whether the averaged variables hold only finite values, eagerly."""

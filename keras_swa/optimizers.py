@@ -56,7 +56,7 @@ def _check_inner_optimizer(inner_optimizer):
 
 
 @keras.saving.register_keras_serializable(package="keras_swa")
-class AveragedOptimizer(keras.optimizers.Optimizer):
+class AveragedOptimizer(keras.optimizers.Optimizer, engine.Averager):
     """An optimizer wrapper that averages the weights it produces.
 
     The base of `SWA` and `EMA`, and public so that a custom averaging rule
@@ -200,17 +200,6 @@ class AveragedOptimizer(keras.optimizers.Optimizer):
     def variables(self):
         return self._variables + self.inner_optimizer.variables
 
-    @property
-    def average_variables(self):
-        """The averages, one per trainable variable, in the same order
-        (float32 for float16 and bfloat16 variables)."""
-        return [] if self._averages is None else list(self._averages.averages)
-
-    @property
-    def n_averaged(self):
-        """Scalar integer variable: the snapshots folded in so far."""
-        return self._n_averaged
-
     def apply(self, grads, trainable_variables=None):
         if not self.built:
             if trainable_variables is None:
@@ -272,34 +261,6 @@ class AveragedOptimizer(keras.optimizers.Optimizer):
             f"{type(self).__name__} averages from update {self.start_averaging}"
             f" (start_averaging) every {self.average_period} update(s) "
             f"(average_period); {updates} update(s) have run so far."
-        )
-
-    def assign_average_vars(self, var_list):
-        """Copies the averages into the given model variables.
-
-        Variables this optimizer has no average for (BatchNorm statistics,
-        say) are left as they are, as in `tensorflow_addons`. Run it eagerly,
-        outside a train step.
-
-        Args:
-            var_list: List of model variables, such as
-                `model.trainable_variables` or `model.variables`.
-
-        Raises:
-            ValueError: if nothing has been averaged yet, or the averages are
-                not finite; the variables are then left untouched.
-
-        Example:
-
-        >>> opt.assign_average_vars(model.variables)  # doctest: +SKIP
-        """
-        if self._averages is None:
-            raise ValueError(
-                f"{type(self).__name__} has averaged no snapshot yet "
-                "(n_averaged=0): it has not been built, so no update has run."
-            )
-        self._averages.assign_to(
-            var_list, type(self).__name__, self._schedule()
         )
 
     @property
@@ -605,6 +566,8 @@ class PowerEMA(AveragedOptimizer):
     ...     model.evaluate(x_test, y_test)
     """
 
+    log_name = "ema"
+
     def __init__(
         self,
         inner_optimizer,
@@ -708,6 +671,8 @@ class PostHocEMA(AveragedOptimizer):
     ...                           sigma_rel=0.08)  # doctest: +SKIP
     """
 
+    log_name = "ema"
+
     def __init__(
         self,
         inner_optimizer,
@@ -802,7 +767,7 @@ class PostHocEMA(AveragedOptimizer):
         return config
 
 
-class PowerEMAProfile:
+class PowerEMAProfile(engine.Averager):
     """One profile of a `keras_swa.PostHocEMA`: its averages, as a source.
 
     Pass it as `source` to `keras_swa.assign_average`,
@@ -820,6 +785,8 @@ class PowerEMAProfile:
     ...                          bn_data=x_train)  # doctest: +SKIP
     """
 
+    log_name = "ema"
+
     def __init__(self, optimizer: PostHocEMA, index: int):
         self.optimizer = optimizer
         self.index = index
@@ -835,39 +802,20 @@ class PowerEMAProfile:
         return self.optimizer.gammas[self.index]
 
     @property
-    def average_variables(self):
-        """The profile's averages, one per trainable variable."""
+    def _averages(self):
         averages = self.optimizer._profile_averages
-        return [] if averages is None else list(averages[self.index].averages)
+        return None if averages is None else averages[self.index]
 
     @property
-    def n_averaged(self):
-        """Scalar integer variable: the snapshots folded in (shared by all
-        profiles)."""
+    def _n_averaged(self):
+        # Shared by all profiles: they fold in together.
         return self.optimizer.n_averaged
 
     def _schedule(self):
-        return self.optimizer._schedule()
-
-    def assign_average_vars(self, var_list):
-        """Copies the profile's averages into the given model variables, as
-        `AveragedOptimizer.assign_average_vars`.
-
-        Args:
-            var_list: List of model variables.
-
-        Raises:
-            ValueError: if nothing has been averaged yet, or the averages are
-                not finite; the variables are then left untouched.
-        """
-        averages = self.optimizer._profile_averages
-        owner = f"PostHocEMA profile {self.index} (sigma_rel={self.sigma_rel})"
-        if averages is None:
-            raise ValueError(
-                f"{owner} has averaged no snapshot yet (n_averaged=0): the "
-                "optimizer has not been built, so no update has run."
-            )
-        averages[self.index].assign_to(var_list, owner, self._schedule())
+        return (
+            f"(Profile {self.index}, sigma_rel={self.sigma_rel}.) "
+            + self.optimizer._schedule()
+        )
 
     def __repr__(self):
         return (
