@@ -16,12 +16,15 @@ variables sharded 4 ways over "model". `OUT.npz` gets, under the keys
 - `assigned_<i>`: the weights after `assign_average` then `update_bn`;
 - `loaded_<i>` (wrappers): the averages of the model saved after `fit` and
   loaded back;
+- `sampled_<i>` (SWAG): the model's weights inside `sampled_weights(...,
+  bn_data=x)`, and `restored` after it;
 
 and, for the sharded run only, the shardings as found on the arrays
 (`variable.value.sharding`): `weight_spec_<i>` and `average_spec_<i>` (the
-`PartitionSpec`s as strings), `equivalent_<i>` (whether the average's
+`PartitionSpec`s as strings; every average the averager keeps: all profiles
+of PostHocEMA, SWAG's moments and deviations), `equivalent_<i>` (whether the average's
 sharding is equivalent to its weight's), `inside_spec_<i>` (the weights'
-inside `averaged_weights`), `loaded_spec_<i>`, the per-device bytes of the
+inside `averaged_weights` or `sampled_weights`), `loaded_spec_<i>`, the per-device bytes of the
 weights and of the averages, and `collectives` (the collective operations of
 the compiled train step, as in `plain/sharded/collectives` for an optimizer
 without averaging).
@@ -42,7 +45,10 @@ import keras_swa  # noqa: E402
 
 BATCH_SIZE = 16
 EPOCHS = 3
-KINDS = ("plain", "swa", "ema", "power_ema", "posthoc_ema", "callback")
+KINDS = (
+    "plain", "swa", "ema", "power_ema", "posthoc_ema", "callback", "swag"
+)
+MAX_RANK = 2
 # Collectives of the compiled HLO, with their result shapes.
 _COLLECTIVE = re.compile(
     r"= (\S+) (all-gather|all-reduce|reduce-scatter|all-to-all|"
@@ -97,10 +103,12 @@ def _averager(kind, x):
     inner = keras.optimizers.SGD(0.05, momentum=0.9)
     if kind == "plain":
         return inner, [], None
-    if kind == "callback":
-        callback = keras_swa.StochasticWeightAveraging(
-            start_epoch=1, swa_lr=0.02, bn_data=x, verbose=0
-        )
+    if kind in ("callback", "swag"):
+        arguments = dict(start_epoch=1, swa_lr=0.02, bn_data=x, verbose=0)
+        if kind == "swag":
+            callback = keras_swa.SWAG(max_rank=MAX_RANK, **arguments)
+        else:
+            callback = keras_swa.StochasticWeightAveraging(**arguments)
         return inner, [callback], callback
     if kind == "swa":
         optimizer = keras_swa.SWA(inner, start_averaging=2, average_period=3)
@@ -115,7 +123,14 @@ def _averager(kind, x):
 
 
 def _all_averages(optimizer, source):
-    """Every average the averager keeps (all profiles of PostHocEMA)."""
+    """Every average the averager keeps (all profiles of PostHocEMA; SWAG's
+    mean, second moment and deviation columns)."""
+    if isinstance(source, keras_swa.SWAG):
+        return [
+            *source.average_variables,
+            *source.second_moment_variables,
+            *(v for columns in source.deviation_variables for v in columns),
+        ]
     if isinstance(optimizer, keras_swa.PostHocEMA):
         return [
             average
@@ -209,10 +224,23 @@ def run(kind, inputs, layouts, directory):
                 layouts[average.path] is not None
             )
 
-    if kind == "callback":
+    if kind in ("callback", "swag"):
         # The callback assigned the average and recomputed BatchNorm already.
         for i, weight in enumerate(model.get_weights()):
             result[f"assigned_{i}"] = weight
+        if kind == "swag":
+            with keras_swa.sampled_weights(model, source, seed=3, bn_data=x):
+                for i, variable in enumerate(model.weights):
+                    result[f"sampled_{i}"] = variable.numpy()
+                    if sharded:
+                        result[f"inside_spec_{i}"] = _spec(variable)
+            result["restored"] = all(
+                np.array_equal(before, after.numpy())
+                for before, after in zip(
+                    [result[f"assigned_{i}"] for i in range(8)],
+                    model.weights,
+                )
+            )
         return result
 
     raw = model.get_weights()

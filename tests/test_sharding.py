@@ -35,7 +35,7 @@ pytestmark = [
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RTOL, ATOL = 1e-5, 1e-6
-AVERAGERS = ("swa", "ema", "power_ema", "posthoc_ema", "callback")
+AVERAGERS = ("swa", "ema", "power_ema", "posthoc_ema", "callback", "swag")
 WRAPPERS = ("swa", "ema", "power_ema", "posthoc_ema")
 # The trainable variables: dense_in kernel and bias, norm gamma and beta,
 # dense_out kernel and bias; model.weights has the moving mean and variance
@@ -90,8 +90,12 @@ def _indexed(run, name):
 
 
 def _copies(kind):
-    """Average copies of the trainable weights each averager keeps."""
-    return 2 if kind == "posthoc_ema" else 1
+    """Copies of the trainable weights each averager keeps: one a profile
+    for PostHocEMA, the mean, second moment and `max_rank` deviation
+    columns for SWAG."""
+    from tests import sharding_run
+
+    return {"posthoc_ema": 2, "swag": sharding_run.MAX_RANK + 2}.get(kind, 1)
 
 
 @pytest.mark.parametrize("kind", AVERAGERS)
@@ -142,8 +146,12 @@ def test_the_sharded_run_gives_the_single_device_numbers(results, kind):
     assert "n_averaged" in numbers and "average_0" in numbers
     assert "assigned_0" in numbers
     for key in numbers:
+        # A SWAG sample scales its noise by sqrt(sq_mean - mean**2), which
+        # turns the rounding of the moments into a larger one (the two
+        # snapshots' variance is small).
+        atol = 5e-5 if key.startswith("sampled_") else ATOL
         np.testing.assert_allclose(
-            sharded[key], single[key], rtol=RTOL, atol=ATOL, err_msg=key
+            sharded[key], single[key], rtol=RTOL, atol=atol, err_msg=key
         )
 
 
@@ -155,14 +163,16 @@ def test_the_snapshots_counted_are_those_of_the_schedules(results):
         "power_ema": steps,
         "posthoc_ema": steps,
         "callback": 2,  # epochs 1 and 2 of 3
+        "swag": 2,
     }
     for kind, count in expected.items():
         for run in ("single", "sharded"):
             assert int(results[f"{kind}/{run}/n_averaged"]) == count, kind
 
 
-@pytest.mark.parametrize("kind", WRAPPERS)
-def test_averaged_weights_keeps_the_sharding_and_restores(results, kind):
+@pytest.mark.parametrize("kind", (*WRAPPERS, "swag"))
+def test_swapped_weights_keep_their_sharding_and_come_back(results, kind):
+    """`averaged_weights` (wrappers) and `sampled_weights` (SWAG)."""
     sharded = _run(results, kind, "sharded")
     inside = [str(s) for s in _indexed(sharded, "inside_spec")]
     # model.weights: the trainable ones and the two statistics of norm.
@@ -170,6 +180,8 @@ def test_averaged_weights_keeps_the_sharding_and_restores(results, kind):
     expected = weight_specs[:4] + ["P('model',)"] * 2 + weight_specs[4:]
     assert inside == expected
     assert bool(sharded["restored"])
+    if kind == "swag":
+        return
     # Inside the block: the averages, with statistics for them.
     bn_weights = _indexed(sharded, "bn_weights")
     averages = _indexed(sharded, "average")
@@ -192,14 +204,17 @@ def test_a_loaded_model_has_the_averages_sharded_again(results, kind):
     ]
 
 
-@pytest.mark.parametrize("kind", AVERAGERS)
+@pytest.mark.parametrize(
+    "kind, weights", [(kind, "assigned") for kind in AVERAGERS]
+    + [("swag", "sampled")],
+)
 def test_update_bn_on_the_sharded_model_gives_the_batch_moments(
-    results, kind
+    results, kind, weights
 ):
     from tests import sharding_run
 
     x, _, _ = sharding_run._inputs()
-    weights = _indexed(_run(results, kind, "sharded"), "assigned")
+    weights = _indexed(_run(results, kind, "sharded"), weights)
     kernel, bias = weights[0].astype("float64"), weights[1].astype("float64")
     hidden = np.maximum(x.astype("float64") @ kernel + bias, 0.0)
     batches = [
