@@ -34,6 +34,7 @@ if keras.backend.backend() == "tensorflow":
 
 RTOL, ATOL = 1e-5, 1e-6
 EPOCHS, BATCH = 2, 16  # 64 samples: 4 global batches an epoch.
+CALLBACK_EPOCHS = 3
 EPSILON = 1e-3  # BatchNormalization's default.
 WORKER = os.path.join(os.path.dirname(__file__), "distribute_worker.py")
 
@@ -58,6 +59,13 @@ def _model(synchronized=True):
 def _dataset():
     # Unshuffled: the distributed run splits the same global batches.
     return tf.data.Dataset.from_tensor_slices(_data()).batch(BATCH)
+
+
+def callback(bn_data):
+    """The StochasticWeightAveraging callback of the callback tests."""
+    return keras_swa.StochasticWeightAveraging(
+        start_epoch=1, swa_lr=0.02, bn_data=bn_data, verbose=0
+    )
 
 
 def _wrapper(kind):
@@ -155,32 +163,36 @@ def test_wrapper_and_assign_average_match_one_device(strategy, kind):
     )
 
 
-def test_callback_matches_one_device(strategy):
-    x, _ = _data()
-
-    def fit(strategy, initial_weights=None):
-        keras.utils.set_random_seed(0)
-        scope = strategy.scope() if strategy else contextlib.nullcontext()
-        with scope:
-            model = _model()
-            if initial_weights is not None:
-                model.set_weights(initial_weights)
-            initial = model.get_weights()
-            model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
-        callback = keras_swa.StochasticWeightAveraging(
-            start_epoch=1, swa_lr=0.02, bn_data=x, verbose=0
-        )
+def _fit_with_callback(strategy, initial_weights=None, fit_in_scope=False):
+    keras.utils.set_random_seed(0)
+    scope = strategy.scope() if strategy else contextlib.nullcontext()
+    with scope:
+        model = _model()
+        if initial_weights is not None:
+            model.set_weights(initial_weights)
+        initial = model.get_weights()
+        model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+    swa = callback(_data()[0])
+    scope = strategy.scope() if fit_in_scope else contextlib.nullcontext()
+    with scope:
         model.fit(
             _dataset(),
-            epochs=3,
+            epochs=CALLBACK_EPOCHS,
             verbose=0,
             shuffle=False,
-            callbacks=[callback],
+            callbacks=[swa],
         )
-        return model, callback, initial
+    return model, swa, initial
 
-    single, single_callback, initial = fit(None)
-    mirrored, mirrored_callback, _ = fit(strategy, initial)
+
+# `fit` inside the scope: the callback then folds in in cross-replica
+# context, where there is no replica context to merge from.
+@pytest.mark.parametrize("fit_in_scope", [False, True])
+def test_callback_matches_one_device(strategy, fit_in_scope):
+    single, single_callback, initial = _fit_with_callback(None)
+    mirrored, mirrored_callback, _ = _fit_with_callback(
+        strategy, initial, fit_in_scope
+    )
     assert int(mirrored_callback.n_averaged.numpy()) == 2
     _assert_replicas_equal(strategy, mirrored.variables)
     for expected, variable in zip(single.variables, mirrored.variables):
@@ -316,19 +328,13 @@ def _free_ports(count):
             sock.close()
 
 
-@pytest.mark.slow
-def test_multi_worker_mirrored_matches_one_device(tmp_path):
-    x, _ = _data()
-    expected, initial = {}, None
-    for kind in ("swa", "ema"):
-        single, single_opt, initial = _trained(None, kind, initial)
-        expected[kind] = (
-            int(single_opt.n_averaged.numpy()),
-            [a.numpy() for a in single_opt.average_variables],
-        )
-        keras_swa.assign_average(single, bn_data=x, verbose=0)
-        expected[kind] += (single.get_weights(),)
-    np.savez(tmp_path / "initial.npz", *initial)
+@pytest.fixture(scope="module")
+def multi_worker_results(tmp_path_factory):
+    """The results of the two workers of tests/distribute_worker.py, which
+    train from the single-device model's initial weights."""
+    tmp_path = tmp_path_factory.mktemp("multi_worker")
+    keras.utils.set_random_seed(0)
+    np.savez(tmp_path / "initial.npz", *_model().get_weights())
 
     ports = _free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
@@ -364,7 +370,7 @@ def test_multi_worker_mirrored_matches_one_device(tmp_path):
             )
         for index, (process, _) in enumerate(workers):
             try:
-                code = process.wait(timeout=120)
+                code = process.wait(timeout=180)
             except subprocess.TimeoutExpired:
                 code = "timeout"
             if code != 0:
@@ -376,24 +382,78 @@ def test_multi_worker_mirrored_matches_one_device(tmp_path):
                 process.kill()
                 process.wait(timeout=30)
             log.close()
-
+    results = []
     for index in range(2):
         with np.load(tmp_path / f"result{index}.npz") as result:
-            for kind, (n_averaged, averages, weights) in expected.items():
-                assert int(result[f"{kind}_n_averaged"]) == n_averaged
-                for i, average in enumerate(averages):
-                    np.testing.assert_allclose(
-                        result[f"{kind}_average_{i}"],
-                        average,
-                        rtol=RTOL,
-                        atol=ATOL,
-                    )
-                # After assign_average with bn_data: the averaged weights
-                # and the recomputed (global) BatchNormalization statistics.
-                for i, weight in enumerate(weights):
-                    np.testing.assert_allclose(
-                        result[f"{kind}_weight_{i}"],
-                        weight,
-                        rtol=RTOL,
-                        atol=ATOL,
-                    )
+            results.append(dict(result))
+    return results
+
+
+def _assert_workers_match(results, kind, n_averaged, averages, weights):
+    for result in results:
+        assert int(result[f"{kind}_n_averaged"]) == n_averaged
+        for i, average in enumerate(averages):
+            np.testing.assert_allclose(
+                result[f"{kind}_average_{i}"], average, rtol=RTOL, atol=ATOL
+            )
+        # After assign_average with bn_data: the averaged weights and the
+        # recomputed (global) BatchNormalization statistics.
+        for i, weight in enumerate(weights):
+            np.testing.assert_allclose(
+                result[f"{kind}_weight_{i}"], weight, rtol=RTOL, atol=ATOL
+            )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["swa", "ema"])
+def test_multi_worker_mirrored_matches_one_device(multi_worker_results, kind):
+    """The workers' own train step (`strategy.run`) with a wrapper."""
+    x, _ = _data()
+    single, single_opt, _ = _trained(None, kind)
+    keras_swa.assign_average(single, bn_data=x, verbose=0)
+    _assert_workers_match(
+        multi_worker_results,
+        kind,
+        int(single_opt.n_averaged.numpy()),
+        [a.numpy() for a in single_opt.average_variables],
+        single.get_weights(),
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["swa", "ema", "callback"])
+def test_multi_worker_fit_matches_one_device(multi_worker_results, kind):
+    """`model.fit` on the workers, with the workarounds for Keras 3.15 that
+    tests/distribute_worker.py describes, with a wrapper or the callback."""
+    x, _ = _data()
+    if kind == "callback":
+        single, source, _ = _fit_with_callback(None)
+    else:
+        single, source, _ = _trained(None, kind)
+        keras_swa.assign_average(single, bn_data=x, verbose=0)
+    n_averaged = int(source.n_averaged.numpy())
+    assert n_averaged > 1
+    _assert_workers_match(
+        multi_worker_results,
+        f"fit_{kind}",
+        n_averaged,
+        [a.numpy() for a in source.average_variables],
+        single.get_weights(),
+    )
+
+
+@pytest.mark.slow
+def test_keras_fit_still_needs_the_multi_worker_workarounds(
+    multi_worker_results,
+):
+    """Keras 3.15's `fit` fails under MultiWorkerMirroredStrategy without the
+    workarounds of tests/distribute_worker.py (keras-team/keras#20585). When
+    this test fails, a Keras release fixed it: drop the workaround."""
+    for result in multi_worker_results:
+        # A model created in the scope builds itself on a batch reduced over
+        # the workers, a nest the strategy cannot reduce.
+        assert "PerReplica" in str(result["keras_fit_error_model_in_scope"])
+        # Scalar logs reduced over the workers along axis 0.
+        assert "Invalid reduction dimension 0" in str(
+            result["keras_fit_error_scalar_logs"]
+        )

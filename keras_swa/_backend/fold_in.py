@@ -166,22 +166,30 @@ def _tf_fold_in_sets(
         if isinstance(snapshot, tf.distribute.DistributedValues):
             snapshot = strategy.experimental_local_results(snapshot)[0]
 
+        def update(variable, fn, args=()):
+            variable = variable.value
+            if isinstance(variable, tf.distribute.DistributedValues):
+                strategy.extended.update(variable, fn, args=args, group=False)
+            else:
+                # Not a variable of the strategy: one created outside its
+                # scope, such as a callback's counter made before a `fit`
+                # called inside the scope (the strategy refuses to update
+                # it). It lives on one device: updated there.
+                fn(variable, *args)
+
         def write():
             for index, weight in enumerate(weights):
                 for averages, snapshot_weight in zip(
                     average_sets, snapshot_weights
                 ):
-                    strategy.extended.update(
-                        averages[index].value,
+                    update(
+                        averages[index],
                         lambda a, w, n, f=snapshot_weight: a.assign(
                             averaging.interpolate(a, w, f(n))
                         ),
                         args=(_value(weight), counter.value),
-                        group=False,
                     )
-            strategy.extended.update(
-                counter.value, lambda n: n.assign_add(1), group=False
-            )
+            update(counter, lambda n: n.assign_add(1))
 
         if skip_non_finite:
             snapshot = tf.logical_and(snapshot, _all_finite(weights))
@@ -190,6 +198,13 @@ def _tf_fold_in_sets(
         else:
             tf.cond(snapshot, write, lambda: None)
 
-    tf.__internal__.distribute.interim.maybe_merge_call(
-        fold, tf.distribute.get_strategy(), snapshot
-    )
+    strategy = tf.distribute.get_strategy()
+    if tf.distribute.in_cross_replica_context():
+        # Already where a merge call leads (eagerly inside
+        # `strategy.scope()`: a callback of a `fit` called in the scope),
+        # and there is no replica context to merge from.
+        fold(strategy, snapshot)
+    else:
+        tf.__internal__.distribute.interim.maybe_merge_call(
+            fold, strategy, snapshot
+        )
