@@ -22,12 +22,13 @@ variables sharded 4 ways over "model". `OUT.npz` gets, under the keys
 and, for the sharded run only, the shardings as found on the arrays
 (`variable.value.sharding`): `weight_spec_<i>` and `average_spec_<i>` (the
 `PartitionSpec`s as strings; every average the averager keeps: all profiles
-of PostHocEMA, SWAG's moments and deviations), `equivalent_<i>` (whether the average's
-sharding is equivalent to its weight's), `inside_spec_<i>` (the weights'
-inside `averaged_weights` or `sampled_weights`), `loaded_spec_<i>`, the per-device bytes of the
-weights and of the averages, and `collectives` (the collective operations of
-the compiled train step, as in `plain/sharded/collectives` for an optimizer
-without averaging).
+of PostHocEMA, SWAG's moments and deviations), `equivalent_<i>` (whether the
+average's sharding is equivalent to its weight's), `mapped_<i>` (whether a
+pattern of the layout map matches the average's path), `inside_spec_<i>`
+(the weights' inside `averaged_weights` or `sampled_weights`),
+`loaded_spec_<i>`, the per-device bytes of the weights and of the averages,
+and `collectives` (the collective operations of the compiled train step, as
+in `plain/sharded/collectives` for an optimizer without averaging).
 """
 
 import os
@@ -75,7 +76,8 @@ def layout_map():
     the averages' names: an average sharded like its weight is sharded by
     the layout it was given, not by a pattern of this map. The model's name
     is optional in them: a loaded `Sequential` names its variables without
-    it (`dense_in/kernel`, where the trained one had `sharded/dense_in/kernel`).
+    it (`dense_in/kernel`, where the trained one had
+    `sharded/dense_in/kernel`).
     """
     devices = keras.distribution.list_devices()
     mesh = keras.distribution.DeviceMesh((2, 4), ("batch", "model"), devices)
@@ -215,7 +217,8 @@ def run(kind, inputs, layouts, directory):
         )
         for i, (variable, average) in enumerate(zip(variables, averages)):
             result[f"average_spec_{i}"] = _spec(average)
-            result[f"equivalent_{i}"] = average.value.sharding.is_equivalent_to(
+            sharding = average.value.sharding
+            result[f"equivalent_{i}"] = sharding.is_equivalent_to(
                 variable.value.sharding, variable.value.ndim
             )
             # The layout map would replicate a variable of that path: the
