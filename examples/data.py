@@ -7,14 +7,27 @@ Three sources, tried in this order for a dataset name:
   * any image classification dataset of tensorflow-datasets by name
     (`cifar10`, `cifar100`, `mnist`, ...), prepared in `data_dir` or
     downloaded by tensorflow-datasets where the network allows.
+
+`check` tells, without reading the data or importing TensorFlow, whether a
+dataset can be loaded; `load` reads it. Both raise `DataError`, a one-line
+message that names the missing flag or file and says what to do.
 """
 
+from __future__ import annotations
+
 import dataclasses
+import difflib
 import gzip
 import os
+import typing
+import zlib
 
 import numpy as np
-import tensorflow as tf
+
+from examples._cli import one_line
+
+if typing.TYPE_CHECKING:  # TensorFlow is imported only to build pipelines
+    import tensorflow as tf
 
 IDX_FILES = {
     "x_train": "train-images-idx3-ubyte.gz",
@@ -26,6 +39,24 @@ IDX_DATASETS = ("mnist", "fashion_mnist")
 # Per-channel statistics of the CIFAR training sets, for normalisation.
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
+# The digits split is the same for every seed, so that seeds vary the
+# training only (as the fixed test sets of the other datasets do).
+DIGITS_SPLIT_SEED = 0
+
+
+class DataError(ValueError):
+    """The dataset cannot be found or read; the message says what to do."""
+
+
+@dataclasses.dataclass
+class Arrays:
+    """A train/test split in memory: float32 images, int64 labels."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
 
 
 @dataclasses.dataclass
@@ -52,37 +83,130 @@ class Dataset:
     train_size: int
 
 
-def load(name, batch_size=128, data_dir=None, seed=0, download=False):
-    """Loads `name` as a `Dataset` of float32 images in [0, 1] (normalised
-    per channel for CIFAR) and int labels.
+def check(name, data_dir=None, download=False):
+    """Checks that `name` can be loaded from where `load` would look.
 
-    Args:
-        name: `"digits"`, or a tensorflow-datasets name such as `"cifar10"`.
-        batch_size: Batch size of all three pipelines.
-        data_dir: Folder with IDX files (mnist, fashion_mnist) or prepared
-            tensorflow-datasets data.
-        seed: Seed of the shuffling and augmentation.
-        download: Whether tensorflow-datasets may download and prepare a
-            dataset missing from `data_dir`.
+    Reads no data and does not import TensorFlow (only tensorflow-datasets'
+    catalogue, for names other than `digits`).
 
     Returns:
-        A `Dataset`.
+        `"digits"`, `"idx"` or `"tfds"`: the source `load` will read.
 
     Raises:
-        ValueError: if the dataset cannot be found, with how to provide it.
+        DataError: naming the flag (`--dataset`, `--data_dir`,
+            `--download`) or the missing file, and what to do.
     """
     if name == "digits":
-        arrays = _digits(seed)
-    elif name in IDX_DATASETS and data_dir and _has_idx_files(data_dir):
+        return "digits"
+    if data_dir:
+        data_dir = os.path.expanduser(data_dir)
+        if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+            raise DataError(f"--data_dir={data_dir} is a file: pass a folder.")
+    idx_hint = ""
+    if name in IDX_DATASETS:
+        idx_hint = (
+            f"; or put the four IDX files of {name} "
+            f"({', '.join(IDX_FILES.values())}) in --data_dir"
+        )
+        if data_dir and os.path.isdir(data_dir):
+            present = [f for f in IDX_FILES.values() if _is_file(data_dir, f)]
+            if len(present) == len(IDX_FILES):
+                return "idx"
+            if present:
+                missing = [f for f in IDX_FILES.values() if f not in present]
+                raise DataError(
+                    f"--data_dir={data_dir} lacks {', '.join(missing)} (it "
+                    f"holds {', '.join(present)}): put all four IDX files of "
+                    f"{name} there."
+                )
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError:
+        raise DataError(
+            f"--dataset={name} needs tensorflow-datasets (pip install "
+            f"tensorflow-datasets){idx_hint}; --dataset=digits needs neither."
+        ) from None
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.DatasetNotFoundError:  # its message: the whole catalogue
+        names = tfds.list_builders(with_community_datasets=False)
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.8)
+        maybe = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise DataError(
+            f"--dataset={name} is neither 'digits' nor a tensorflow-datasets "
+            f"name{maybe}: use --dataset=digits (offline), mnist or "
+            f"fashion_mnist with their IDX files in --data_dir, or an image "
+            f"classification dataset of tensorflow-datasets such as cifar10."
+        ) from None
+    features = builder.info.features
+    if "image" not in features or "label" not in features or not hasattr(
+        features["label"], "num_classes"
+    ):
+        raise DataError(
+            f"--dataset={name} is not an image classification dataset (it "
+            f"has no 'image' and class 'label' features): use one such as "
+            f"cifar10, cifar100 or mnist."
+        )
+    if download or _quietly(builder.is_prepared):
+        return "tfds"
+    if name in IDX_DATASETS and data_dir:
+        raise DataError(
+            f"--data_dir={data_dir} holds neither the four IDX files of {name} "
+            f"({', '.join(IDX_FILES.values())}) nor {name} prepared by "
+            f"tensorflow-datasets ({builder.data_dir}): put the IDX files "
+            f"there, or pass --download to let tensorflow-datasets fetch it."
+        )
+    where = f"--data_dir={data_dir}" if data_dir else "tensorflow-datasets' default folder"
+    raise DataError(
+        f"--dataset={name}: no prepared data in {where} (looked for "
+        f"{builder.data_dir}): pass --download to let tensorflow-datasets "
+        f"fetch it, or run `tfds build {name} --data_dir=DIR` where there is "
+        f"network and pass --data_dir=DIR{idx_hint}."
+    )
+
+
+def _quietly(fn):
+    """`fn()` with absl's log lines below ERROR muted: tensorflow-datasets
+    warns about the very folder whose absence `check` then explains."""
+    from absl import logging
+
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)
+    try:
+        return fn()
+    finally:
+        logging.set_verbosity(verbosity)
+
+
+def read(name, data_dir=None, download=False):
+    """Reads `name` into memory (after `check`) as an `Arrays`: images as
+    float32 in [0, 1] (normalised per channel for CIFAR), labels as int64.
+
+    Raises:
+        DataError: as `check`, or for an unreadable file, naming it.
+    """
+    source = check(name, data_dir, download)
+    if data_dir:
+        data_dir = os.path.expanduser(data_dir)
+    if source == "digits":
+        arrays = _digits()
+    elif source == "idx":
         arrays = _idx(data_dir)
     else:
         arrays = _tfds(name, data_dir, download)
-    (x_train, y_train), (x_test, y_test), num_classes = arrays
-    cifar = name.startswith("cifar")
-    if cifar:
+    if name.startswith("cifar"):
         mean, std = np.array(CIFAR_MEAN), np.array(CIFAR_STD)
-        x_train = ((x_train - mean) / std).astype("float32")
-        x_test = ((x_test - mean) / std).astype("float32")
+        arrays.x_train = ((arrays.x_train - mean) / std).astype("float32")
+        arrays.x_test = ((arrays.x_test - mean) / std).astype("float32")
+    return arrays
+
+
+def pipelines(name, arrays, batch_size=128, seed=0):
+    """The `Dataset` of `arrays`: shuffled (by `seed`) and, for CIFAR,
+    augmented training batches, and the unshuffled train and test batches."""
+    import tensorflow as tf
+
+    augment_train = name.startswith("cifar")
 
     def pipeline(x, y, train, augment):
         ds = tf.data.Dataset.from_tensor_slices((x, y))
@@ -97,16 +221,40 @@ def load(name, batch_size=128, data_dir=None, seed=0, download=False):
 
     return Dataset(
         name=name,
-        train=pipeline(x_train, y_train, train=True, augment=cifar),
-        train_eval=pipeline(x_train, y_train, train=False, augment=False),
-        test=pipeline(x_test, y_test, train=False, augment=False),
-        input_shape=tuple(x_train.shape[1:]),
-        num_classes=num_classes,
-        train_size=len(x_train),
+        train=pipeline(arrays.x_train, arrays.y_train, train=True, augment=augment_train),
+        train_eval=pipeline(arrays.x_train, arrays.y_train, train=False, augment=False),
+        test=pipeline(arrays.x_test, arrays.y_test, train=False, augment=False),
+        input_shape=tuple(arrays.x_train.shape[1:]),
+        num_classes=arrays.num_classes,
+        train_size=len(arrays.x_train),
     )
 
 
+def load(name, batch_size=128, data_dir=None, seed=0, download=False):
+    """Loads `name` as a `Dataset` (`read`, then `pipelines`).
+
+    Args:
+        name: `"digits"`, or a tensorflow-datasets name such as `"cifar10"`.
+        batch_size: Batch size of all three pipelines.
+        data_dir: Folder with IDX files (mnist, fashion_mnist) or prepared
+            tensorflow-datasets data.
+        seed: Seed of the shuffling and augmentation.
+        download: Whether tensorflow-datasets may download and prepare a
+            dataset missing from `data_dir`.
+
+    Returns:
+        A `Dataset`.
+
+    Raises:
+        DataError: if the dataset cannot be found or read, with how to
+            provide it.
+    """
+    return pipelines(name, read(name, data_dir, download), batch_size, seed)
+
+
 def _augment_cifar(image, seed):
+    import tensorflow as tf
+
     # The standard CIFAR augmentation: 4-pixel padding, random 32x32 crop,
     # random horizontal flip.
     image = tf.image.pad_to_bounding_box(image, 4, 4, 40, 40)
@@ -114,7 +262,7 @@ def _augment_cifar(image, seed):
     return tf.image.random_flip_left_right(image, seed=seed)
 
 
-def _digits(seed):
+def _digits():
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -122,38 +270,60 @@ def _digits(seed):
     x = (digits.images / 16.0).astype("float32")[..., None]
     y = digits.target.astype("int64")
     x_train, x_test, y_train, y_test = train_test_split(
-        x, y, test_size=0.2, random_state=seed, stratify=y
+        x, y, test_size=0.2, random_state=DIGITS_SPLIT_SEED, stratify=y
     )
-    return (x_train, y_train), (x_test, y_test), 10
+    return Arrays(x_train, y_train, x_test, y_test, 10)
 
 
-def _has_idx_files(data_dir):
-    return all(
-        os.path.exists(os.path.join(data_dir, f)) for f in IDX_FILES.values()
-    )
+def _is_file(folder, name):
+    return os.path.isfile(os.path.join(folder, name))
 
 
 def read_idx(path):
-    """Reads one gzipped IDX file (the MNIST format) into a NumPy array."""
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    if data[:2] != b"\x00\x00" or data[2] != 0x08:
-        raise ValueError(f"{path} is not an unsigned-byte IDX file.")
+    """Reads one gzipped IDX file of unsigned bytes (the MNIST format) into
+    a NumPy array; raises `DataError` naming the file if it is not one."""
+    try:
+        with gzip.open(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(
+            f"{path} cannot be read as a gzipped IDX file ({one_line(e)}): "
+            f"download it again."
+        ) from None
+    if len(data) < 4 or data[:2] != b"\x00\x00" or data[2] != 0x08:
+        raise DataError(
+            f"{path} is not an IDX file of unsigned bytes (bad header): "
+            f"download it again."
+        )
     ndim = data[3]
+    offset = 4 + 4 * ndim
     shape = tuple(
         int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)
     )
-    array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if len(data) != offset + int(np.prod(shape)):
+        raise DataError(
+            f"{path} is truncated or too long: its header promises shape "
+            f"{shape}, its size does not match. Download it again."
+        )
+    array = np.frombuffer(data, dtype=np.uint8, offset=offset)
     return array.reshape(shape)
 
 
 def _idx(data_dir):
     arrays = {k: read_idx(os.path.join(data_dir, f)) for k, f in IDX_FILES.items()}
-    x_train = (arrays["x_train"] / 255.0).astype("float32")[..., None]
-    x_test = (arrays["x_test"] / 255.0).astype("float32")[..., None]
-    return (
-        (x_train, arrays["y_train"].astype("int64")),
-        (x_test, arrays["y_test"].astype("int64")),
+    for split in ("train", "test"):
+        n_x, n_y = len(arrays[f"x_{split}"]), len(arrays[f"y_{split}"])
+        if n_x != n_y:
+            raise DataError(
+                f"--data_dir={data_dir}: {IDX_FILES[f'x_{split}']} holds {n_x} "
+                f"images but {IDX_FILES[f'y_{split}']} {n_y} labels: the files "
+                f"do not belong together."
+            )
+    return Arrays(
+        (arrays["x_train"] / 255.0).astype("float32")[..., None],
+        arrays["y_train"].astype("int64"),
+        (arrays["x_test"] / 255.0).astype("float32")[..., None],
+        arrays["y_test"].astype("int64"),
         10,
     )
 
@@ -162,40 +332,29 @@ def _tfds(name, data_dir, download):
     import tensorflow_datasets as tfds
 
     try:
-        builder = tfds.builder(name, data_dir=data_dir)
-    except Exception as e:  # tfds raises its own DatasetNotFoundError
-        raise ValueError(
-            f"Unknown dataset {name!r}: use 'digits' or a tensorflow-datasets "
-            f"image classification name such as 'cifar10' ({e})."
-        ) from e
-    try:
-        splits = tfds.load(
+        splits, info = tfds.load(
             name,
             split=["train", "test"],
             as_supervised=True,
             data_dir=data_dir,
             download=download,
+            with_info=True,
         )
     except Exception as e:
-        hint = (
-            f" For {name}, --data_dir may instead hold the four IDX files "
-            f"{', '.join(IDX_FILES.values())}."
-            if name in IDX_DATASETS
-            else ""
-        )
-        raise ValueError(
-            f"Could not load dataset {name!r} (data_dir={data_dir!r}): {e}. "
-            f"Pass --download to let tensorflow-datasets fetch it, or prepare "
-            f"it on a machine with network with "
-            f"`tfds build {name} --data_dir=DIR` and pass --data_dir=DIR."
-            + hint
-        ) from e
+        raise DataError(
+            f"--dataset={name} could not be loaded"
+            f"{' or downloaded' if download else ''} "
+            f"({type(e).__name__}: {one_line(e)[:300]}). Without network, run "
+            f"`tfds build {name} --data_dir=DIR` elsewhere and pass "
+            f"--data_dir=DIR."
+        ) from None
     (x_train, y_train), (x_test, y_test) = [_to_numpy(split) for split in splits]
-    num_classes = builder.info.features["label"].num_classes
-    return (
-        ((x_train / 255.0).astype("float32"), y_train.astype("int64")),
-        ((x_test / 255.0).astype("float32"), y_test.astype("int64")),
-        num_classes,
+    return Arrays(
+        (x_train / 255.0).astype("float32"),
+        y_train.astype("int64"),
+        (x_test / 255.0).astype("float32"),
+        y_test.astype("int64"),
+        info.features["label"].num_classes,
     )
 
 

@@ -1,7 +1,13 @@
-"""The example binaries, end to end on tiny settings (no download)."""
+"""The example binaries: end to end on tiny settings (no download), their
+one-line errors, and the pieces of their report (schedules, seed summary).
+
+The error tests start the binaries as subprocesses; they check flags and
+data before importing Keras, so each takes about a second.
+"""
 
 import gzip
 import json
+import math
 import os
 import subprocess
 import sys
@@ -19,64 +25,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def config(tmp_path, **overrides):
     base = dict(
         dataset="digits", data_dir=None, download=False, model="small_cnn",
-        epochs=3, batch_size=128, lr=0.05, momentum=0.9, weight_decay=5e-4,
-        swa_start="1", swa_lr=0.01, ema_decay=0.9, averaging="compare", seed=0,
+        epochs=3, batch_size=128, schedule="cosine", lr=0.05, momentum=0.9,
+        weight_decay=5e-4, swa_start="1", swa_lr=0.01, ema_decay=0.9,
+        ema_warmup=True, averaging="compare", seeds=[0],
         output_dir=str(tmp_path / "out"), verbose=0,
     )
     base.update(overrides)
     return base
 
 
-def run_binary(module, *args, timeout=300):
+def run_binary(command, *args, cwd=ROOT, timeout=300):
+    """Runs `python -m <module>` (a dotted name) or `python <file>`."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    prefix = ["-m", command] if not command.endswith(".py") else [command]
     return subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=ROOT, env=env,
+        [sys.executable, *prefix, *args], cwd=cwd, env=env,
         capture_output=True, text=True, timeout=timeout,
     )
-
-
-def test_compare_on_digits_writes_table_metrics_and_curves(tmp_path, capsys):
-    cfg = config(tmp_path)
-    metrics = train_lib.train(cfg)
-
-    out = capsys.readouterr().out
-    for label in ("SGD (plain)", "SWA: final iterate", "SWA: average", "EMA: average"):
-        assert label in out
-    with open(tmp_path / "out" / "metrics.json") as f:
-        saved = json.load(f)
-    assert set(saved["final"]) == {"sgd", "swa_iterate", "swa", "ema"}
-    assert saved["swa_start_epoch"] == 1
-    for run in ("sgd", "swa", "ema"):
-        assert len(saved["runs"][run]["history"]["val_accuracy"]) == 3
-    # Epochs 1 and 2 are averaged: the averaged model is logged for both.
-    assert len(saved["runs"]["swa"]["history"]["val_swa_accuracy"]) == 2
-    # The SWA run's final evaluation is of the average, not of the iterate.
-    assert metrics["final"]["swa"] != metrics["final"]["swa_iterate"]
-    assert all(0.0 <= r["accuracy"] <= 1.0 for r in saved["final"].values())
-    png = (tmp_path / "out" / "curves.png").read_bytes()
-    assert png.startswith(b"\x89PNG") and len(png) > 10_000
-
-
-def test_learning_rate_schedules_follow_the_paper():
-    plain = train_lib.paper_schedule(0.1, 100, 0.01)
-    assert plain(0) == plain(50) == 0.1
-    assert plain(70) == pytest.approx(0.1 * (1 - 0.99 * 0.5))
-    assert plain(95) == pytest.approx(0.001)
-    swa = train_lib.paper_schedule(0.1, 60, 0.05 / 0.1)
-    assert swa(54) == pytest.approx(0.05) and swa(80) == pytest.approx(0.05)
-
-
-def test_tfds_dataset_through_mock_data(tmp_path):
-    tfds = pytest.importorskip("tensorflow_datasets")
-    with tfds.testing.mock_data(num_examples=24):
-        dataset = data_lib.load("cifar10", batch_size=8)
-        x, y = next(iter(dataset.train))
-        assert x.shape == (8, 32, 32, 3) and x.dtype == "float32"
-        assert dataset.num_classes == 10 and dataset.input_shape == (32, 32, 3)
-        metrics = train_lib.train(
-            config(tmp_path, dataset="cifar10", averaging="swa", epochs=2, batch_size=8)
-        )
-    assert set(metrics["final"]) == {"swa_iterate", "swa"}
 
 
 def write_idx(path, array):
@@ -86,37 +51,230 @@ def write_idx(path, array):
         f.write(header + array.astype(np.uint8).tobytes())
 
 
-def test_mnist_from_idx_files_in_data_dir(tmp_path):
+def write_mnist(folder, n_train=40, n_test=12):
     rng = np.random.default_rng(0)
     arrays = {
-        "x_train": rng.integers(0, 256, size=(40, 28, 28)),
-        "y_train": rng.integers(0, 10, size=(40,)),
-        "x_test": rng.integers(0, 256, size=(12, 28, 28)),
-        "y_test": rng.integers(0, 10, size=(12,)),
+        "x_train": rng.integers(0, 256, size=(n_train, 28, 28)),
+        "y_train": rng.integers(0, 10, size=(n_train,)),
+        "x_test": rng.integers(0, 256, size=(n_test, 28, 28)),
+        "y_test": rng.integers(0, 10, size=(n_test,)),
     }
     for key, name in data_lib.IDX_FILES.items():
-        write_idx(tmp_path / name, arrays[key])
+        write_idx(folder / name, arrays[key])
+    return arrays
+
+
+# --- End to end ----------------------------------------------------------------
+
+
+def test_compare_on_digits_writes_table_sentence_metrics_and_curves(tmp_path, capsys):
+    # Two epochs, SWA from the last: the average is the final iterate, so
+    # with every row's BatchNorm recomputed the two rows must agree, while
+    # the running statistics of a 2-epoch run are far off.
+    metrics = train_lib.train(config(tmp_path, epochs=2, batch_size=256))
+
+    out = capsys.readouterr().out
+    for label in train_lib.LABELS.values():
+        assert label in out
+    assert "One seed, so no spread" in out and "recomputed on the training set" in out
+    with open(tmp_path / "out" / "metrics.json") as f:
+        saved = json.load(f)
+    assert saved["seeds"] == [0] and saved["swa_start_epoch"] == 1
+    assert set(saved["final"]) == {"sgd", "swa_iterate", "swa", "ema"}
+    assert saved["conclusion"] == metrics["conclusion"]
+    per_seed = saved["per_seed"]["0"]
+    assert set(per_seed["runs"]) == {"sgd", "swa"}
+    assert len(per_seed["runs"]["sgd"]["history"]["val_accuracy"]) == 2
+    assert len(per_seed["runs"]["swa"]["history"]["val_swa_accuracy"]) == 1
+    final = saved["final"]
+    assert final["swa"]["accuracy"] == pytest.approx(final["swa_iterate"]["accuracy"], abs=0.01)
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in final.values())
+    assert set(per_seed["running_bn"]) == {"sgd", "swa_iterate"}
+    png = (tmp_path / "out" / "curves.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+def test_train_binary_end_to_end_from_another_folder(tmp_path):
+    # The file itself, from outside the checkout, with a relative
+    # --output_dir: it finds its package and writes where it was started.
+    result = run_binary(
+        os.path.join(ROOT, "examples", "train.py"), "--averaging=sgd", "--epochs=1",
+        "--batch_size=256", "--schedule=paper", "--output_dir=run", cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "SGD (plain)" in result.stdout and "paper schedule" in result.stdout
+    assert (tmp_path / "run" / "metrics.json").exists()
+    assert (tmp_path / "run" / "curves.png").exists()
+
+
+def test_tfds_dataset_through_mock_data(tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    with tfds.testing.mock_data(num_examples=24):
+        # Mock data counts as not prepared: it is "downloaded" instead.
+        with pytest.raises(data_lib.DataError, match="--download"):
+            data_lib.check("cifar10")
+        dataset = data_lib.load("cifar10", batch_size=8, download=True)
+        x, y = next(iter(dataset.train))
+        assert x.shape == (8, 32, 32, 3) and x.dtype == "float32"
+        assert dataset.num_classes == 10 and dataset.input_shape == (32, 32, 3)
+        # Two seeds: the table is mean ± standard deviation.
+        metrics = train_lib.train(
+            config(tmp_path, dataset="cifar10", download=True, averaging="swa",
+                   epochs=2, batch_size=8, seeds=[0, 1])
+        )
+    assert set(metrics["final"]) == {"swa_iterate", "swa"}
+    assert metrics["conclusion"].startswith("Over 2 seeds") and "SWA: final iterate" in metrics["conclusion"]
+    with open(tmp_path / "out" / "metrics.json") as f:
+        saved = json.load(f)
+    assert saved["seeds"] == [0, 1] and set(saved["per_seed"]) == {"0", "1"}
+    for row in saved["final"].values():
+        assert len(row["accuracy_per_seed"]) == 2 and row["accuracy_std"] is not None
+        assert row["accuracy"] == pytest.approx(np.mean(row["accuracy_per_seed"]))
+
+
+def test_mnist_from_idx_files_in_data_dir(tmp_path):
+    arrays = write_mnist(tmp_path)
     np.testing.assert_array_equal(
         data_lib.read_idx(tmp_path / data_lib.IDX_FILES["x_test"]), arrays["x_test"]
     )
+    assert data_lib.check("mnist", str(tmp_path)) == "idx"
     dataset = data_lib.load("mnist", batch_size=16, data_dir=str(tmp_path))
     assert dataset.train_size == 40 and dataset.input_shape == (28, 28, 1)
     x, y = next(iter(dataset.test))
     np.testing.assert_allclose(x.numpy()[..., 0], arrays["x_test"][:12] / 255.0, rtol=1e-6)
     np.testing.assert_array_equal(y.numpy(), arrays["y_test"])
 
+    # The EMA run reports its raw weights (plain SGD) and its average.
     metrics = train_lib.train(
-        config(tmp_path, dataset="mnist", data_dir=str(tmp_path), averaging="sgd", swa_start="0",
-               epochs=1, batch_size=16)
+        config(tmp_path, dataset="mnist", data_dir=str(tmp_path), averaging="ema",
+               swa_start="0", epochs=1, batch_size=16)
     )
-    assert set(metrics["final"]) == {"sgd"}
+    assert set(metrics["final"]) == {"sgd", "ema"}
 
 
-def test_missing_dataset_error_says_how_to_provide_it(tmp_path):
-    with pytest.raises(ValueError, match="--data_dir"):
-        data_lib.load("mnist", data_dir=str(tmp_path))
-    with pytest.raises(ValueError, match="Unknown dataset"):
-        data_lib.load("no_such_dataset_xyz", data_dir=str(tmp_path))
+def test_benchmark_binary_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    result = run_binary(
+        "examples.benchmark", "--small", "--rounds=1", "--steps=2", f"--output={out}"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "SWA non-snapshot update / bare update" in result.stdout
+    assert "minimum over 1 interleaved rounds" in result.stdout
+    report = json.loads(out.read_text())
+    assert report["weights"] > 0 and len(report["checks"]) >= 6
+    assert report["statistic"] == "minimum over interleaved rounds"
+    assert set(report["median_seconds"]) == set(report["seconds"])
+    assert all(seconds > 0 for seconds in report["seconds"].values())
+
+
+# --- One-line errors -----------------------------------------------------------
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, (result.args, result.returncode, result.stderr[-3000:])
+    assert "Traceback" not in result.stderr, result.args
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, (result.args, result.stderr)
+    assert lines[0].split(": error: ")[0] in ("examples.train", "examples.benchmark")
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    assert result.stdout == ""  # nothing trained or timed
+    return lines[0]
+
+
+def run_all(cases):
+    """Runs `(command, args, cwd)` cases side by side (each is mostly
+    interpreter start-up); returns their results in order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        futures = [pool.submit(run_binary, command, *args, cwd=cwd) for command, args, cwd in cases]
+        return [f.result() for f in futures]
+
+
+def test_train_bad_flags_missing_data_and_output_dir_are_one_line(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    write_mnist(partial)
+    os.remove(partial / data_lib.IDX_FILES["y_test"])
+    blocker = tmp_path / "a_file"  # under a regular file no folder can be made
+    blocker.write_text("")
+    train_file = os.path.join(ROOT, "examples", "train.py")
+    cases = [
+        (["--epochs=-1"], ["--epochs must be an integer >= 1, got -1"]),
+        (["--epochs=abc"], ["--epochs=abc", "--helpshort"]),
+        (["--batch_size=0"], ["--batch_size"]),
+        (["--epochs=3", "--swa_start=7"], ["--swa_start", "[0, 2]"]),
+        (["--seeds=0,0"], ["--seeds", "distinct"]),
+        (["--seeds=0,one"], ["--seeds"]),
+        (["--schedule=linear"], ["--schedule=linear", "cosine|paper"]),
+        (["--verbose=3"], ["--verbose"]),
+        (["--no_such_flag"], ["no_such_flag"]),
+        (["epochs=3"], ["unexpected arguments", "--name=value"]),
+        (["--dataset=nosuchdataset"], ["--dataset=nosuchdataset", "--dataset=digits"]),
+        (["--dataset=cifr10"], ["did you mean cifar10"]),
+        # An empty IDX folder: the four files are named.
+        (["--dataset=mnist", f"--data_dir={empty}"],
+         [f"--data_dir={empty} holds neither the four IDX files",
+          "train-images-idx3-ubyte.gz", "--download"]),
+        # A partial one: the missing file is named.
+        (["--dataset=fashion_mnist", f"--data_dir={partial}"],
+         [f"--data_dir={partial} lacks t10k-labels-idx1-ubyte.gz"]),
+        # A tensorflow-datasets name without its data and without --download.
+        (["--dataset=cifar10", f"--data_dir={tmp_path / 'missing'}"],
+         ["--dataset=cifar10: no prepared data", "--download", "tfds build cifar10"]),
+        (["--dataset=mnist", f"--data_dir={train_file}"], ["is a file"]),
+        (["--epochs=2", f"--output_dir={blocker / 'out'}"],
+         [f"--output_dir={blocker / 'out'} cannot be created"]),
+    ]
+    results = run_all([("examples.train", args, ROOT) for args, _ in cases])
+    for result, (_, fragments) in zip(results, cases):
+        assert_one_line_error(result, *fragments)
+
+
+def test_benchmark_bad_flags_and_output_are_one_line(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    cases = [
+        (["--rounds=0"], ["--rounds must be an integer >= 1, got 0"]),
+        (["--steps=0"], ["--steps must be an integer >= 1, got 0"]),
+        (["--bn_batches=-1"], ["--bn_batches must be an integer >= 1, got -1"]),
+        (["--batch_size=0"], ["--batch_size"]),
+        (["--small=maybe"], ["--small"]),
+        ([f"--output={blocker / 'bench.json'}"],
+         [f"--output={blocker / 'bench.json'}", "cannot be created"]),
+        ([f"--output={tmp_path}"], ["is a folder"]),
+    ]
+    results = run_all([("examples.benchmark", args, ROOT) for args, _ in cases])
+    for result, (_, fragments) in zip(results, cases):
+        assert_one_line_error(result, *fragments)
+
+
+def test_binaries_run_as_files_from_another_folder(tmp_path):
+    # `python path/to/examples/train.py` finds its package from any folder
+    # (`python -m examples.train` needs the checkout's root as the folder).
+    results = run_all([
+        (os.path.join(ROOT, "examples", "train.py"), ["--epochs=0"], tmp_path),
+        (os.path.join(ROOT, "examples", "benchmark.py"), ["--rounds=0"], tmp_path),
+    ])
+    assert_one_line_error(results[0], "--epochs")
+    assert_one_line_error(results[1], "--rounds")
+
+
+def test_corrupt_idx_file_is_named(tmp_path):
+    write_mnist(tmp_path)
+    path = tmp_path / data_lib.IDX_FILES["x_train"]
+    with gzip.open(path, "rb") as f:
+        content = f.read()
+    with gzip.open(path, "wb") as f:
+        f.write(content[:-100])  # truncated
+    with pytest.raises(data_lib.DataError, match="train-images-idx3-ubyte.gz is truncated"):
+        data_lib.read("mnist", str(tmp_path))
+    path.write_bytes(b"not gzip")
+    with pytest.raises(data_lib.DataError, match="train-images-idx3-ubyte.gz cannot be read"):
+        data_lib.read("mnist", str(tmp_path))
 
 
 @pytest.mark.parametrize(
@@ -129,17 +287,142 @@ def test_missing_dataset_error_says_how_to_provide_it(tmp_path):
         ({"swa_start": "5"}, "--swa_start"),
         ({"swa_start": "1.5"}, "--swa_start"),
         ({"swa_start": "soon"}, "--swa_start"),
+        ({"seeds": []}, "--seeds"),
+        ({"seeds": [-1]}, "--seeds"),
+        ({"schedule": "step"}, "--schedule"),
+        ({"model": "resnet9000"}, "--model"),
     ],
 )
-def test_bad_flags_are_rejected_with_the_flag_named(tmp_path, overrides, match):
+def test_bad_settings_are_rejected_with_the_flag_named(tmp_path, overrides, match):
     with pytest.raises(ValueError, match=match):
         train_lib.validate(config(tmp_path, **overrides))
 
 
-def test_swa_start_fraction_and_epoch():
+def test_swa_start_fraction_and_epoch_and_seeds():
     assert train_lib.parse_swa_start("0.75", 40) == 30
     assert train_lib.parse_swa_start("1.0", 40) == 39
     assert train_lib.parse_swa_start("12", 40) == 12
+    assert train_lib.parse_seeds(["0", "1", "2"]) == [0, 1, 2]
+    assert train_lib.parse_seeds(3) == [3]
+
+
+# --- Schedules -----------------------------------------------------------------
+
+
+def test_learning_rate_schedules_follow_the_paper(tmp_path):
+    plain = train_lib.paper_schedule(0.1, 100, 0.01)
+    assert plain(0) == plain(50) == 0.1
+    assert plain(70) == pytest.approx(0.1 * (1 - 0.99 * 0.5))
+    assert plain(95) == pytest.approx(0.001)
+    swa = train_lib.paper_schedule(0.1, 60, 0.05 / 0.1)
+    assert swa(54) == pytest.approx(0.05) and swa(80) == pytest.approx(0.05)
+    cfg = config(tmp_path, schedule="paper", lr=0.1, epochs=100, swa_lr=0.05)
+    plain, swa = train_lib.schedules(cfg, swa_start=60)
+    assert plain(95) == pytest.approx(0.001) and swa(54) == pytest.approx(0.05)
+
+
+def test_cosine_schedules_per_epoch_by_hand(tmp_path):
+    # Plain: lr * (1 + cos(pi * e / E)) / 2 with lr=0.1, E=4.
+    cfg = config(tmp_path, schedule="cosine", lr=0.1, epochs=4, swa_lr=0.02)
+    plain, swa = train_lib.schedules(cfg, swa_start=2)
+    half_sqrt2 = math.sqrt(2) / 2
+    expected_plain = [0.1, 0.05 * (1 + half_sqrt2), 0.05, 0.05 * (1 - half_sqrt2)]
+    assert [plain(e) for e in range(4)] == pytest.approx(expected_plain)
+    # SWA: cosine from 0.1 to swa_lr=0.02 over the 2 epochs before
+    # swa_start (0.1, 0.02 + 0.08 * (1 + cos(pi / 2)) / 2 = 0.06), then 0.02.
+    assert [swa(e) for e in range(4)] == pytest.approx([0.1, 0.06, 0.02, 0.02])
+    # SWA from epoch 0: the SWA rate throughout.
+    _, swa_now = train_lib.schedules(cfg, swa_start=0)
+    assert [swa_now(e) for e in range(4)] == pytest.approx([0.02] * 4)
+
+
+# --- The report over seeds -----------------------------------------------------
+
+
+def finals(rows):
+    """Per-seed results from `{row: [accuracy per seed]}` (loss = 1 - acc)."""
+    n = len(next(iter(rows.values())))
+    return [
+        {row: {"accuracy": acc[i], "loss": 1 - acc[i]} for row, acc in rows.items()}
+        for i in range(n)
+    ]
+
+
+def test_summary_table_is_mean_and_standard_deviation():
+    summary = train_lib.summarize(finals({"sgd": [0.90, 0.92, 0.94], "swa": [0.95, 0.95, 0.95]}))
+    assert summary["sgd"]["accuracy"] == pytest.approx(0.92)
+    assert summary["sgd"]["accuracy_std"] == pytest.approx(0.02)  # sample std
+    assert summary["swa"]["accuracy_std"] == 0.0
+    assert summary["sgd"]["loss_per_seed"] == pytest.approx([0.10, 0.08, 0.06])
+    table = train_lib.format_table(summary)
+    assert "| SGD (plain)" in table and "92.00 ± 2.00%" in table and "0.0800 ± 0.0200" in table
+    one = train_lib.summarize(finals({"sgd": [0.9]}))
+    assert one["sgd"]["accuracy_std"] is None
+    assert "90.00%" in train_lib.format_table(one) and "±" not in train_lib.format_table(one)
+
+
+def test_conclusion_says_whether_differences_exceed_the_spread():
+    # Within: SWA +1 point, spread max(2, 1) = 2 points.
+    within = train_lib.conclusion(
+        train_lib.summarize(finals({"sgd": [0.90, 0.92, 0.94], "swa": [0.92, 0.93, 0.94]}))
+    )
+    assert within.startswith("Over 3 seeds, no row differs from SGD (plain) by more than")
+    assert "SWA: average (+1.00 points, spread 2.00)" in within
+    # Beyond: +5 points against a spread of 1.
+    beyond = train_lib.conclusion(
+        train_lib.summarize(finals({"sgd": [0.89, 0.90, 0.91], "swa": [0.94, 0.95, 0.96]}))
+    )
+    assert beyond.startswith("Over 3 seeds, every row differs from SGD (plain) by more than")
+    mixed = train_lib.conclusion(train_lib.summarize(finals({
+        "sgd": [0.89, 0.90, 0.91], "swa": [0.94, 0.95, 0.96], "ema": [0.90, 0.905, 0.91],
+    })))
+    assert "SWA: average (+5.00 points, spread 1.00) differs from SGD (plain)" in mixed
+    assert mixed.endswith("EMA: average (+0.50 points, spread 1.00) does not.")
+    # One seed: no spread, says so.
+    one = train_lib.conclusion(train_lib.summarize(finals({"sgd": [0.9], "ema": [0.95]})))
+    assert one.startswith("One seed") and "--seeds=0,1,2" in one and "+5.00 points" in one
+    # Without plain SGD, the SWA average is held against its own iterate.
+    swa_only = train_lib.conclusion(
+        train_lib.summarize(finals({"swa_iterate": [0.9, 0.91], "swa": [0.9, 0.91]}))
+    )
+    assert "from SWA: final iterate" in swa_only
+    assert train_lib.conclusion(train_lib.summarize(finals({"ema": [0.9]}))).startswith("One row")
+    # On a test set of 100 examples, one example (1 point) is the floor of
+    # the spread: +0.67 points over a standard deviation of 0.58 is within.
+    tiny = train_lib.summarize(finals({"sgd": [0.98, 0.98, 0.99], "swa": [0.99, 0.99, 0.99]}))
+    assert train_lib.conclusion(tiny).startswith("Over 3 seeds, every row")
+    floored = train_lib.conclusion(tiny, resolution=1 / 100)
+    assert floored.startswith("Over 3 seeds, no row differs")
+    assert "(+0.67 points, spread 1.00)" in floored and "at least one test example, 1.00 points" in floored
+    for sentence in (within, beyond, mixed, one, swa_only, floored):
+        assert sentence.count(". ") == 0 and sentence.endswith(".")  # one sentence
+
+
+def test_running_batch_norm_note_only_when_far_from_the_table():
+    summary = train_lib.summarize(finals({"sgd": [0.93], "swa_iterate": [0.91], "swa": [0.91]}))
+    note = train_lib.running_bn_note(
+        summary, {"sgd": {"accuracy": 0.10}, "swa_iterate": {"accuracy": 0.905}}
+    )
+    assert "SGD (plain) 10.00% (table: 93.00%)" in note and "iterate" not in note
+    assert train_lib.running_bn_note(summary, {"sgd": {"accuracy": 0.935}}) is None
+
+
+def test_plot_legend_covers_no_curve():
+    history = {"val_accuracy": [0.5, 0.8, 0.9, 0.95], "val_swa_accuracy": [0.93, 0.96]}
+    per_seed = {
+        s: {"runs": {"sgd": {"history": history}, "swa": {"history": history}}} for s in (0, 1)
+    }
+    summary = train_lib.summarize(finals({k: [0.95, 0.96] for k in train_lib.LABELS}))
+    fig = train_lib.figure(per_seed, summary, "title")
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    legend = ax.get_legend().get_window_extent(renderer)
+    assert len(ax.get_legend().get_texts()) == 7
+    assert not legend.overlaps(ax.get_window_extent(renderer))
+
+
+def test_model_names_of_the_flags_are_those_of_models():
+    assert train_lib.MODEL_NAMES == tuple(models_lib.MODELS)
 
 
 def test_paper_models_build_with_their_sizes():
@@ -152,32 +435,3 @@ def test_paper_models_build_with_their_sizes():
     assert 1.6e6 < counts["preresnet164"] < 1.8e6
     with pytest.raises(ValueError, match="Unknown model"):
         models_lib.get("resnet9000", (32, 32, 3), 10)
-
-
-def test_train_binary_end_to_end(tmp_path):
-    out = tmp_path / "run"
-    result = run_binary(
-        "examples.train", "--averaging=swa", "--epochs=2", "--swa_start=0.5",
-        "--batch_size=256", f"--output_dir={out}",
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "SWA: average" in result.stdout
-    assert (out / "metrics.json").exists() and (out / "curves.png").exists()
-
-
-def test_train_binary_rejects_bad_flag():
-    result = run_binary("examples.train", "--epochs=3", "--swa_start=7")
-    assert result.returncode != 0
-    assert "--swa_start" in result.stderr
-
-
-def test_benchmark_binary_writes_json(tmp_path):
-    out = tmp_path / "bench.json"
-    result = run_binary(
-        "examples.benchmark", "--small", "--rounds=1", "--steps=2", f"--output={out}"
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "SWA non-snapshot update / bare update" in result.stdout
-    report = json.loads(out.read_text())
-    assert report["weights"] > 0 and len(report["checks"]) >= 6
-    assert all(seconds > 0 for seconds in report["seconds"].values())
