@@ -177,3 +177,24 @@ def test_runs_without_tensorflow(tmp_path):
     )
     assert completed.returncode == 0, completed.stderr[-4000:]
     assert f"ran without TensorFlow on {backend}" in completed.stdout
+
+
+def test_every_subpackage_goes_into_the_wheel():
+    """A wheel holds the packages setuptools finds; an editable install maps
+    the whole directory and would hide a missing one."""
+    import setuptools
+
+    find = _pyproject()["tool"]["setuptools"]["packages"]["find"]
+    packaged = set(
+        setuptools.find_packages(
+            where=ROOT, include=find["include"], exclude=find.get("exclude", ())
+        )
+    )
+    on_disk = set()
+    for directory, _, files in os.walk(os.path.join(ROOT, "keras_swa")):
+        if "__pycache__" in directory:
+            continue
+        if any(name.endswith(".py") for name in files):
+            relative = os.path.relpath(directory, ROOT)
+            on_disk.add(relative.replace(os.sep, "."))
+    assert on_disk == packaged, (on_disk, packaged)
