@@ -182,8 +182,7 @@ def test_runs_without_tensorflow(tmp_path):
 def test_every_subpackage_goes_into_the_wheel():
     """A wheel holds the packages setuptools finds; an editable install maps
     the whole directory and would hide a missing one."""
-    import setuptools
-
+    setuptools = pytest.importorskip("setuptools")
     find = _pyproject()["tool"]["setuptools"]["packages"]["find"]
     packaged = set(
         setuptools.find_packages(
