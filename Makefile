@@ -3,23 +3,27 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Everything the demo, the tests and the docs need. The package itself needs
+# only Keras and one backend; see docs/install.md.
+EXTRAS := tensorflow,examples,tests,backends,docs
 
-.PHONY: demo test test-tensorflow test-jax test-torch install clean
+.PHONY: demo test test-tensorflow test-jax test-torch docs install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 
 # Reinstall only when the dependencies change. `backends` brings JAX and
-# PyTorch (CPU builds) beside TensorFlow.
+# PyTorch (CPU builds) beside TensorFlow; `docs` brings MkDocs.
 $(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install -e ".[examples,tests,backends]"
+	$(PY) -m pip install -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
 install: $(STAMP)
 
 # The whole suite once per Keras backend, in turn: all three run, and the
-# target fails if any of them failed.
+# target fails if any of them failed. Each run also builds the docs
+# (tests/test_docs.py, a few seconds), so a broken reference fails the suite.
 test: $(STAMP)
 	status=0; for backend in tensorflow jax torch; do \
 		KERAS_BACKEND=$$backend $(PY) -m pytest tests || status=1; \
@@ -31,5 +35,10 @@ test-tensorflow test-jax test-torch: test-%: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m examples.train
 
+# The documentation site, API reference included, into site/. Offline;
+# --strict turns every warning (a broken link or reference) into a failure.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV) *.egg-info
+	rm -rf $(VENV) *.egg-info site
