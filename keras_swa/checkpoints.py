@@ -176,9 +176,6 @@ def _check_weights(weights, count):
     return weights / total
 
 
-def _check_bn_steps(bn_steps):
-    if bn_steps is not None:
-        _validation.check_int("bn_steps", bn_steps, 1)
 
 
 class _Workspace:
@@ -447,7 +444,7 @@ def average_checkpoints(
     """
     paths = _check_paths(paths)
     weights = _check_weights(weights, len(paths))
-    _check_bn_steps(bn_steps)
+    bn_steps = _validation.integer("bn_steps", bn_steps, 1, optional=True)
     with tempfile.TemporaryDirectory(prefix="keras_swa_") as directory:
         workspace = _Workspace(model, directory)
         total = _Sum(workspace)
@@ -614,7 +611,7 @@ def greedy_soup(
             "`validation_data` is required: the soup is chosen on it. "
             "Received: validation_data=None"
         )
-    _check_bn_steps(bn_steps)
+    bn_steps = _validation.integer("bn_steps", bn_steps, 1, optional=True)
     if not getattr(model, "compiled", False):
         raise ValueError(
             "`model` must be compiled with `metric` among its metrics: "
