@@ -155,6 +155,13 @@ DEFAULTS = {"schedule": "cosine", "ema_warmup": True, "seeds": [0], "swa_start":
             "ema_sigma_rels": [0.05, 0.10],
             "ema_sweep": [0.02, 0.03, 0.05, 0.07, 0.10, 0.13, 0.16, 0.20],
             "ema_snapshots": 20}
+# The modes of `--averaging` that use each of these flags: given to another
+# mode, the flag is refused rather than ignored.
+MODE_FLAGS = {
+    **dict.fromkeys(("swag_rank", "swag_samples", "swag_scale", "swag_bn_batches"),
+                    ("compare", "swag")),
+    **dict.fromkeys(("ema_sigma_rels", "ema_sweep", "ema_snapshots"), ("posthoc_ema",)),
+}
 # The default `--swa_start` of each schedule. Cosine: measured on digits at
 # 10 and 20 epochs (docs/examples.md), 0.75 beats 0.5 (the SWA run anneals
 # over more epochs before averaging); paper: about the paper's 126 of 225.
@@ -260,6 +267,18 @@ def validate(config):
     if swa_start is None:
         swa_start = SWA_START[config["schedule"]]
     return parse_swa_start(str(swa_start), config["epochs"]), parse_seeds(config["seeds"])
+
+
+def check_mode_flags(averaging, given):
+    """Raises a ValueError if a flag of `given` (the names of the flags on
+    the command line) is one `--averaging=averaging` does not use."""
+    for name in given:
+        modes = MODE_FLAGS.get(name)
+        if modes and averaging not in modes:
+            raise ValueError(
+                f"--{name} is used only with --averaging={' or '.join(modes)}, not "
+                f"--averaging={averaging}: drop it or change --averaging."
+            )
 
 
 # --- Learning-rate schedules (per epoch, 0-based) -----------------------------
@@ -1130,6 +1149,7 @@ def main(argv):
     del argv  # checked by _cli.run
     config = {name: FLAGS[name].value for name in CONFIG_KEYS}
     try:
+        check_mode_flags(config["averaging"], [n for n in CONFIG_KEYS if FLAGS[n].present])
         plan = prepare(config)
     except ValueError as e:
         raise _cli.UsageError(str(e)) from None
