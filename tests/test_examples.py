@@ -1,5 +1,6 @@
 """The example binaries: end to end on tiny settings (no download), their
-one-line errors, and the pieces of their report (schedules, seed summary).
+one-line errors, and the pieces of their report (schedules, seed summary,
+calibration, the post-hoc EMA sweep).
 
 The error tests start the binaries as subprocesses; they check flags and
 data before importing Keras, so each takes about a second.
@@ -23,13 +24,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def config(tmp_path, **overrides):
-    base = dict(
+    """Every setting of the binary, tiny; with `train_lib.DEFAULTS` for the
+    ones a caller may leave out."""
+    base = {**train_lib.DEFAULTS, **dict(
         dataset="digits", data_dir=None, download=False, model="small_cnn",
         epochs=3, batch_size=128, schedule="cosine", lr=0.05, momentum=0.9,
         weight_decay=5e-4, swa_start="1", swa_lr=0.01, ema_decay=0.9,
         ema_warmup=True, averaging="compare", seeds=[0],
-        output_dir=str(tmp_path / "out"), verbose=0,
-    )
+        output_dir=str(tmp_path / "out"), verbose=0, swag_samples=3,
+    )}
     base.update(overrides)
     return base
 
@@ -67,20 +70,72 @@ def write_mnist(folder, n_train=40, n_test=12):
 # --- End to end ----------------------------------------------------------------
 
 
+def numpy_scores(probabilities, labels, num_bins=15):
+    """Accuracy, NLL and expected calibration error, by hand: the
+    reference of the binary's columns."""
+    probabilities = probabilities.astype("float64")
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == labels
+    ece = 0.0
+    for b in range(num_bins):
+        lower, upper = b / num_bins, (b + 1) / num_bins
+        in_bin = (confidence > lower) & (confidence <= upper)
+        if b == 0:
+            in_bin |= confidence == 0
+        if in_bin.any():
+            ece += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
+    nll = -np.log(probabilities[np.arange(len(labels)), labels]).mean()
+    return {"accuracy": correct.mean(), "nll": nll, "ece": ece}
+
+
+def assert_scores_match_predictions(out_dir, saved):
+    """Every row's accuracy, NLL and ECE in metrics.json, per seed, equal
+    the NumPy ones of the probabilities in predictions.npz."""
+    predictions = np.load(out_dir / "predictions.npz")
+    labels = predictions["labels"]
+    for seed in saved["seeds"]:
+        final = saved["per_seed"][str(seed)]["final"]
+        for row, values in final.items():
+            probabilities = predictions[f"{row}_seed{seed}"]
+            assert probabilities.shape == (len(labels), 10)
+            np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+            expected = numpy_scores(probabilities, labels)
+            assert values["accuracy"] == pytest.approx(expected["accuracy"], abs=1e-9), row
+            assert values["nll"] == pytest.approx(expected["nll"], rel=1e-6), row
+            assert values["ece"] == pytest.approx(expected["ece"], abs=1e-5), row
+    return predictions
+
+
+def assert_png(path):
+    png = path.read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
 def test_compare_on_digits_writes_table_sentence_metrics_and_curves(tmp_path, capsys):
     # Two epochs, SWA from the last: the average is the final iterate, so
     # with every row's BatchNorm recomputed the two rows must agree, while
-    # the running statistics of a 2-epoch run are far off.
+    # the running statistics of a 2-epoch run are far off. One snapshot:
+    # the SWAG posterior has no spread, so SWAG-BMA is the SWA model.
     metrics = train_lib.train(config(tmp_path, epochs=2, batch_size=256))
 
     out = capsys.readouterr().out
     for label in train_lib.LABELS.values():
         assert label in out
     assert "One seed, so no spread" in out and "recomputed on the training set" in out
+    assert "test accuracy |" in out and "test NLL |" in out and "test ECE |" in out
+    assert "keras_swa.predict_bma:" in out and "s per sample (3 samples" in out
     with open(tmp_path / "out" / "metrics.json") as f:
         saved = json.load(f)
     assert saved["seeds"] == [0] and saved["swa_start_epoch"] == 1
-    assert set(saved["final"]) == {"sgd", "swa_iterate", "swa", "ema"}
+    assert set(saved["final"]) == {"sgd", "swa_iterate", "swa", "swag", "ema"}
+    for row in saved["final"].values():
+        assert set(row) == {f"{m}{suffix}" for m in ("accuracy", "nll", "ece")
+                            for suffix in ("", "_std", "_per_seed")}
+    predictions = assert_scores_match_predictions(tmp_path / "out", saved)
+    np.testing.assert_allclose(predictions["swag_seed0"], predictions["swa_seed0"], atol=1e-5)
+    swag = saved["per_seed"]["0"]["swag"]
+    assert swag["samples"] == 3 and swag["n_averaged"] == 1 and swag["rank"] == 1
+    assert swag["bma_seconds_per_sample"] == pytest.approx(swag["bma_seconds"] / 3)
     assert saved["conclusion"] == metrics["conclusion"]
     per_seed = saved["per_seed"]["0"]
     assert set(per_seed["runs"]) == {"sgd", "swa"}
@@ -90,8 +145,68 @@ def test_compare_on_digits_writes_table_sentence_metrics_and_curves(tmp_path, ca
     assert final["swa"]["accuracy"] == pytest.approx(final["swa_iterate"]["accuracy"], abs=0.01)
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in final.values())
     assert set(per_seed["running_bn"]) == {"sgd", "swa_iterate"}
-    png = (tmp_path / "out" / "curves.png").read_bytes()
-    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    assert_png(tmp_path / "out" / "curves.png")
+    assert_png(tmp_path / "out" / "calibration.png")
+    assert not (tmp_path / "out" / "posthoc_ema.png").exists()
+
+
+def test_swag_mode_samples_a_posterior_with_spread(tmp_path, capsys):
+    # Three epochs, SWA from epoch 1: two snapshots, so the samples differ
+    # from the mean and SWAG-BMA from the SWA average.
+    metrics = train_lib.train(config(tmp_path, averaging="swag", epochs=3, batch_size=256,
+                                      swag_samples=4, swag_bn_batches=2))
+    assert set(metrics["final"]) == {"swa_iterate", "swa", "swag"}
+    out = capsys.readouterr().out
+    assert "SGD + SWAG callback" in out and "SWAG-BMA: the mean probabilities of 4" in out
+    with open(tmp_path / "out" / "metrics.json") as f:
+        saved = json.load(f)
+    swag = saved["per_seed"]["0"]["swag"]
+    assert swag["n_averaged"] == 2 and swag["rank"] == 2 and swag["samples"] == 4
+    predictions = assert_scores_match_predictions(tmp_path / "out", saved)
+    assert np.abs(predictions["swag_seed0"] - predictions["swa_seed0"]).max() > 1e-3
+    assert saved["swag_bma_timing"].startswith("keras_swa.predict_bma:")
+    for name in ("curves.png", "calibration.png"):
+        assert_png(tmp_path / "out" / name)
+
+
+def test_posthoc_ema_mode_sweeps_sigma_rel_after_training(tmp_path, capsys):
+    import keras_swa
+
+    # 2 epochs of 12 batches: 24 updates, 6 snapshots every 4 updates.
+    cfg = config(tmp_path, averaging="posthoc_ema", epochs=2, batch_size=128,
+                 ema_sigma_rels=["0.05", "0.10"], ema_sweep=["0.05", "0.08", "0.10"],
+                 ema_snapshots=6)
+    metrics = train_lib.train(cfg)
+    out = capsys.readouterr().out
+    assert "SGD + PostHocEMA" in out and "6 snapshots every 4 of its 24 updates" in out
+    assert "EMA sigma_rel=0.08 " in out and "EMA sigma_rel=0.05 (tracked)" in out
+    assert set(metrics["final"]) == {"sgd"}
+    out_dir = tmp_path / "out"
+    snapshot_dir = out_dir / "ema_snapshots" / "seed_0"
+    assert sorted(os.listdir(snapshot_dir)) == [f"ema-{s:010d}.npz" for s in range(4, 25, 4)]
+    with open(out_dir / "metrics.json") as f:
+        saved = json.load(f)
+    assert_scores_match_predictions(out_dir, saved)
+    sweep = saved["per_seed"]["0"]["posthoc_ema"]["sweep"]
+    assert [row["sigma_rel"] for row in sweep] == [0.05, 0.08, 0.10]
+    assert set(saved["posthoc_ema"]["sweep"]) == {"ema@0.05", "ema@0.08", "ema@0.1"}
+    assert saved["posthoc_ema"]["sweep"]["ema@0.08"]["nll"] == sweep[1]["nll"]
+    for name in ("curves.png", "calibration.png", "posthoc_ema.png"):
+        assert_png(out_dir / name)
+
+    # The reference: the library's reconstruction of sigma_rel=0.08 in a
+    # fresh model, BatchNorm recomputed, scored by NumPy.
+    dataset = data_lib.pipelines("digits", data_lib.read("digits"), 128, seed=0)
+    model = models_lib.get("small_cnn", dataset.input_shape, dataset.num_classes)
+    keras_swa.reconstruct_ema(model, str(snapshot_dir), 0.08, bn_data=dataset.train_eval,
+                              verbose=0)
+    logits = model.predict(dataset.test, verbose=0).astype("float64")
+    probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probabilities /= probabilities.sum(axis=1, keepdims=True)
+    expected = numpy_scores(probabilities, np.load(out_dir / "predictions.npz")["labels"])
+    assert sweep[1]["accuracy"] == pytest.approx(expected["accuracy"], abs=1e-6)
+    assert sweep[1]["nll"] == pytest.approx(expected["nll"], rel=1e-4)
+    assert sweep[1]["ece"] == pytest.approx(expected["ece"], abs=1e-4)
 
 
 def test_train_binary_end_to_end_from_another_folder(tmp_path):
@@ -211,6 +326,22 @@ def test_train_bad_flags_missing_data_and_output_dir_are_one_line(tmp_path):
         (["--seeds=0,one"], ["--seeds"]),
         (["--schedule=linear"], ["--schedule=linear", "cosine|paper"]),
         (["--verbose=3"], ["--verbose"]),
+        (["--averaging=bma"], ["--averaging", "posthoc_ema"]),
+        (["--swag_samples=0"], ["--swag_samples must be an integer >= 1, got 0"]),
+        (["--swag_scale=-0.5"], ["--swag_scale must be a float >= 0, got -0.5"]),
+        (["--swag_rank=-1"], ["--swag_rank must be an integer >= 0, got -1"]),
+        (["--swag_bn_batches=0"], ["--swag_bn_batches must be an integer >= 1"]),
+        (["--averaging=posthoc_ema", "--ema_snapshots=0"],
+         ["--ema_snapshots must be an integer >= 1, got 0"]),
+        (["--averaging=posthoc_ema", "--ema_sigma_rels=0.05,0.3"],
+         ["--ema_sigma_rels must be distinct floats in (0, 0.28)", "'0.05,0.3'"]),
+        (["--averaging=posthoc_ema", "--ema_sigma_rels=0.05,0.05"],
+         ["--ema_sigma_rels", "distinct"]),
+        (["--averaging=posthoc_ema", "--ema_sweep=wide"], ["--ema_sweep must be", "'wide'"]),
+        # A flag the mode does not use is refused, not ignored.
+        (["--averaging=sgd", "--swag_samples=5"],
+         ["--swag_samples is used only with --averaging=compare or swag, not --averaging=sgd"]),
+        (["--ema_sweep=0.1"], ["--ema_sweep is used only with --averaging=posthoc_ema"]),
         (["--no_such_flag"], ["no_such_flag"]),
         (["epochs=3"], ["unexpected arguments", "--name=value"]),
         (["--dataset=nosuchdataset"], ["--dataset=nosuchdataset", "--dataset=digits"]),
@@ -291,11 +422,23 @@ def test_corrupt_idx_file_is_named(tmp_path):
         ({"seeds": [-1]}, "--seeds"),
         ({"schedule": "step"}, "--schedule"),
         ({"model": "resnet9000"}, "--model"),
+        ({"swag_samples": 0}, "--swag_samples"),
+        ({"swag_scale": float("nan")}, "--swag_scale"),
+        ({"ema_sweep": []}, "--ema_sweep"),
+        ({"ema_sweep": [0.0]}, "--ema_sweep"),
+        ({"ema_sigma_rels": ["0.1", "x"]}, "--ema_sigma_rels"),
     ],
 )
 def test_bad_settings_are_rejected_with_the_flag_named(tmp_path, overrides, match):
     with pytest.raises(ValueError, match=match):
         train_lib.validate(config(tmp_path, **overrides))
+
+
+def test_sigma_rel_lists_are_parsed_as_floats(tmp_path):
+    cfg = config(tmp_path, ema_sigma_rels=["0.05", "0.1"], ema_sweep=np.float32(0.07))
+    train_lib.validate(cfg)
+    assert cfg["ema_sigma_rels"] == [0.05, 0.1]
+    assert cfg["ema_sweep"] == [pytest.approx(0.07)]
 
 
 def test_swa_start_fraction_and_epoch_and_seeds():
@@ -340,10 +483,12 @@ def test_cosine_schedules_per_epoch_by_hand(tmp_path):
 
 
 def finals(rows):
-    """Per-seed results from `{row: [accuracy per seed]}` (loss = 1 - acc)."""
+    """Per-seed results from `{row: [accuracy per seed]}` (NLL = 1 - acc,
+    ECE = (1 - acc) / 2)."""
     n = len(next(iter(rows.values())))
     return [
-        {row: {"accuracy": acc[i], "loss": 1 - acc[i]} for row, acc in rows.items()}
+        {row: {"accuracy": acc[i], "nll": 1 - acc[i], "ece": (1 - acc[i]) / 2}
+         for row, acc in rows.items()}
         for i in range(n)
     ]
 
@@ -353,9 +498,16 @@ def test_summary_table_is_mean_and_standard_deviation():
     assert summary["sgd"]["accuracy"] == pytest.approx(0.92)
     assert summary["sgd"]["accuracy_std"] == pytest.approx(0.02)  # sample std
     assert summary["swa"]["accuracy_std"] == 0.0
-    assert summary["sgd"]["loss_per_seed"] == pytest.approx([0.10, 0.08, 0.06])
+    assert summary["sgd"]["nll_per_seed"] == pytest.approx([0.10, 0.08, 0.06])
+    assert summary["sgd"]["ece"] == pytest.approx(0.04)
     table = train_lib.format_table(summary)
     assert "| SGD (plain)" in table and "92.00 ± 2.00%" in table and "0.0800 ± 0.0200" in table
+    assert "   0.0400 ± 0.0100 |\n" in table  # ECE, the last column
+    # Another order and labels (the post-hoc EMA sweep), wider labels.
+    labels = {"swa": "a label longer than twenty", "sgd": "SGD"}
+    lines = train_lib.format_table(summary, labels).splitlines()
+    assert lines[2].startswith("| a label longer than twenty |    95.00 ± 0.00% |")
+    assert lines[3].startswith("| SGD ") and len({len(line) for line in lines}) == 1
     one = train_lib.summarize(finals({"sgd": [0.9]}))
     assert one["sgd"]["accuracy_std"] is None
     assert "90.00%" in train_lib.format_table(one) and "±" not in train_lib.format_table(one)
@@ -394,7 +546,20 @@ def test_conclusion_says_whether_differences_exceed_the_spread():
     floored = train_lib.conclusion(tiny, resolution=1 / 100)
     assert floored.startswith("Over 3 seeds, no row differs")
     assert "(+0.67 points, spread 1.00)" in floored and "at least one test example, 1.00 points" in floored
-    for sentence in (within, beyond, mixed, one, swa_only, floored):
+    # The NLL: the same screen, in NLL units, without the one-example floor.
+    nll = train_lib.conclusion(train_lib.summarize(finals({
+        "sgd": [0.89, 0.90, 0.91], "swa": [0.94, 0.95, 0.96], "ema": [0.90, 0.905, 0.91],
+    })), resolution=1 / 100, metric="nll")
+    assert nll.startswith("In test NLL, over 3 seeds, SWA: average (-0.0500, spread 0.0100) "
+                          "differs from SGD (plain)")
+    assert nll.endswith("EMA: average (-0.0050, spread 0.0100) does not.")
+    assert "test example" not in nll  # the one-example floor is for accuracy
+    assert train_lib.conclusion(train_lib.summarize(finals({"sgd": [0.9], "ema": [0.95]})),
+                                metric="nll") is None
+    # A difference below float32's resolution is no difference, not "-0.00".
+    tie = train_lib.conclusion(train_lib.summarize(finals({"sgd": [0.9], "ema": [0.9 - 1e-9]})))
+    assert "EMA: average +0.00 points" in tie
+    for sentence in (within, beyond, mixed, one, swa_only, floored, nll):
         assert sentence.count(". ") == 0 and sentence.endswith(".")  # one sentence
 
 
@@ -417,12 +582,61 @@ def test_plot_legend_covers_no_curve():
     renderer = fig.canvas.get_renderer()
     ax = fig.axes[0]
     legend = ax.get_legend().get_window_extent(renderer)
-    assert len(ax.get_legend().get_texts()) == 7
+    assert len(ax.get_legend().get_texts()) == 8
     assert not legend.overlaps(ax.get_window_extent(renderer))
 
 
 def test_model_names_of_the_flags_are_those_of_models():
     assert train_lib.MODEL_NAMES == tuple(models_lib.MODELS)
+
+
+def test_max_sigma_rel_of_the_flags_is_the_library_s():
+    from keras_swa import averaging
+
+    assert train_lib.MAX_SIGMA_REL == averaging.MAX_SIGMA_REL
+
+
+# --- Calibration and the post-hoc EMA pieces ---------------------------------------
+
+
+def test_reliability_bins_give_the_library_s_ece():
+    import keras_swa
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(500, 10)) * 3
+    probabilities = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    labels = rng.integers(0, 10, size=500)
+    counts, confidence, accuracy = train_lib.calibration_bins(probabilities, labels)
+    assert counts.sum() == 500 and (counts == 0).any()  # empty bins included
+    filled = counts > 0
+    assert np.isnan(accuracy[~filled]).all()
+    ece = np.sum(counts[filled] / 500 * np.abs(accuracy[filled] - confidence[filled]))
+    metric = keras_swa.metrics.ExpectedCalibrationError(num_bins=train_lib.ECE_BINS)
+    metric.update_state(labels, probabilities.astype("float32"))
+    assert ece == pytest.approx(float(metric.result()), abs=1e-5)
+    assert ece == pytest.approx(numpy_scores(probabilities, labels)["ece"], abs=1e-12)
+    scores = train_lib.scores(probabilities, labels)
+    assert scores["ece"] == pytest.approx(ece, abs=1e-5)
+    assert scores["nll"] == pytest.approx(numpy_scores(probabilities, labels)["nll"], rel=1e-6)
+
+
+def test_snapshot_spacing_ends_at_the_last_update():
+    # 1800 updates, about 20 snapshots: every 90, the last at 1800.
+    assert train_lib.snapshot_every(1800, 20) == 90
+    # 92 = 4 * 23: 23 snapshots every 4 (no divisor in [20, 22]).
+    assert train_lib.snapshot_every(92, 20) == 4
+    # A prime: no divisor up to 2 * 20; every 97 // 20 = 4 updates.
+    assert train_lib.snapshot_every(97, 20) == 4
+    # Fewer updates than snapshots wanted: every update.
+    assert train_lib.snapshot_every(7, 20) == 1
+
+
+def test_stale_snapshots_are_cleared_and_nothing_else(tmp_path):
+    for name in ("ema-0000000004.npz", "ema-0000000008.npz", "notes.txt", "ema-last.npz"):
+        (tmp_path / name).write_text("")
+    assert train_lib.clear_snapshots(str(tmp_path)) == 2
+    assert sorted(os.listdir(tmp_path)) == ["ema-last.npz", "notes.txt"]
+    assert train_lib.clear_snapshots(str(tmp_path / "missing")) == 0
 
 
 def test_paper_models_build_with_their_sizes():
