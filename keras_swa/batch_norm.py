@@ -5,27 +5,28 @@ statistics of its BatchNormalization layers belong to the last raw weights,
 not to the average. `update_bn` replaces them with the exact statistics of the
 averaged model over some data, as `torch.optim.swa_utils.update_bn` does.
 
-How: every BatchNormalization layer that training would update gets
-`momentum = 0.0` for the pass, so one training-mode call leaves the moments of
-its current batch in `moving_mean` and `moving_variance`; a compiled step reads
-them and adds them, weighted by the batch size, to running sums. The pass
-costs little more than a training-mode forward pass and needs no hook into the
-layer.
+How: one compiled function runs the model in training mode on each batch
+statelessly (inside a `keras.StatelessScope`), so the call writes no
+variable; every BatchNormalization layer that training would update gets
+`momentum = 0.0` and reads its moving statistics as zeros, so the values it
+would write are exactly the moments of its batch, which the function adds,
+weighted by the batch size, to running sums it returns. Only the final
+statistics are assigned. The pass costs little more than a training-mode
+forward pass, needs no hook into the layer, and changes nothing else: not
+the weights that other layers write in training mode (SpectralNormalization,
+a counter), not Dropout's seed, not even the statistics if anything fails.
 """
 
 import itertools
-import sys
 import weakref
 
 import keras
 import numpy as np
 from keras import ops
 
+from keras_swa import _data
 from keras_swa._backend import compiled
 from keras_swa._backend import distribute
-
-# The batch size of `Model.predict` for arrays.
-_ARRAY_BATCH_SIZE = 32
 
 _VERBOSE_VALUES = ("auto", 0, 1, 2)
 
@@ -60,11 +61,21 @@ def _trained_layers(model):
     return layers
 
 
+def _written_statistics(layer):
+    # `renorm=True` tracks a standard deviation besides the variance.
+    return [
+        layer.moving_mean,
+        layer.moving_variance,
+        *((layer.moving_stddev,) if layer.renorm else ()),
+    ]
+
+
 def statistics_variables(model):
     """The variables `update_bn(model, ...)` may write.
 
-    The moving statistics (and, with `renorm=True`, the renormalization
-    statistics) of every trainable BatchNormalization layer of `model`.
+    The moving mean and variance (and, with `renorm=True`, the moving
+    standard deviation) of every trainable BatchNormalization layer of
+    `model`. Nothing else: not the renormalization statistics.
 
     Args:
         model: A built `keras.Model` or `keras.layers.Layer`.
@@ -75,117 +86,45 @@ def statistics_variables(model):
     return [
         variable
         for layer in _trained_layers(model)
-        for variable in layer.non_trainable_variables
+        for variable in _written_statistics(layer)
     ]
 
 
-def _is_tf_dataset(data):
-    # Without `tensorflow` imported there can be no `tf.data.Dataset`, and
-    # this module does not need TensorFlow otherwise.
-    tf = sys.modules.get("tensorflow")
-    return tf is not None and isinstance(data, tf.data.Dataset)
+def _seed_states(model):
+    """The state variables of the model's `SeedGenerator`s (Dropout's, say).
 
-
-def _is_array(value):
-    return (isinstance(value, np.ndarray) or ops.is_tensor(value)) and len(
-        value.shape
-    ) >= 1
-
-
-def _unsupported(data, reason=""):
-    return TypeError(
-        "`data` must be a `tf.data.Dataset`, a `keras.utils.PyDataset`, a "
-        "NumPy array or a tuple `(x,)`, `(x, y)` or `(x, y, sample_weight)` "
-        "whose `x` is an array or a list or dict of arrays (for a model with "
-        f"several inputs, pass `(x,)`).{reason} Received: data={data!r:.200} "
-        f"of type {type(data).__name__}"
-    )
-
-
-def _array_batches(x):
-    size = len(keras.tree.flatten(x)[0])
-    for start in range(0, size, _ARRAY_BATCH_SIZE):
-        stop = start + _ARRAY_BATCH_SIZE
-        yield (keras.tree.map_structure(lambda a: a[start:stop], x),)
-
-
-def _batches(data):
-    """Returns an iterator over the batches of `data` and their number.
-
-    The number is `None` when it is not known in advance.
+    Keras tracks a layer's seed generators in the private `_seed_generators`
+    (there is no public walk over them); `update_bn` passes their states from
+    batch to batch, so that each batch draws fresh random numbers, and never
+    assigns them.
     """
-    if _is_tf_dataset(data):
-        cardinality = int(data.cardinality())
-        # Negative cardinalities mean infinite or unknown.
-        return (
-            compiled.dataset_iterator(data),
-            cardinality if cardinality >= 0 else None,
-        )
-    if isinstance(data, keras.utils.PyDataset):
-        try:
-            num_batches = data.num_batches
-        except NotImplementedError:
-            num_batches = None
-        return iter(data), num_batches
-    if isinstance(data, tuple):
-        if not 1 <= len(data) <= 3:
-            raise _unsupported(data, f" A tuple of {len(data)} elements.")
-        x = data[0]
-    elif isinstance(data, np.ndarray):
-        x = data
-    else:
-        raise _unsupported(data)
-    if not isinstance(x, (list, dict)) and not _is_array(x):
-        raise _unsupported(data, " Its `x` is not an array.")
-    leaves = keras.tree.flatten(x)
-    if not leaves or not all(_is_array(leaf) for leaf in leaves):
-        raise _unsupported(data, " Its `x` holds something other than arrays.")
-    sizes = {len(leaf) for leaf in leaves}
-    if len(sizes) > 1:
-        raise ValueError(
-            "The arrays of `data` must all have the same number of samples. "
-            f"Received sizes: {sorted(sizes)}"
-        )
-    size = sizes.pop()
-    return _array_batches(x), -(-size // _ARRAY_BATCH_SIZE)
+    states = {}
+    for layer in _all_layers(model):
+        for generator in getattr(layer, "_seed_generators", ()):
+            states[id(generator.state)] = generator.state
+    return list(states.values())
 
 
-def _model_inputs(batch):
-    # Batches are `x` or `(x,)`, `(x, y)`, `(x, y, sample_weight)` as in
-    # `fit`; a list is `x` for several inputs. Only `x` is needed.
-    x = batch[0] if isinstance(batch, tuple) else batch
-
-    def to_tensor(value):
-        # As `predict`: floating NumPy data runs in the default float type.
-        if isinstance(value, np.ndarray) and np.issubdtype(
-            value.dtype, np.floating
-        ):
-            return ops.convert_to_tensor(value, dtype=keras.config.floatx())
-        return ops.convert_to_tensor(value)
-
-    return keras.tree.map_structure(to_tensor, x)
-
-
-def _check_arguments(steps, verbose):
-    if steps is not None and (
-        isinstance(steps, bool) or not isinstance(steps, int)
-    ):
+def _check_arguments(model, verbose):
+    if not isinstance(model, keras.layers.Layer):
         raise TypeError(
-            "`steps` must be None or an integer >= 1. "
-            f"Received: steps={steps!r} of type {type(steps).__name__}"
+            "`model` must be a built `keras.Model` or `keras.layers.Layer`. "
+            f"Received: model={model!r:.200} of type {type(model).__name__}"
         )
-    if steps is not None and steps < 1:
-        raise ValueError(
-            f"`steps` must be None or an integer >= 1. Received: steps={steps}"
-        )
-    if isinstance(verbose, bool) or verbose not in _VERBOSE_VALUES:
+    if isinstance(verbose, (bool, np.bool_)) or verbose not in _VERBOSE_VALUES:
         raise ValueError(
             f"`verbose` must be one of {_VERBOSE_VALUES}. "
             f"Received: verbose={verbose!r}"
         )
 
 
-def update_bn(model, data, steps: int | None = None, verbose="auto") -> None:
+def update_bn(
+    model,
+    data,
+    steps: int | None = None,
+    verbose="auto",
+    batch_size: int | None = None,
+) -> None:
     """Recomputes the statistics of the model's BatchNormalization layers.
 
     Each BatchNormalization layer that training would update (at any depth
@@ -197,13 +136,25 @@ def update_bn(model, data, steps: int | None = None, verbose="auto") -> None:
     training belong to other weights.
 
     The model runs forward in training mode, one compiled function over all
-    batches: other training-mode behaviour (Dropout) happens as in `fit`,
-    and a BatchNormalization layer called on several inputs keeps the
+    batches, each batch on the model as it is: Dropout draws fresh masks
+    for every batch as in `fit` (a seeded Dropout the same ones on every
+    call, since its seed is kept); state that other layers write in
+    training mode (SpectralNormalization's normalized kernel and
+    `vector_u`, a counter) is seen within its batch and then dropped. The
+    pass is stateless (a `keras.StatelessScope`): it writes no variable,
+    and only the final statistics are assigned, so every other variable
+    (the weights, Dropout's seed, frozen layers' statistics, the
+    renormalization statistics of `renorm=True`) keeps its value bit for
+    bit, also if anything fails. It keeps no copy of the weights: its
+    memory is one running sum per channel of each layer's batch means and
+    one of its variances. Old statistics that were NaN or infinite do not
+    leak into the new ones.
+
+    A BatchNormalization layer called on several inputs keeps the
     statistics of its last call in each batch. Sample weights and masks do
     not weight the statistics. Layers with `trainable=False`, or called with
     `training=False` inside the model, are left as they are; so are the
-    momentum and every other setting, and all trainable weights. If anything
-    fails midway, all statistics are restored.
+    momentum and every other setting.
 
     Under a `tf.distribute` strategy (called inside its scope or outside
     every scope, not inside `strategy.run`), the pass runs in cross-replica
@@ -214,60 +165,100 @@ def update_bn(model, data, steps: int | None = None, verbose="auto") -> None:
 
     Args:
         model: A built `keras.Model` (or layer).
-        data: The inputs: a `tf.data.Dataset` or `keras.utils.PyDataset`
-            yielding `x`, `(x,)`, `(x, y)` or `(x, y, sample_weight)`; a NumPy
-            array; or a tuple `(x,)`, `(x, y)` or `(x, y, sample_weight)` of
-            NumPy arrays, which is split into batches of 32 as in `predict`.
-            Labels and sample weights are ignored.
+        data: The inputs, in any form `model.fit` accepts as `x`: a NumPy
+            array or a TensorFlow, JAX or PyTorch tensor, a list or dict of
+            them for several inputs, or a tuple `(x,)`, `(x, y)` or
+            `(x, y, sample_weight)` of those, split in order into batches of
+            `batch_size`; or a `tf.data.Dataset`, `keras.utils.PyDataset`,
+            Python generator or iterator, or `torch.utils.data.DataLoader`
+            yielding `x`, `(x,)`, `(x, y)` or `(x, y, sample_weight)`. Labels
+            and sample weights are ignored. A generator or iterator is
+            consumed (up to `steps` batches).
         steps: Integer >= 1, the number of batches to use at most. Defaults
-            to `None`, all of `data`.
+            to `None`, all of `data`; required for an infinite dataset.
         verbose: `"auto"`, 0, 1 or 2: the mode of Keras' progress bar, as in
             `predict`. `"auto"` is 1. Defaults to `"auto"`.
+        batch_size: Integer >= 1, the batch size for arrays (the statistics
+            depend on it: use the training batch size). Defaults to `None`:
+            32, as in `fit`. Refused for data that comes in batches.
 
     Raises:
-        TypeError: if `data` is of an unsupported type.
-        ValueError: if `data` yields no batch (the statistics are then left
-            as they were), or the model is not built.
+        TypeError: if `model` is not a Keras layer or model, or `data`,
+            `steps` or `batch_size` is of a type not accepted.
+        ValueError: if `data` yields no batch, is infinite without `steps`,
+            or holds arrays of different lengths; if `batch_size` is given
+            with data that comes in batches; if the model is not built. The
+            model is then unchanged.
 
     Example:
 
     >>> model.compile(optimizer=keras_swa.SWA(keras.optimizers.SGD(0.1)),
     ...               loss="mse")  # doctest: +SKIP
-    >>> model.fit(x, y, epochs=10)  # doctest: +SKIP
+    >>> model.fit(x, y, batch_size=64, epochs=10)  # doctest: +SKIP
     >>> model.optimizer.assign_average_vars(model.variables)  # doctest: +SKIP
-    >>> keras_swa.update_bn(model, x)  # doctest: +SKIP
+    >>> keras_swa.update_bn(model, x, batch_size=64)  # doctest: +SKIP
     """
-    _check_arguments(steps, verbose)
-    verbose = 1 if verbose == "auto" else verbose
-    batches, num_batches = _batches(data)
+    recompute(model, data, steps=steps, verbose=verbose, batch_size=batch_size)
+
+
+def recompute(
+    model,
+    data,
+    *,
+    steps=None,
+    verbose="auto",
+    batch_size=None,
+    data_name="data",
+    steps_name="steps",
+    batch_size_name="batch_size",
+):
+    """`update_bn`, with messages that name the caller's arguments.
+
+    For the functions and callbacks that take `bn_data`: a message about the
+    data then names `bn_data` (and `bn_steps`), not `data`. Check the data
+    with `_data.check_data` when the caller gets it, so that a wrong one
+    fails before training; this checks it again, and fails on what only
+    reading it shows (a generator that yields no batch, a bad batch).
+    """
+    _check_arguments(model, verbose)
+    _data.check_data(
+        data,
+        name=data_name,
+        batch_size=batch_size,
+        steps=steps,
+        batch_size_name=batch_size_name,
+        steps_name=steps_name,
+    )
+    verbose = 1 if verbose == "auto" else int(verbose)
     layers = _trained_layers(model)
     if not layers:
         return
     # A model of one strategy run in another strategy's scope fails deep in
     # TensorFlow; say what is wrong instead.
     distribute.check_distribution(model.variables)
-    if steps is not None:
-        batches = itertools.islice(batches, steps)
-        num_batches = steps if num_batches is None else min(num_batches, steps)
+    batches, num_batches = _data.input_batches(
+        data,
+        name=data_name,
+        batch_size=batch_size,
+        steps=steps,
+        batch_size_name=batch_size_name,
+        steps_name=steps_name,
+    )
     first = next(batches, None)
     if first is None:
         raise ValueError(
-            "`data` yielded no batch, so there are no statistics to compute; "
-            "the model is unchanged. Received: "
-            f"data={data!r:.200}, steps={steps}"
+            f"`{data_name}` yielded no batch (an exhausted generator or "
+            "iterator, say), so there are no statistics to compute; the "
+            f"model is unchanged. Received: {data_name}={data!r:.200}, "
+            f"{steps_name}={steps!r}"
         )
-
-    saved = [
-        (variable, ops.copy(variable.value))
-        for variable in statistics_variables(model)
-    ]
+    bn_pass = _compiled_pass(model, layers)
+    new_values = bn_pass.run(
+        itertools.chain([first], batches), num_batches, verbose
+    )
+    saved = [(variable, ops.copy(variable.value)) for variable, _ in new_values]
     try:
-        bn_pass = _compiled_pass(model, layers)
-        bn_pass.run(itertools.chain([first], batches), num_batches, verbose)
-        old_values = {id(variable): value for variable, value in saved}
-        for variable, value in _statistics(
-            layers, bn_pass.sums, bn_pass.count, old_values
-        ):
+        for variable, value in new_values:
             variable.assign(value)
     except BaseException:
         for variable, value in saved:
@@ -275,78 +266,105 @@ def update_bn(model, data, steps: int | None = None, verbose="auto") -> None:
         raise
 
 
+def _sum_dtype(layers):
+    # Sums of float16/bfloat16 statistics would lose the small terms: they
+    # are summed in float32, float64 statistics in float64.
+    dtypes = {
+        keras.backend.standardize_dtype(layer.moving_mean.dtype)
+        for layer in layers
+    }
+    return "float64" if "float64" in dtypes else "float32"
+
+
 class _Pass:
-    """The compiled training-mode pass over one model, with its sums.
+    """The compiled training-mode pass over one model.
 
     Tracing costs as much as tens of batches and `update_bn` runs again and
     again on the same model (on each `averaged_weights` entry, each epoch of
     the callback), so a pass is kept while its model lives and its layers
     stay as they were traced.
+
+    The running sums of all layers' batch means and variances are one
+    flat tensor, `[mean_1, variance_1, mean_2, ...]`: one tensor in and out
+    of each call, and one multiply-add per batch, not two per layer.
     """
 
     def __init__(self, model, layers, signature):
         self.layers = layers
         self.signature = signature
-        self.sums = [
-            tuple(
-                keras.Variable(
-                    ops.zeros(variable.shape, variable.dtype), trainable=False
-                )
-                for variable in (layer.moving_mean, layer.moving_variance)
-            )
-            for layer in layers
-        ]
-        self.count = keras.Variable(0.0, dtype="float32", trainable=False)
+        self.dtype = _sum_dtype(layers)
+        self.size = 2 * sum(int(np.prod(l.moving_mean.shape)) for l in layers)
+        # The indices of the layers whose statistics the traced function
+        # (on PyTorch: the last call) writes: a layer called with
+        # `training=False` writes none.
+        self.updated = ()
         # A weak reference: the cache must not keep the model alive.
-        model = weakref.ref(model)
+        model_ref = weakref.ref(model)
 
-        def step(x):
-            model()(x, training=True)
-            size = ops.cast(ops.shape(keras.tree.flatten(x)[0])[0], "float32")
-            self.count.assign_add(size)
-            for layer, (mean_sum, variance_sum) in zip(layers, self.sums):
-                weight = ops.cast(size, mean_sum.dtype)
-                mean_sum.assign_add(weight * layer.moving_mean.value)
-                variance_sum.assign_add(weight * layer.moving_variance.value)
+        def step(x, sums, written):
+            model_ref()(x, training=True)
+            moments, updated = [], []
+            for index, layer in enumerate(layers):
+                pair = (
+                    written(layer.moving_mean),
+                    written(layer.moving_variance),
+                )
+                if pair[0] is None or pair[1] is None:
+                    # Not updated: zeros keep the places of the others.
+                    pair = (ops.zeros(layer.moving_mean.shape, self.dtype),) * 2
+                else:
+                    updated.append(index)
+                moments += [
+                    ops.reshape(ops.cast(value, self.dtype), (-1,))
+                    for value in pair
+                ]
+            self.updated = tuple(updated)
+            size = ops.shape(keras.tree.flatten(x)[0])[0]
+            return sums + ops.cast(size, self.dtype) * ops.concatenate(moments)
 
-        # On JAX the compiled step takes these as arguments: the model's
-        # weights and statistics (and Dropout's seeds), and the sums.
-        state = [
-            *model().variables,
-            *(variable for pair in self.sums for variable in pair),
-            self.count,
-        ]
-        self.step = compiled.compile_function(step, state)
+        # With the moving statistics read as zeros and momentum 0, what a
+        # layer writes is exactly its batch moments, whatever the old
+        # statistics hold (NaN included: 0 * NaN is NaN).
+        self.start = compiled.compile_stateless_function(
+            step,
+            model.variables,
+            carried=_seed_states(model),
+            zeroed=[
+                variable
+                for layer in layers
+                for variable in _written_statistics(layer)
+            ],
+        )
 
     def run(self, batches, num_batches, verbose):
-        """Sums the batch moments of the layers over `batches`."""
-        for mean_sum, variance_sum in self.sums:
-            mean_sum.assign(ops.zeros_like(mean_sum.value))
-            variance_sum.assign(ops.zeros_like(variance_sum.value))
-        self.count.assign(0.0)
-        momenta = [
-            (layer.momentum, layer.renorm_momentum) for layer in self.layers
-        ]
+        """The new statistics over `batches`, as `(variable, value)` pairs.
+
+        Writes no variable.
+        """
+        sums = ops.zeros((self.size,), self.dtype)
+        counts = [0] * len(self.layers)
+        momenta = [layer.momentum for layer in self.layers]
         progbar = keras.utils.Progbar(num_batches, verbose=verbose)
         try:
-            # With momentum 0 a training-mode call overwrites the moving
-            # statistics with the batch moments; the momentum is read when
-            # the step is traced, hence set before. A renormalizing layer
-            # keeps its renorm statistics fixed (momentum 1), so every batch
-            # is normalized alike.
+            # With momentum 0 a training-mode call writes the batch moments
+            # as the moving statistics; the momentum is read when the step
+            # is traced, hence set before.
             for layer in self.layers:
                 layer.momentum = 0.0
-                layer.renorm_momentum = 1.0
+            step = self.start()
             seen = 0
-            for batch in batches:
-                self.step(_model_inputs(batch))
+            for x in batches:
+                sums = step(x, sums)
+                size = int(keras.tree.flatten(x)[0].shape[0])
+                for index in self.updated:
+                    counts[index] += size
                 seen += 1
                 progbar.update(seen, finalize=False)
             progbar.update(seen, finalize=True)
         finally:
-            for layer, (momentum, renorm_momentum) in zip(self.layers, momenta):
+            for layer, momentum in zip(self.layers, momenta):
                 layer.momentum = momentum
-                layer.renorm_momentum = renorm_momentum
+        return _statistics(self.layers, ops.convert_to_numpy(sums), counts)
 
 
 _passes = weakref.WeakKeyDictionary()
@@ -376,45 +394,37 @@ def _compiled_pass(model, layers):
     return cached
 
 
-def _statistics(layers, sums, count, old_values):
+def _statistics(layers, sums, counts):
     """The new statistics, as `(variable, value)` pairs.
 
-    `old_values` maps `id(variable)` to the value before the pass.
+    `sums` is the NumPy array of the running sums. A layer that no batch
+    updated (called with `training=False`) keeps its statistics bit for
+    bit: it gets no pair.
     """
     new_values = []
-    for layer, (mean_sum, variance_sum) in zip(layers, sums):
-        old_mean = old_values[id(layer.moving_mean)]
-        old_variance = old_values[id(layer.moving_variance)]
-        # A trainable layer that the model calls with `training=False` (a
-        # base model kept in inference mode for fine-tuning) is not updated
-        # by training and must keep its statistics bit for bit. With
-        # momentum 0, an updated layer holds the moments of the last batch,
-        # so statistics still bitwise equal to the old ones mean that no
-        # call updated the layer: the moments of a batch match old
-        # statistics in every channel only if those came from exactly that
-        # batch and these weights.
-        updated = ops.logical_or(
-            ops.any(ops.not_equal(layer.moving_mean.value, old_mean)),
-            ops.any(ops.not_equal(layer.moving_variance.value, old_variance)),
+    offset = 0
+    for layer, count in zip(layers, counts):
+        shape = tuple(layer.moving_mean.shape)
+        size = int(np.prod(shape))
+        mean_sum, variance_sum = (
+            sums[offset + i * size : offset + (i + 1) * size].reshape(shape)
+            for i in (0, 1)
         )
-        total = ops.cast(count.value, mean_sum.dtype)
-        mean = ops.where(updated, mean_sum.value / total, old_mean)
-        variance = ops.where(updated, variance_sum.value / total, old_variance)
-        new_values += [
-            (layer.moving_mean, mean),
-            (layer.moving_variance, variance),
-        ]
+        offset += 2 * size
+        if not count:
+            continue
+        # In float64, then rounded once to the variables' dtype.
+        mean = mean_sum.astype("float64") / count
+        variance = variance_sum.astype("float64") / count
+        pairs = [(layer.moving_mean, mean), (layer.moving_variance, variance)]
         if layer.renorm:
             # Keras derives the variance from the standard deviation it
             # tracks; keep the two consistent.
-            new_values.append(
-                (
-                    layer.moving_stddev,
-                    ops.where(
-                        updated,
-                        ops.sqrt(variance + layer.epsilon),
-                        old_values[id(layer.moving_stddev)],
-                    ),
-                )
+            pairs.append(
+                (layer.moving_stddev, np.sqrt(variance + layer.epsilon))
             )
+        new_values += [
+            (variable, ops.cast(value.astype(sums.dtype), variable.dtype))
+            for variable, value in pairs
+        ]
     return new_values

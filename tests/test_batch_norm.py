@@ -10,6 +10,17 @@ import tensorflow as tf
 
 import keras_swa
 
+# JAX and PyTorch come with the `backends` extra (`make test` installs it);
+# their tensors and DataLoader are tested where installed, on every backend.
+try:
+    import jax.numpy as jnp
+except ImportError:
+    jnp = None
+try:
+    import torch
+except ImportError:
+    torch = None
+
 EPSILON = 1e-3  # BatchNormalization's default.
 SIZES = (32, 32, 6)  # 70 samples in batches of 32, as `predict` splits them.
 
@@ -433,8 +444,6 @@ def test_empty_data_raises_and_leaves_statistics():
     [
         "abc",
         3,
-        {"x": np.zeros((4, 4))},
-        [np.zeros((4, 4))],
         (),
         (np.zeros((4, 4)),) * 4,
         ("abc",),
@@ -443,8 +452,6 @@ def test_empty_data_raises_and_leaves_statistics():
     ids=[
         "str",
         "int",
-        "dict",
-        "list",
         "empty tuple",
         "4-tuple",
         "str x",
@@ -576,3 +583,463 @@ def test_progress_bar(capsys):
     assert capsys.readouterr().out == ""
     keras_swa.update_bn(model, x)
     assert "3/3" in capsys.readouterr().out
+
+
+# Every form of `data` that `model.fit` accepts as `x`, against NumPy.
+
+
+def _input_bn_model(features=4):
+    """Input -> BatchNormalization: the statistics are the data's moments."""
+    inputs = keras.Input((features,))
+    norm = keras.layers.BatchNormalization()
+    return keras.Model(inputs, norm(inputs)), norm
+
+
+def _reference(x, sizes):
+    """Sample-weighted mean of the batch moments of `x` split by `sizes`."""
+    assert sum(sizes) <= len(x)
+    statistics, start = [], 0
+    for size in sizes:
+        statistics.append(_moments(x[start : start + size].astype("float64")))
+        start += size
+    return _expected(statistics, sizes)
+
+
+def _split(total, batch_size):
+    return [min(batch_size, total - s) for s in range(0, total, batch_size)]
+
+
+def _assert_statistics(norm, x, sizes, name=""):
+    mean, variance = _reference(x, sizes)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(norm.moving_mean),
+        mean,
+        rtol=1e-5,
+        atol=1e-6,
+        err_msg=name,
+    )
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(norm.moving_variance),
+        variance,
+        rtol=1e-5,
+        err_msg=name,
+    )
+
+
+def _generator(x, y, batch_size):
+    for start in range(0, len(x), batch_size):
+        yield x[start : start + batch_size], y[start : start + batch_size]
+
+
+def _foreign_tensors(x):
+    """`x` as a tensor of each installed framework, whatever the backend."""
+    tensors = {"tf tensor": tf.constant(x)}
+    if jnp is not None:
+        tensors["jax array"] = jnp.asarray(x)
+    if torch is not None:
+        tensors["torch tensor"] = torch.from_numpy(x.copy())
+    return tensors
+
+
+def _loader_forms(x, y):
+    if torch is None:
+        return {}
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.from_numpy(x), torch.from_numpy(y)),
+        batch_size=25,
+    )
+    return {
+        "DataLoader": (loader, None, None, _split(len(x), 25)),
+        "DataLoader, steps 2": (loader, None, 2, [25, 25]),
+    }
+
+
+def _accepted_forms(x, y, w):
+    """`(data, batch_size, steps, batch sizes expected)` for every form."""
+    n = len(x)
+    return {
+        "array": (x, None, None, _split(n, 32)),
+        "array, batch_size 7": (x, 7, None, _split(n, 7)),
+        "array, batch_size np.int64(7)": (x, np.int64(7), None, _split(n, 7)),
+        "array, batch_size 7, steps 3": (x, 7, 3, [7, 7, 7]),
+        "backend tensor": (keras.ops.convert_to_tensor(x), 20, None, _split(n, 20)),
+        **{
+            name: (value, 16, None, _split(n, 16))
+            for name, value in _foreign_tensors(x).items()
+        },
+        "float64 array": (x.astype("float64"), 32, None, _split(n, 32)),
+        "(x,)": ((x,), None, None, _split(n, 32)),
+        "(x, y)": ((x, y), 10, None, _split(n, 10)),
+        "(x, y, sample_weight)": ((x, y, w), 10, None, _split(n, 10)),
+        "(x, None, sample_weight)": ((x, None, w), 10, None, _split(n, 10)),
+        "tf.data": (
+            tf.data.Dataset.from_tensor_slices((x, y)).batch(20),
+            None,
+            None,
+            _split(n, 20),
+        ),
+        "tf.data of x": (
+            tf.data.Dataset.from_tensor_slices(x).batch(20),
+            None,
+            None,
+            _split(n, 20),
+        ),
+        "infinite tf.data with steps": (
+            tf.data.Dataset.from_tensor_slices(x).batch(20).repeat(),
+            None,
+            np.int64(3),
+            [20, 20, 20],
+        ),
+        "PyDataset": (_Batches(x, y, batch_size=16), None, None, _split(n, 16)),
+        "generator": (_generator(x, y, 30), None, None, _split(n, 30)),
+        "generator of x": (
+            (x[s : s + 30] for s in range(0, n, 30)),
+            None,
+            None,
+            _split(n, 30),
+        ),
+        "iterator": (
+            iter([(x[:40],), (x[40:],)]),
+            None,
+            None,
+            [40, n - 40],
+        ),
+        **_loader_forms(x, y),
+    }
+
+
+def test_every_accepted_form_matches_numpy():
+    keras.utils.set_random_seed(20)
+    rng = np.random.default_rng(20)
+    x = rng.normal(2.0, 3.0, (70, 4)).astype("float32")
+    y = rng.normal(size=(70, 1)).astype("float32")
+    w = rng.uniform(size=(70,)).astype("float32")
+    model, norm = _input_bn_model()
+    for name, (data, batch_size, steps, sizes) in _accepted_forms(
+        x, y, w
+    ).items():
+        _garble([norm], seed=len(name))
+        keras_swa.update_bn(
+            model, data, steps=steps, batch_size=batch_size, verbose=0
+        )
+        _assert_statistics(norm, x, sizes, name)
+    # The batch size matters: batches of 7 and of 32 differ.
+    assert not np.allclose(
+        _reference(x, _split(70, 7))[1], _reference(x, _split(70, 32))[1]
+    )
+
+
+def _two_input_model():
+    first, second = keras.Input((2,), name="a"), keras.Input((3,), name="b")
+    norm = keras.layers.BatchNormalization()
+    return (
+        keras.Model(
+            {"a": first, "b": second},
+            norm(keras.layers.Concatenate()([first, second])),
+        ),
+        keras.Model(
+            [first, second], norm(keras.layers.Concatenate()([first, second]))
+        ),
+        norm,
+    )
+
+
+def test_dict_and_list_inputs_match_numpy():
+    keras.utils.set_random_seed(21)
+    rng = np.random.default_rng(21)
+    a = rng.normal(size=(70, 2)).astype("float32")
+    b = rng.normal(3.0, 2.0, size=(70, 3)).astype("float32")
+    joined = np.concatenate([a, b], axis=1)
+    dict_model, list_model, norm = _two_input_model()
+    y = np.zeros((70, 1), "float32")
+    forms = {
+        "dict": (dict_model, {"a": a, "b": b}, 7),
+        "(dict, y)": (dict_model, ({"a": a, "b": b}, y), 7),
+        "list": (list_model, [a, b], 7),
+        "(list,)": (list_model, ([a, b],), 7),
+        "list of tf tensors": (list_model, [tf.constant(a), tf.constant(b)], 7),
+        "tf.data of dicts": (
+            dict_model,
+            tf.data.Dataset.from_tensor_slices(({"a": a, "b": b}, y)).batch(7),
+            None,
+        ),
+        "generator of (list, y)": (
+            list_model,
+            (([a[s : s + 7], b[s : s + 7]], y[s : s + 7]) for s in range(0, 70, 7)),
+            None,
+        ),
+    }
+    for name, (model, data, batch_size) in forms.items():
+        _garble([norm], seed=len(name))
+        keras_swa.update_bn(model, data, batch_size=batch_size, verbose=0)
+        _assert_statistics(norm, joined, _split(70, 7), name)
+
+
+def test_infinite_dataset_without_steps_is_a_value_error():
+    model, norm = _input_bn_model()
+    _garble([norm])
+    before = _values(norm.weights)
+    x = np.ones((8, 4), "float32")
+    # Reports an infinite cardinality, but fails after 5 batches rather
+    # than looping forever where the cardinality is not checked.
+    infinite = (
+        tf.data.Dataset.from_tensors(x)
+        .repeat(5)
+        .apply(
+            tf.data.experimental.assert_cardinality(tf.data.INFINITE_CARDINALITY)
+        )
+    )
+    with pytest.raises(ValueError, match=r"infinite[\s\S]*`steps`"):
+        keras_swa.update_bn(model, infinite, verbose=0)
+    _assert_same(before, _values(norm.weights))
+
+
+class _InfiniteBatches(keras.utils.PyDataset):
+    def __init__(self, x):
+        super().__init__()
+        self.x = x
+
+    @property
+    def num_batches(self):
+        return None  # infinite
+
+    def __getitem__(self, index):
+        # Fails rather than looping forever where infinity is not checked.
+        if index >= 10:
+            raise RuntimeError("read 10 batches of an infinite PyDataset")
+        return self.x
+
+
+def test_infinite_py_dataset_needs_steps():
+    model, norm = _input_bn_model()
+    x = np.random.default_rng(22).normal(size=(9, 4)).astype("float32")
+    with pytest.raises(ValueError, match=r"infinite[\s\S]*`steps`"):
+        keras_swa.update_bn(model, _InfiniteBatches(x), verbose=0)
+    keras_swa.update_bn(model, _InfiniteBatches(x), steps=3, verbose=0)
+    _assert_statistics(norm, np.concatenate([x] * 3), [9, 9, 9])
+
+
+def test_batch_size_only_with_arrays():
+    model, _ = _input_bn_model()
+    x = np.ones((8, 4), "float32")
+    dataset = tf.data.Dataset.from_tensor_slices(x).batch(4)
+    for data in [dataset, _Batches(x, x), (b for b in [x])]:
+        with pytest.raises(ValueError, match="`batch_size`"):
+            keras_swa.update_bn(model, data, batch_size=4, verbose=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"steps": True}, TypeError, "`steps`"),
+        ({"steps": 2.0}, TypeError, "`steps`"),
+        ({"steps": 0}, ValueError, "`steps`"),
+        ({"steps": np.int64(0)}, ValueError, "`steps`"),
+        ({"batch_size": True}, TypeError, "`batch_size`"),
+        ({"batch_size": "32"}, TypeError, "`batch_size`"),
+        ({"batch_size": 0}, ValueError, "`batch_size`"),
+        ({"verbose": "yes"}, ValueError, "`verbose`"),
+        ({"verbose": True}, ValueError, "`verbose`"),
+    ],
+)
+def test_bad_arguments_name_the_argument(kwargs, error, match):
+    model, norm = _input_bn_model()
+    before = _values(norm.weights)
+    with pytest.raises(error, match=match):
+        keras_swa.update_bn(model, np.ones((8, 4), "float32"), **kwargs)
+    _assert_same(before, _values(norm.weights))
+
+
+def test_numpy_integer_steps_and_batch_size():
+    model, norm = _input_bn_model()
+    x = np.random.default_rng(23).normal(size=(40, 4)).astype("float32")
+    keras_swa.update_bn(
+        model, x, steps=np.int32(2), batch_size=np.int64(15), verbose=0
+    )
+    _assert_statistics(norm, x, [15, 15])
+
+
+def test_arrays_of_different_lengths():
+    model, norm = _input_bn_model()
+    x = np.ones((8, 4), "float32")
+    with pytest.raises(ValueError, match="`data`.*same number of samples"):
+        keras_swa.update_bn(model, (x, np.ones((7, 1))), verbose=0)
+    _dict_model, list_model, _ = _two_input_model()
+    with pytest.raises(ValueError, match="same number of samples"):
+        keras_swa.update_bn(
+            list_model, [np.ones((8, 2)), np.ones((9, 3))], verbose=0
+        )
+
+
+@pytest.mark.parametrize("model", [None, "model", np.ones((3, 3))])
+def test_model_that_is_not_a_layer(model):
+    with pytest.raises(TypeError, match="`model`"):
+        keras_swa.update_bn(model, np.ones((8, 4), "float32"), verbose=0)
+
+
+# `update_bn` writes the BatchNormalization statistics and nothing else.
+
+
+def _non_statistics(model):
+    statistics = {
+        id(v) for v in keras_swa.batch_norm.statistics_variables(model)
+    }
+    return [v for v in model.variables if id(v) not in statistics]
+
+
+def test_spectral_normalization_is_bitwise_unchanged():
+    # In training mode SpectralNormalization writes its kernel (normalized)
+    # and `vector_u` (one power iteration).
+    keras.utils.set_random_seed(24)
+    rng = np.random.default_rng(24)
+    inputs = keras.Input((5,))
+    spectral = keras.layers.SpectralNormalization(keras.layers.Dense(6))
+    norm = keras.layers.BatchNormalization()
+    model = keras.Model(inputs, norm(spectral(inputs)))
+    _randomize(spectral.layer, rng)
+    others = _non_statistics(model)
+    assert any("vector_u" in v.path for v in others)
+    before = _values(others)
+    x = rng.normal(size=(70, 5)).astype("float32")
+
+    keras_swa.update_bn(model, x, verbose=0)
+
+    _assert_same(before, _values(others))
+    # The statistics are those of the training-mode output: the kernel
+    # normalized by one power iteration from the current `vector_u`.
+    kernel, bias = (w.astype("float64") for w in spectral.layer.get_weights())
+    u = before[[i for i, v in enumerate(others) if "vector_u" in v.path][0]]
+    u = u.astype("float64")
+    v = u @ kernel.T
+    v /= np.linalg.norm(v)
+    u = v @ kernel
+    u /= np.linalg.norm(u)
+    sigma = (v @ kernel @ u.T).item()
+    features = x.astype("float64") @ (kernel / sigma) + bias
+    _assert_statistics(norm, features, SIZES)
+
+
+class _Counter(keras.layers.Layer):
+    """Counts its training-mode calls in a variable, as some layers do."""
+
+    def build(self, input_shape):
+        self.count = self.add_weight(
+            shape=(), initializer="zeros", trainable=False, name="count"
+        )
+
+    def call(self, x, training=None):
+        if training:
+            self.count.assign_add(1.0)
+        return x
+
+
+def test_layer_state_written_in_training_mode_is_kept():
+    inputs = keras.Input((4,))
+    counter = _Counter()
+    norm = keras.layers.BatchNormalization()
+    model = keras.Model(inputs, norm(counter(inputs)))
+    counter.count.assign(5.0)
+    x = np.random.default_rng(25).normal(size=(70, 4)).astype("float32")
+
+    keras_swa.update_bn(model, x, verbose=0)
+
+    assert float(keras.ops.convert_to_numpy(counter.count)) == 5.0
+    _assert_statistics(norm, x, SIZES)
+
+
+def test_failure_midway_writes_nothing():
+    inputs = keras.Input((5,))
+    spectral = keras.layers.SpectralNormalization(keras.layers.Dense(4))
+    counter = _Counter()
+    model = keras.Model(
+        inputs, keras.layers.BatchNormalization()(counter(spectral(inputs)))
+    )
+    before = _values(model.variables)
+    x = np.random.default_rng(26).normal(size=(70, 5)).astype("float32")
+    with pytest.raises(RuntimeError, match="broken batch"):
+        keras_swa.update_bn(model, _Batches(x, x, fail_at=2), verbose=0)
+    _assert_same(before, _values(model.variables))
+
+
+def test_dropout_draws_new_masks_per_batch_and_keeps_its_seed():
+    # Two identical batches: with the same Dropout mask for both, the
+    # statistics of one batch and of two would be equal.
+    keras.utils.set_random_seed(27)
+    inputs = keras.Input((200,))
+    # Seeded: unseeded, PyTorch's Dropout draws from torch's global
+    # generator, not from its seed state.
+    dropout = keras.layers.Dropout(0.5, seed=3)
+    norm = keras.layers.BatchNormalization()
+    model = keras.Model(inputs, norm(dropout(inputs)))
+    x = np.ones((64, 200), "float32")
+    seeds = _values(dropout.variables)
+    assert seeds
+
+    keras_swa.update_bn(model, x, steps=1, verbose=0)
+    one = _values([norm.moving_mean])
+    _assert_same(seeds, _values(dropout.variables))
+    keras_swa.update_bn(model, x, steps=2, verbose=0)
+    two = _values([norm.moving_mean])
+    _assert_same(seeds, _values(dropout.variables))
+    keras_swa.update_bn(model, x, steps=2, verbose=0)
+
+    assert not np.array_equal(one[0], two[0])
+    # The seed is kept, so the same call gives the same statistics.
+    _assert_same(two, _values([norm.moving_mean]))
+
+
+def test_bfloat16_policy_keeps_float32_sums():
+    keras.config.set_dtype_policy("bfloat16")
+    model, norm = _input_bn_model(3)
+    assert norm.moving_mean.dtype == "bfloat16"
+    rng = np.random.default_rng(28)
+    # Bfloat16 data: the reference then sees the same inputs.
+    x = keras.ops.convert_to_numpy(
+        keras.ops.cast(
+            keras.ops.cast(rng.normal(5.0, 2.0, (640, 3)), "bfloat16"),
+            "float32",
+        )
+    )
+
+    keras_swa.update_bn(model, x, batch_size=8, verbose=0)
+
+    mean, variance = _reference(x, _split(640, 8))
+    got_mean = keras.ops.convert_to_numpy(
+        keras.ops.cast(norm.moving_mean, "float32")
+    )
+    # Within the rounding of one bfloat16 value (8 bits of mantissa), not
+    # the drift of 80 bfloat16 additions.
+    np.testing.assert_allclose(got_mean, mean, rtol=2**-8)
+
+
+def test_non_finite_statistics_do_not_leak():
+    # With momentum 0, `0 * old + batch` is NaN where `old` is NaN or
+    # infinite: the old statistics must not enter the computation at all.
+    model, norm = _input_bn_model()
+    norm.moving_mean.assign([np.nan, np.inf, -np.inf, 1.0])
+    norm.moving_variance.assign([np.inf, np.nan, 1.0, np.nan])
+    x = np.random.default_rng(29).normal(size=(70, 4)).astype("float32")
+
+    keras_swa.update_bn(model, x, verbose=0)
+
+    _assert_statistics(norm, x, SIZES)
+
+
+def test_recompute_names_the_callers_arguments():
+    # What `bn_data` of the other functions and callbacks goes through.
+    model, norm = _input_bn_model()
+    x = np.ones((8, 4), "float32")
+    names = {"data_name": "bn_data", "steps_name": "bn_steps"}
+    generator = (b for b in [x])
+    keras_swa.batch_norm.recompute(model, generator, verbose=0, **names)
+    with pytest.raises(ValueError, match="`bn_data` yielded no batch"):
+        keras_swa.batch_norm.recompute(model, generator, verbose=0, **names)
+    infinite = tf.data.Dataset.from_tensors(x).repeat()
+    with pytest.raises(ValueError, match="`bn_data` is an infinite.*`bn_steps`"):
+        keras_swa.batch_norm.recompute(model, infinite, **names)
+    with pytest.raises(TypeError, match="`bn_steps`.*Received: bn_steps=1.5"):
+        keras_swa.batch_norm.recompute(model, x, steps=1.5, **names)
+    with pytest.raises(ValueError, match="Each batch of `bn_data`"):
+        keras_swa.batch_norm.recompute(
+            model, iter([(x, x, x, x)]), verbose=0, **names
+        )

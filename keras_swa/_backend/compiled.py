@@ -1,5 +1,5 @@
-"""Compiled passes over data: how each backend compiles a function that
-reads and writes Keras variables, and iterates a `tf.data.Dataset`."""
+"""Compiled passes over data: how each backend compiles a function that runs
+a model on batch after batch without writing its variables."""
 
 import keras
 
@@ -13,101 +13,150 @@ def python_control_flow():
     return keras.backend.backend() == "torch"
 
 
-def compile_function(fn, variables):
-    """Compiles `fn(inputs)` for batches whose leading dimension varies.
+def compile_stateless_function(fn, variables, carried=(), zeroed=()):
+    """Compiles `fn` to run on batch after batch without writing any variable.
 
-    `fn` reads and writes Keras variables in place (BatchNormalization
-    updates its statistics when called in training mode). Per backend:
+    `fn(inputs, carry, written)` runs inside a `keras.StatelessScope`: a
+    Keras variable it assigns keeps its value; the scope records the new one
+    (a later read in `fn` sees it) and drops it on exit. `written(variable)`
+    returns the value `variable` was last given in this call, or `None` if
+    it was not written: a Python-level fact, known when `fn` is traced.
+    `fn` returns the new `carry`, tensors passed from call to call (running
+    sums, say): keep it to one tensor or a few, since on TensorFlow each
+    one costs in every call. The values written to the `carried` variables
+    (Dropout's seed state, say) pass from call to call too, within a pass:
+    each call reads those its predecessor wrote; they are never assigned to
+    the variables. The `zeroed` variables read as zeros in `fn`.
+
+    Per backend:
 
     - TensorFlow: a `tf.function` traced once, on the first call, for a
-      batch dimension of `None`: a short last batch reuses that trace.
-    - JAX: `jax.jit` of a stateless version of `fn`: the current values of
-      `variables` go in as arguments, `fn` runs inside a
-      `keras.StatelessScope` that maps them, and the values it wrote come out
-      and are assigned afterwards. XLA needs static shapes, so a short last
-      batch traces once more (padding it would change the batch moments).
+      batch dimension of `None`: a short last batch reuses that trace. It
+      reads the variables as they are; the carried values live in
+      `tf.Variable`s of their own between calls.
+    - JAX: `jax.jit`, with the current values of `variables` as arguments:
+      a variable left out would be baked into the trace as a constant. XLA
+      needs static shapes, so a short last batch traces once more (padding
+      it would change the batch moments).
     - PyTorch: `fn` runs eagerly under `torch.no_grad()`, so no autograd
       graph is built for the forward pass.
 
     Args:
-        fn: Function of one argument, a nested structure of tensors whose
-            leaves share their first (batch) dimension. Returns nothing.
-        variables: Every `keras.Variable` that `fn` reads or writes. On JAX a
-            variable left out would be baked into the trace as a constant.
+        fn: Function `fn(inputs, carry, written) -> carry`, where `inputs`
+            is a nested structure of tensors whose leaves share their first
+            (batch) dimension.
+        variables: Every `keras.Variable` that `fn` reads or writes.
+        carried: Some of `variables`, whose written values pass from one
+            call to the next.
+        zeroed: Some of `variables`, which `fn` reads as zeros.
 
     Returns:
-        A function with the same signature as `fn`.
+        `start()`, which begins a pass (the carried variables' values are
+        read then) and returns its `step(inputs, carry) -> carry`. On JAX
+        the step holds the variables' values, read once for the pass: drop
+        it when the pass ends. Nothing may assign the variables during a
+        pass.
     """
+    carried = list(carried)
+    zeroed = list(zeroed)
+    mapped = {id(variable) for variable in carried + zeroed}
+    others = [v for v in variables if id(v) not in mapped]
+
+    def stateless(inputs, carried_values, carry, other_values=None):
+        mapping = list(zip(carried, carried_values))
+        mapping += [(v, keras.ops.zeros(v.shape, v.dtype)) for v in zeroed]
+        if other_values is not None:
+            mapping += list(zip(others, other_values))
+        with keras.StatelessScope(state_mapping=mapping) as scope:
+            before = dict(scope.state_mapping)
+
+            def written(variable):
+                value = scope.state_mapping.get(id(variable))
+                return None if value is before.get(id(variable)) else value
+
+            carry = fn(inputs, carry, written)
+            carried_values = [
+                scope.state_mapping[id(variable)] for variable in carried
+            ]
+        return carried_values, carry
+
     backend = keras.backend.backend()
+    if backend == "tensorflow":
+        return _tf_compile(stateless, carried)
     if backend == "jax":
-        return _jax_compile_function(fn, list(variables))
-    if backend == "torch":
+        import jax
+
+        compiled = jax.jit(stateless)
+    elif backend == "torch":
         import torch
 
-        def call(inputs):
+        def compiled(*args):
             with torch.no_grad():
-                fn(inputs)
+                return stateless(*args)
 
-        return call
-    if backend != "tensorflow":
-        return fn
+    else:
+        compiled = stateless
+
+    def start():
+        values = [variable.value for variable in others]
+        carried_values = [variable.value for variable in carried]
+
+        def step(inputs, carry):
+            nonlocal carried_values
+            carried_values, carry = compiled(
+                inputs,
+                carried_values,
+                carry,
+                values if backend == "jax" else None,
+            )
+            return carry
+
+        return step
+
+    return start
+
+
+def _tf_compile(stateless, carried):
     import tensorflow as tf
 
-    function = tf.function(fn, reduce_retracing=True)
+    state = []  # the carried values between calls, as `tf.Variable`s
+
+    def body(inputs, carry):
+        carried_values, carry = stateless(
+            inputs, [value.read_value() for value in state], carry
+        )
+        for value, new_value in zip(state, carried_values):
+            value.assign(new_value)
+        return carry
+
+    function = tf.function(body, reduce_retracing=True)
     traced = False
 
-    def call(inputs):
+    def spec(tensor, batch=False):
+        shape = tuple(tensor.shape)
+        return tf.TensorSpec((None, *shape[1:]) if batch else shape, tensor.dtype)
+
+    def step(inputs, carry):
         nonlocal traced
         if not traced:
             function.get_concrete_function(
-                keras.tree.map_structure(
-                    lambda t: tf.TensorSpec((None, *t.shape[1:]), t.dtype),
-                    inputs,
-                )
+                keras.tree.map_structure(lambda t: spec(t, True), inputs),
+                keras.tree.map_structure(spec, carry),
             )
             traced = True
-        return function(inputs)
+        return function(inputs, carry)
 
-    return call
+    def start():
+        if not state:
+            # Created once, outside any trace.
+            with tf.init_scope():
+                state.extend(
+                    tf.Variable(variable.value, trainable=False)
+                    for variable in carried
+                )
+        else:
+            for value, variable in zip(state, carried):
+                value.assign(variable.value)
+        return step
 
-
-def _jax_compile_function(fn, variables):
-    import jax
-
-    def stateless(values, inputs):
-        with keras.StatelessScope(
-            state_mapping=list(zip(variables, values))
-        ) as scope:
-            before = dict(scope.state_mapping)
-            fn(inputs)
-        # Only what `fn` wrote comes out: returning the unchanged weights
-        # too would copy them on every call.
-        return {
-            index: scope.state_mapping[id(variable)]
-            for index, variable in enumerate(variables)
-            if scope.state_mapping[id(variable)] is not before[id(variable)]
-        }
-
-    compiled = jax.jit(stateless)
-
-    def call(inputs):
-        written = compiled([variable.value for variable in variables], inputs)
-        for index, value in written.items():
-            variables[index].assign(value)
-
-    return call
-
-
-def dataset_iterator(dataset):
-    """Iterates a `tf.data.Dataset` with elements the backend can consume.
-
-    Args:
-        dataset: A `tf.data.Dataset`.
-
-    Returns:
-        An iterator over its elements: TensorFlow tensors on TensorFlow,
-        NumPy arrays on the other backends.
-    """
-    if keras.backend.backend() == "tensorflow":
-        return iter(dataset)
-    return dataset.as_numpy_iterator()
+    return start
