@@ -45,22 +45,11 @@ def _check_model_and_swag(model, swag, name):
         )
 
 
-def _check_bn(bn_data, bn_steps):
-    bn_steps = _validation.integer("bn_steps", bn_steps, 1, optional=True)
-    if bn_steps is not None and bn_data is None:
-        raise ValueError(
-            "`bn_steps` limits the batches of `bn_data`, but no `bn_data` "
-            f"was given. Received: bn_steps={bn_steps}, bn_data=None"
-        )
-    return bn_steps
-
-
-def _assign_sample(model, swag, scale, seed, bn_data, bn_steps):
+def _assign_sample(model, swag, scale, seed, bn_data, bn_steps, bn_batch_size):
     values = swag._sample_values(scale, seed, diagonal=False)
     for variable, value in zip(swag._averages.variables, values):
         variable.assign(ops.cast(value, variable.dtype))
-    if bn_data is not None:
-        batch_norm.update_bn(model, bn_data, steps=bn_steps, verbose=0)
+    weights.recompute_bn(model, bn_data, bn_steps, bn_batch_size, verbose=0)
 
 
 @contextlib.contextmanager
@@ -71,6 +60,7 @@ def sampled_weights(
     seed: int | None = 0,
     bn_data=None,
     bn_steps: int | None = None,
+    bn_batch_size: int | None = None,
 ):
     """Context manager that runs its block with weights sampled from SWAG.
 
@@ -92,6 +82,8 @@ def sampled_weights(
             Defaults to `None`: the statistics are left as they are.
         bn_steps: Integer >= 1, the batches of `bn_data` to use at most.
             Defaults to `None`, all of them.
+        bn_batch_size: Integer >= 1, the batch size when `bn_data` is
+            arrays. Defaults to `None`: 32.
 
     Raises:
         TypeError: if `swag` is not a `SWAG` callback.
@@ -109,10 +101,12 @@ def sampled_weights(
     """
     _check_model_and_swag(model, swag, "swag")
     scale, seed, _ = swag_lib.check_sample_arguments(scale, seed)
-    bn_steps = _check_bn(bn_data, bn_steps)
+    weights.check_bn_data(bn_data, bn_steps, bn_batch_size)
     backup = weights._backup(model)
     try:
-        _assign_sample(model, swag, scale, seed, bn_data, bn_steps)
+        _assign_sample(
+            model, swag, scale, seed, bn_data, bn_steps, bn_batch_size
+        )
         yield
     finally:
         weights._restore(backup)
@@ -141,6 +135,7 @@ def predict_bma(
     bn_steps: int | None = None,
     batch_size: int | None = None,
     from_logits: bool = False,
+    bn_batch_size: int | None = None,
 ):
     """Bayesian model averaging: the mean predictive probabilities over SWAG
     samples.
@@ -169,6 +164,8 @@ def predict_bma(
             `None`: the model's statistics are used for every sample.
         bn_steps: Integer >= 1, the batches of `bn_data` per sample at most.
             Defaults to `None`, all of them.
+        bn_batch_size: Integer >= 1, the batch size when `bn_data` is
+            arrays. Defaults to `None`: 32.
         batch_size: Integer >= 1, the batch size of `model.predict`.
             Defaults to `None` (Keras' default for arrays, 32).
         from_logits: Whether the model outputs logits: they become
@@ -201,7 +198,9 @@ def predict_bma(
     _check_model_and_swag(model, source, "source")
     num_samples = _validation.integer("num_samples", num_samples, 1)
     scale, seed, _ = swag_lib.check_sample_arguments(scale, seed)
-    bn_steps = _check_bn(bn_data, bn_steps)
+    weights.check_bn_data(
+        bn_data, bn_steps, bn_batch_size, reused=num_samples > 1
+    )
     batch_size = _validation.integer("batch_size", batch_size, 1, optional=True)
     from_logits = _validation.boolean("from_logits", from_logits)
     if scale == 0.0:
@@ -226,6 +225,7 @@ def predict_bma(
                 None if seed is None else seed + index,
                 bn_data,
                 bn_steps,
+                bn_batch_size,
             )
             probabilities = keras.tree.map_structure(
                 lambda output: _probabilities(output, from_logits),

@@ -117,9 +117,10 @@ class StochasticWeightAveraging(keras.callbacks.Callback, engine.Averager):
         average_period: Integer >= 1, the epochs between two snapshots.
             Defaults to `1`.
         bn_data: Data to recompute the BatchNormalization statistics of the
-            average on (a `tf.data.Dataset`, a `keras.utils.PyDataset`, a
-            NumPy array or a tuple `(x, ...)`), or `None`. Defaults to
-            `None`.
+            average on, in any form `fit` takes as `x` (arrays, a tuple
+            `(x, ...)`, a `tf.data.Dataset`, a `keras.utils.PyDataset`, a
+            generator, a torch `DataLoader`), or `None`. Checked when the
+            callback is created. Defaults to `None`.
         bn_steps: Integer >= 1, the batches of `bn_data` to use, or `None`
             for all. Defaults to `None`.
         validation_data: Data to evaluate the averaged model on after each
@@ -138,6 +139,8 @@ class StochasticWeightAveraging(keras.callbacks.Callback, engine.Averager):
             be a `keras_swa.SWA` or `keras_swa.EMA` wrapper. Two averages of
             one model are usually a mistake, so this is refused unless set.
             Defaults to `False`.
+        bn_batch_size: Integer >= 1, the batch size when `bn_data` is
+            arrays. Defaults to `None`: 32, as `fit`.
 
     Example:
 
@@ -166,6 +169,7 @@ class StochasticWeightAveraging(keras.callbacks.Callback, engine.Averager):
         backup_dir: str | os.PathLike | None = None,
         verbose: int = 1,
         allow_averaging_optimizer: bool = False,
+        bn_batch_size: int | None = None,
     ):
         super().__init__()
         start_epoch = _check_start_epoch(start_epoch)
@@ -181,6 +185,13 @@ class StochasticWeightAveraging(keras.callbacks.Callback, engine.Averager):
             "allow_averaging_optimizer", allow_averaging_optimizer
         )
         evaluation.check_validation_data(validation_data)
+        # Before training: a wrong `bn_data` would otherwise only show after
+        # the last epoch. It is read at every evaluation with
+        # `validation_data`, once at the end otherwise.
+        weights.check_bn_data(
+            bn_data, bn_steps, bn_batch_size,
+            reused=validation_data is not None,
+        )
         if backup_dir is not None and not isinstance(
             backup_dir, (str, os.PathLike)
         ):
@@ -195,6 +206,7 @@ class StochasticWeightAveraging(keras.callbacks.Callback, engine.Averager):
         self.average_period = average_period
         self.bn_data = bn_data
         self.bn_steps = bn_steps
+        self.bn_batch_size = bn_batch_size
         self.validation_data = validation_data
         self.backup_dir = None if backup_dir is None else os.fspath(backup_dir)
         self.verbose = verbose
@@ -347,6 +359,7 @@ class StochasticWeightAveraging(keras.callbacks.Callback, engine.Averager):
                 source=self,
                 bn_data=self.bn_data,
                 bn_steps=self.bn_steps,
+                bn_batch_size=self.bn_batch_size,
                 verbose=1 if self.verbose else 0,
             )
         if self.backup_dir is None:
@@ -485,6 +498,7 @@ class StochasticWeightAveraging(keras.callbacks.Callback, engine.Averager):
             self.validation_data,
             self.bn_data,
             self.bn_steps,
+            self.bn_batch_size,
             "val_swa_",
         )
 

@@ -33,8 +33,8 @@ import keras
 import ml_dtypes
 import numpy as np
 
-from keras_swa import _validation
 from keras_swa import batch_norm
+from keras_swa import weights as weights_lib
 
 # The top-level group of the optimizer's state in Keras' weights files. It is
 # not part of the architecture and is never averaged: the model keeps its
@@ -381,6 +381,7 @@ def average_checkpoints(
     bn_data=None,
     bn_steps: int | None = None,
     verbose="auto",
+    bn_batch_size: int | None = None,
 ) -> None:
     """Loads the (weighted) mean of saved checkpoints into the model.
 
@@ -424,6 +425,8 @@ def average_checkpoints(
             Defaults to `None`, all of them.
         verbose: The progress bar of the BatchNorm pass, as in
             `keras_swa.update_bn`. Defaults to `"auto"`.
+        bn_batch_size: Integer >= 1, the batch size when `bn_data` is
+            arrays. Defaults to `None`: 32.
 
     Raises:
         TypeError: if `paths` or `weights` is of the wrong type.
@@ -444,7 +447,7 @@ def average_checkpoints(
     """
     paths = _check_paths(paths)
     weights = _check_weights(weights, len(paths))
-    bn_steps = _validation.integer("bn_steps", bn_steps, 1, optional=True)
+    weights_lib.check_bn_data(bn_data, bn_steps, bn_batch_size)
     with tempfile.TemporaryDirectory(prefix="keras_swa_") as directory:
         workspace = _Workspace(model, directory)
         total = _Sum(workspace)
@@ -455,8 +458,8 @@ def average_checkpoints(
             if bn_data is None:
                 _warn_averaged_statistics(model, "average_checkpoints")
             else:
-                batch_norm.update_bn(
-                    model, bn_data, steps=bn_steps, verbose=verbose
+                weights_lib.recompute_bn(
+                    model, bn_data, bn_steps, bn_batch_size, verbose
                 )
         except BaseException:
             workspace.restore()
@@ -528,6 +531,7 @@ def greedy_soup(
     bn_steps: int | None = None,
     mode: str = "auto",
     verbose="auto",
+    bn_batch_size: int | None = None,
 ) -> GreedySoup:
     """Builds a greedy model soup of saved checkpoints into the model.
 
@@ -574,6 +578,8 @@ def greedy_soup(
             Defaults to `"auto"`.
         verbose: The progress bar of the BatchNorm passes, as in
             `keras_swa.update_bn`. Defaults to `"auto"`.
+        bn_batch_size: Integer >= 1, the batch size when `bn_data` is
+            arrays. Defaults to `None`: 32.
 
     Returns:
         A `GreedySoup`: the list of the chosen paths, best single file
@@ -611,7 +617,7 @@ def greedy_soup(
             "`validation_data` is required: the soup is chosen on it. "
             "Received: validation_data=None"
         )
-    bn_steps = _validation.integer("bn_steps", bn_steps, 1, optional=True)
+    weights_lib.check_bn_data(bn_data, bn_steps, bn_batch_size, reused=True)
     if not getattr(model, "compiled", False):
         raise ValueError(
             "`model` must be compiled with `metric` among its metrics: "
@@ -631,8 +637,8 @@ def greedy_soup(
         def evaluate():
             nonlocal higher_is_better
             if bn_data is not None:
-                batch_norm.update_bn(
-                    model, bn_data, steps=bn_steps, verbose=verbose
+                weights_lib.recompute_bn(
+                    model, bn_data, bn_steps, bn_batch_size, verbose
                 )
             logs = model.evaluate(
                 x, y, sample_weight=sample_weight, verbose=0, return_dict=True
@@ -676,8 +682,8 @@ def greedy_soup(
             if not model_holds_soup:
                 soup.load_mean()
                 if bn_data is not None:
-                    batch_norm.update_bn(
-                        model, bn_data, steps=bn_steps, verbose=verbose
+                    weights_lib.recompute_bn(
+                        model, bn_data, bn_steps, bn_batch_size, verbose
                     )
             if bn_data is None and len(chosen) > 1:
                 _warn_averaged_statistics(model, "greedy_soup")

@@ -13,7 +13,6 @@ import contextlib
 import keras
 
 from keras_swa import _callback_order
-from keras_swa import _validation
 from keras_swa import weights
 
 
@@ -39,7 +38,8 @@ def check_validation_data(validation_data) -> None:
 
 
 def evaluate_average(
-    model, source, validation_data, bn_data, bn_steps, prefix: str
+    model, source, validation_data, bn_data, bn_steps, bn_batch_size,
+    prefix: str,
 ) -> dict:
     """The metrics of the averaged model on `validation_data`.
 
@@ -49,6 +49,7 @@ def evaluate_average(
         validation_data: As `fit`'s `validation_data`.
         bn_data: Data to recompute BatchNorm statistics on, or None.
         bn_steps: Batches of `bn_data` to use, or None for all.
+        bn_batch_size: The batch size for array `bn_data`, or None.
         prefix: String put before every metric name.
 
     Returns:
@@ -57,7 +58,8 @@ def evaluate_average(
     """
     x, y, sample_weight = _unpack_validation_data(validation_data)
     with weights.averaged_weights(
-        model, source=source, bn_data=bn_data, bn_steps=bn_steps, verbose=0
+        model, source=source, bn_data=bn_data, bn_steps=bn_steps,
+        bn_batch_size=bn_batch_size, verbose=0,
     ):
         results = model.evaluate(
             x, y, sample_weight=sample_weight, verbose=0, return_dict=True
@@ -114,6 +116,8 @@ class EvaluateAverage(keras.callbacks.Callback):
             `"val_swa_"` for SWA (the wrapper and the callbacks), `"val_ema_"`
             for the EMA wrappers, `"val_swag_"` for SWAG, `"val_avg_"`
             otherwise.
+        bn_batch_size: Integer >= 1, the batch size when `bn_data` is
+            arrays. Defaults to `None`: 32.
 
     Example:
 
@@ -133,6 +137,7 @@ class EvaluateAverage(keras.callbacks.Callback):
         bn_data=None,
         bn_steps: int | None = None,
         prefix: str | None = None,
+        bn_batch_size: int | None = None,
     ):
         super().__init__()
         if validation_data is None:
@@ -147,10 +152,10 @@ class EvaluateAverage(keras.callbacks.Callback):
             )
         self.validation_data = validation_data
         self.source = source
+        weights.check_bn_data(bn_data, bn_steps, bn_batch_size, reused=True)
         self.bn_data = bn_data
-        self.bn_steps = _validation.integer(
-            "bn_steps", bn_steps, 1, optional=True
-        )
+        self.bn_steps = bn_steps
+        self.bn_batch_size = bn_batch_size
         self.prefix = prefix
 
     def on_train_begin(self, logs=None):
@@ -171,6 +176,7 @@ class EvaluateAverage(keras.callbacks.Callback):
                 self.validation_data,
                 self.bn_data,
                 self.bn_steps,
+                self.bn_batch_size,
                 self._prefix,
             )
         )
@@ -196,6 +202,8 @@ class AverageModelCheckpoint(keras.callbacks.ModelCheckpoint):
             on before each save, or `None`. Defaults to `None`.
         bn_steps: Integer >= 1, the batches of `bn_data` to use, or `None`
             for all. Defaults to `None`.
+        bn_batch_size: Integer >= 1, the batch size when `bn_data` is
+            arrays. Defaults to `None`: 32.
         **kwargs: The other arguments of `keras.callbacks.ModelCheckpoint`
             (`monitor`, `save_best_only`, `save_weights_only`, `mode`,
             `save_freq`, `initial_value_threshold`, `verbose`).
@@ -215,14 +223,15 @@ class AverageModelCheckpoint(keras.callbacks.ModelCheckpoint):
         source=None,
         bn_data=None,
         bn_steps: int | None = None,
+        bn_batch_size: int | None = None,
         **kwargs,
     ):
+        weights.check_bn_data(bn_data, bn_steps, bn_batch_size, reused=True)
         super().__init__(filepath, **kwargs)
         self.source = source
         self.bn_data = bn_data
-        self.bn_steps = _validation.integer(
-            "bn_steps", bn_steps, 1, optional=True
-        )
+        self.bn_steps = bn_steps
+        self.bn_batch_size = bn_batch_size
         self._swap = contextlib.ExitStack()
 
     def on_train_begin(self, logs=None):
@@ -247,6 +256,7 @@ class AverageModelCheckpoint(keras.callbacks.ModelCheckpoint):
                     source=_resolve(self.model, self.source),
                     bn_data=self.bn_data,
                     bn_steps=self.bn_steps,
+                    bn_batch_size=self.bn_batch_size,
                     verbose=0,
                 )
             )

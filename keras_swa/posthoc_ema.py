@@ -439,6 +439,7 @@ def reconstruct_ema(
     bn_data=None,
     bn_steps: int | None = None,
     verbose="auto",
+    bn_batch_size: int | None = None,
 ) -> list:
     """Writes into `model` the power EMA of `sigma_rel`, rebuilt from snapshots.
 
@@ -467,6 +468,8 @@ def reconstruct_ema(
             Defaults to `None`, all of them.
         verbose: The progress bar of the BatchNorm pass, as in
             `keras_swa.update_bn`. Defaults to `"auto"`.
+        bn_batch_size: Integer >= 1, the batch size when `bn_data` is
+            arrays. Defaults to `None`: 32.
 
     Returns:
         A list of `SnapshotCoefficient(step, sigma_rel, coefficient)`, one
@@ -487,10 +490,11 @@ def reconstruct_ema(
     directory = _check_directory(directory)
     sigma_rel = optimizers._check_sigma_rel("sigma_rel", sigma_rel)
     step = _validation.integer("step", step, 0, optional=True)
+    weights.check_bn_data(bn_data, bn_steps, bn_batch_size)
     source, coefficients = _reconstruction(model, directory, sigma_rel, step)
     weights.assign_average(
         model, source=source, bn_data=bn_data, bn_steps=bn_steps,
-        verbose=verbose,
+        bn_batch_size=bn_batch_size, verbose=verbose,
     )
     return coefficients
 
@@ -503,6 +507,7 @@ def sweep_ema(
     step: int | None = None,
     bn_data=None,
     bn_steps: int | None = None,
+    bn_batch_size: int | None = None,
 ) -> list:
     """Evaluates the reconstructed EMA of several `sigma_rel` values.
 
@@ -522,6 +527,8 @@ def sweep_ema(
             each `sigma_rel`. Defaults to `None`.
         bn_steps: Integer, batches of `bn_data` to use at most. Defaults to
             `None`, all of them.
+        bn_batch_size: Integer >= 1, the batch size when `bn_data` is
+            arrays. Defaults to `None`: 32.
 
     Returns:
         A list of dicts, one per `sigma_rel` in order:
@@ -546,6 +553,7 @@ def sweep_ema(
         optimizers._check_sigma_rel("sigma_rels", s) for s in sigma_rels
     ]
     step = _validation.integer("step", step, 0, optional=True)
+    weights.check_bn_data(bn_data, bn_steps, bn_batch_size, reused=True)
     if isinstance(validation_data, tuple):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(
             validation_data
@@ -557,7 +565,7 @@ def sweep_ema(
         source, _ = _reconstruction(model, directory, sigma_rel, step)
         with weights.averaged_weights(
             model, source=source, bn_data=bn_data, bn_steps=bn_steps,
-            verbose=0,
+            bn_batch_size=bn_batch_size, verbose=0,
         ):
             metrics = model.evaluate(
                 x, y, sample_weight=sample_weight, verbose=0, return_dict=True

@@ -90,6 +90,8 @@ class SWAG(callbacks.StochasticWeightAveraging):
             Defaults to `1`.
         allow_averaging_optimizer: Whether the model's optimizer may itself
             be a keras_swa averaging wrapper. Defaults to `False`.
+        bn_batch_size: Integer >= 1, the batch size when `bn_data` is
+            arrays. Defaults to `None`: 32.
 
     Example:
 
@@ -116,6 +118,7 @@ class SWAG(callbacks.StochasticWeightAveraging):
         backup_dir: str | os.PathLike | None = None,
         verbose: int = 1,
         allow_averaging_optimizer: bool = False,
+        bn_batch_size: int | None = None,
     ):
         max_rank = _validation.integer("max_rank", max_rank, 0)
         super().__init__(
@@ -130,6 +133,7 @@ class SWAG(callbacks.StochasticWeightAveraging):
             backup_dir=backup_dir,
             verbose=verbose,
             allow_averaging_optimizer=allow_averaging_optimizer,
+            bn_batch_size=bn_batch_size,
         )
         self.max_rank = max_rank
         self._second_moment = None

@@ -9,6 +9,7 @@ import contextlib
 
 import keras
 
+from keras_swa import _data
 from keras_swa import _validation
 from keras_swa import batch_norm
 from keras_swa._backend import distribute
@@ -72,10 +73,72 @@ def _restore(backup):
         distribute.restore_variable(variable, value)
 
 
-def _assign(model, source, bn_data, bn_steps, verbose):
+def check_bn_data(bn_data, bn_steps, bn_batch_size, reused=False) -> None:
+    """Checks `bn_data` and its arguments before anything runs.
+
+    For every function and callback that takes `bn_data`, so that a wrong
+    one fails before training or assigning starts, with messages that name
+    `bn_data`, `bn_steps` and `bn_batch_size`. Nothing is read from the data.
+
+    Args:
+        bn_data: The data, or None.
+        bn_steps: The `bn_steps` argument.
+        bn_batch_size: The `bn_batch_size` argument.
+        reused: Whether the caller reads `bn_data` more than once (every
+            epoch, every sample): a generator would be used up after the
+            first pass.
+
+    Raises:
+        TypeError, ValueError: naming the argument.
+    """
+    if bn_data is None:
+        for name, value in (("bn_steps", bn_steps),
+                            ("bn_batch_size", bn_batch_size)):
+            if value is not None:
+                raise ValueError(
+                    f"`{name}` is given but `bn_data` is None: there is no "
+                    f"BatchNorm data for it to apply to. Pass `bn_data` too, "
+                    f"or leave `{name}` out. Received: {name}={value!r}"
+                )
+        return
+    _data.check_data(
+        bn_data,
+        name="bn_data",
+        steps=bn_steps,
+        batch_size=bn_batch_size,
+        steps_name="bn_steps",
+        batch_size_name="bn_batch_size",
+    )
+    if reused and _data.is_single_use(bn_data):
+        raise ValueError(
+            "`bn_data` is read more than once here, but a generator or "
+            "iterator is used up after one pass. Pass data that can be "
+            "iterated again: arrays, a `tf.data.Dataset`, a "
+            "`keras.utils.PyDataset` or a torch `DataLoader`. Received: "
+            f"bn_data={bn_data!r:.200}"
+        )
+
+
+def recompute_bn(model, bn_data, bn_steps, bn_batch_size, verbose) -> None:
+    """`update_bn` on `bn_data` (nothing when None), with messages that name
+    `bn_data`, `bn_steps` and `bn_batch_size`."""
+    if bn_data is None:
+        return
+    batch_norm.recompute(
+        model,
+        bn_data,
+        steps=bn_steps,
+        batch_size=bn_batch_size,
+        verbose=verbose,
+        data_name="bn_data",
+        steps_name="bn_steps",
+        batch_size_name="bn_batch_size",
+    )
+
+
+def _assign(model, source, bn_data, bn_steps, bn_batch_size, verbose):
     source.assign_average_vars(model.trainable_variables)
-    if bn_data is not None:
-        batch_norm.update_bn(model, bn_data, steps=bn_steps, verbose=verbose)
+    recompute_bn(model, bn_data, bn_steps, bn_batch_size, verbose)
 
 
 def assign_average(
@@ -84,6 +147,7 @@ def assign_average(
     bn_data=None,
     bn_steps: int | None = None,
     verbose="auto",
+    bn_batch_size: int | None = None,
 ) -> None:
     """Copies averaged weights into the model, for good.
 
@@ -107,6 +171,8 @@ def assign_average(
             Defaults to `None`, all of them.
         verbose: The progress bar of the BatchNorm pass, as in
             `keras_swa.update_bn`. Defaults to `"auto"`.
+        bn_batch_size: Integer, the batch size when `bn_data` is arrays (as
+            `batch_size` of `keras_swa.update_bn`). Defaults to `None`: 32.
 
     Raises:
         TypeError: if `source` holds no averages.
@@ -122,9 +188,10 @@ def assign_average(
     >>> model.save("swa_model.keras")  # doctest: +SKIP
     """
     source = _resolve_source(model, source)
+    check_bn_data(bn_data, bn_steps, bn_batch_size)
     backup = _backup(model)
     try:
-        _assign(model, source, bn_data, bn_steps, verbose)
+        _assign(model, source, bn_data, bn_steps, bn_batch_size, verbose)
     except BaseException:
         _restore(backup)
         raise
@@ -137,6 +204,7 @@ def averaged_weights(
     bn_data=None,
     bn_steps: int | None = None,
     verbose="auto",
+    bn_batch_size: int | None = None,
 ):
     """Context manager that runs its block with the averaged weights.
 
@@ -158,6 +226,8 @@ def averaged_weights(
             Defaults to `None`, all of them.
         verbose: The progress bar of the BatchNorm pass, as in
             `keras_swa.update_bn`. Defaults to `"auto"`.
+        bn_batch_size: Integer, the batch size when `bn_data` is arrays (as
+            `batch_size` of `keras_swa.update_bn`). Defaults to `None`: 32.
 
     Raises:
         TypeError: if `source` holds no averages.
@@ -173,9 +243,10 @@ def averaged_weights(
     ...     model.evaluate(test_ds)  # doctest: +SKIP
     """
     source = _resolve_source(model, source)
+    check_bn_data(bn_data, bn_steps, bn_batch_size)
     backup = _backup(model)
     try:
-        _assign(model, source, bn_data, bn_steps, verbose)
+        _assign(model, source, bn_data, bn_steps, bn_batch_size, verbose)
         yield
     finally:
         _restore(backup)

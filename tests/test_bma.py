@@ -201,7 +201,7 @@ def test_batch_norm_without_bn_data_warns():
         ({"seed": "a"}, TypeError, "`seed`"),
         ({"batch_size": 0}, ValueError, "`batch_size`"),
         ({"from_logits": 1}, TypeError, "`from_logits`"),
-        ({"bn_steps": 2}, ValueError, "`bn_steps`.*no `bn_data`"),
+        ({"bn_steps": 2}, ValueError, "`bn_steps` is given but `bn_data` is None"),
         ({"source": "swag"}, TypeError, "`source` must be a `keras_swa.SWAG`"),
         (
             {"source": keras_swa.StochasticWeightAveraging()},

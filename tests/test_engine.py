@@ -398,3 +398,78 @@ def test_wrapper_config_round_trips_skip_non_finite():
     optimizer = keras_swa.EMA(keras.optimizers.SGD(0.1), skip_non_finite=True)
     restored = keras_swa.EMA.from_config(optimizer.get_config())
     assert restored.skip_non_finite is True
+
+
+# ---------------------------------------------------------------------------
+# bn_data: checked before any training or assignment, named as written
+
+
+def test_wrong_bn_data_fails_before_training():
+    with pytest.raises(TypeError, match="`bn_data`"):
+        keras_swa.StochasticWeightAveraging(bn_data="train.npz")
+    infinite = _repeated_dataset()
+    if infinite is not None:
+        with pytest.raises(ValueError, match="`bn_data`.*`bn_steps`"):
+            keras_swa.StochasticWeightAveraging(bn_data=infinite)
+        keras_swa.StochasticWeightAveraging(bn_data=infinite, bn_steps=2)
+    generator = (x for x in [np.zeros((4, 5), "float32")])
+    with pytest.raises(ValueError, match="used up after one pass"):
+        keras_swa.StochasticWeightAveraging(
+            bn_data=generator, validation_data=make_data()
+        )
+    with pytest.raises(ValueError, match="used up after one pass"):
+        keras_swa.EvaluateAverage(make_data(), bn_data=generator)
+    with pytest.raises(ValueError, match="`bn_steps` is given but `bn_data`"):
+        keras_swa.StochasticWeightAveraging(bn_steps=3)
+
+
+def _repeated_dataset():
+    try:
+        import tensorflow as tf
+    except ImportError:
+        return None
+    x, _ = make_data()
+    return tf.data.Dataset.from_tensor_slices(x).batch(16).repeat()
+
+
+def _trained_swa_model():
+    keras.utils.set_random_seed(11)
+    x, y = make_data()
+    model = make_model(batch_norm=True)
+    model.compile(
+        optimizer=keras_swa.SWA(keras.optimizers.SGD(0.02), average_period=1),
+        loss="mse",
+    )
+    model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+    return model, x
+
+
+def test_assign_average_checks_bn_data_before_assigning():
+    model, x = _trained_swa_model()
+    before = [np.array(v.numpy()) for v in model.variables]
+    with pytest.raises(TypeError, match="`bn_data`"):
+        keras_swa.assign_average(model, bn_data=object())
+    with pytest.raises(ValueError, match="`bn_batch_size`"):
+        keras_swa.assign_average(model, bn_data=(x,), bn_batch_size=0)
+    with pytest.raises(ValueError, match="`bn_steps` is given"):
+        keras_swa.assign_average(model, bn_steps=2)
+    for variable, value in zip(model.variables, before):
+        np.testing.assert_array_equal(variable.numpy(), value)
+
+
+def test_bn_batch_size_reaches_the_batch_norm_pass():
+    model, x = _trained_swa_model()
+    with keras_swa.averaged_weights(model, bn_data=(x,), bn_batch_size=7,
+                                    verbose=0):
+        by_seven = [np.array(v.numpy()) for v in model.non_trainable_variables]
+    with keras_swa.averaged_weights(model, verbose=0):
+        keras_swa.update_bn(model, x, batch_size=7, verbose=0)
+        expected = [np.array(v.numpy()) for v in model.non_trainable_variables]
+        keras_swa.update_bn(model, x, batch_size=32, verbose=0)
+        by_default = [
+            np.array(v.numpy()) for v in model.non_trainable_variables
+        ]
+    for a, b in zip(by_seven, expected):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    # Batches of 7 and 32 give other (biased, per-batch) variances.
+    assert not all(np.allclose(a, b) for a, b in zip(by_seven, by_default))
