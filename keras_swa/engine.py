@@ -169,6 +169,9 @@ class Averages:
         name: str = "average",
     ):
         excluded = {id(variable) for variable in excluded}
+        # Each average takes its variable's layout, so that it is sharded
+        # like it: `_layout` is private, but it is what Keras' own
+        # `add_variable_from_reference` reads (no public accessor).
         self.variables = list(variables)
         self.counter = counter
         self.averages = [

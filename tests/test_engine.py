@@ -343,7 +343,8 @@ def test_numpy_scalars_are_accepted_everywhere():
     assert type(ema.get_config()["decay"]) is float
     swa = keras_swa.StochasticWeightAveraging(
         start_epoch=np.float64(0.5), swa_lr=np.float32(0.01),
-        anneal_epochs=np.int64(1), bn_steps=np.int64(2),
+        anneal_epochs=np.int64(1), bn_data=np.zeros((4, 5), "float32"),
+        bn_steps=np.int64(2), bn_batch_size=np.int64(2),
     )
     assert type(swa.bn_steps) is int and type(swa.anneal_epochs) is int
     assert type(swa.start_epoch) is float
