@@ -25,6 +25,7 @@ import numpy as np
 
 from keras_swa import _validation
 from keras_swa import averaging
+from keras_swa import evaluation
 from keras_swa import optimizers
 from keras_swa import weights
 
@@ -554,21 +555,13 @@ def sweep_ema(
     ]
     step = _validation.integer("step", step, 0, optional=True)
     weights.check_bn_data(bn_data, bn_steps, bn_batch_size, reused=True)
-    if isinstance(validation_data, tuple):
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(
-            validation_data
-        )
-    else:
-        x, y, sample_weight = validation_data, None, None
+    evaluation.check_validation_data(validation_data)
     table = []
     for sigma_rel in sigma_rels:
         source, _ = _reconstruction(model, directory, sigma_rel, step)
-        with weights.averaged_weights(
-            model, source=source, bn_data=bn_data, bn_steps=bn_steps,
-            bn_batch_size=bn_batch_size, verbose=0,
-        ):
-            metrics = model.evaluate(
-                x, y, sample_weight=sample_weight, verbose=0, return_dict=True
-            )
+        metrics = evaluation.evaluate_average(
+            model, source, validation_data, bn_data, bn_steps, bn_batch_size,
+            prefix="",
+        )
         table.append({"sigma_rel": sigma_rel, **metrics})
     return table

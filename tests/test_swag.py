@@ -9,6 +9,7 @@ import pytest
 
 import keras_swa
 from keras_swa.callbacks import BACKUP_FILENAME
+from tests.test_callbacks import InterruptAt
 
 
 class EpochEndWeights(keras.callbacks.Callback):
@@ -273,16 +274,6 @@ def test_one_snapshot_samples_the_diagonal():
     np.testing.assert_allclose(
         sample, _flat([v.numpy() for v in swag.average_variables]), atol=1e-12
     )
-
-
-class InterruptAt(keras.callbacks.Callback):
-    def __init__(self, epoch):
-        super().__init__()
-        self.epoch = epoch
-
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch == self.epoch:
-            raise RuntimeError("Interrupted")
 
 
 def test_resume_gives_the_uninterrupted_moments(tmp_path):
