@@ -156,12 +156,16 @@ def update_bn(
     `training=False` inside the model, are left as they are; so are the
     momentum and every other setting.
 
-    Under a `tf.distribute` strategy (called inside its scope or outside
-    every scope, not inside `strategy.run`), the pass runs in cross-replica
-    context over all of `data` on one device of each worker and writes every
-    replica's copy: all replicas end with the statistics of the whole data,
-    for synchronized and unsynchronized layers alike. With several workers,
-    give each the same `data`.
+    Under a `tf.distribute` strategy of several replicas (called inside its
+    scope or outside every scope, not inside `strategy.run`), the pass is
+    data-parallel: each batch of `data` (of the global batch size, as in
+    `fit`) is split into one shard per replica, each replica runs the model
+    on its shard, and every layer normalizes with the moments of the whole
+    batch, all-reduced as `synchronized=True` does (set for the pass only),
+    so that each batch gives the statistics it gives on one device. Every
+    replica's copy gets the same statistics of the whole data, for
+    synchronized and unsynchronized layers alike. With several workers,
+    call it on every worker at once with the same `data`.
 
     Args:
         model: A built `keras.Model` (or layer).
@@ -294,6 +298,8 @@ class _Pass:
         self.signature = signature
         self.dtype = _sum_dtype(layers)
         self.size = 2 * sum(int(np.prod(l.moving_mean.shape)) for l in layers)
+        # Several `tf.distribute` replicas: each runs on a shard of a batch.
+        self.strategy = distribute.replica_strategy(model.variables)
         # The indices of the layers whose statistics the traced function
         # (on PyTorch: the last call) writes: a layer called with
         # `training=False` writes none.
@@ -319,8 +325,11 @@ class _Pass:
                     for value in pair
                 ]
             self.updated = tuple(updated)
-            size = ops.shape(keras.tree.flatten(x)[0])[0]
-            return sums + ops.cast(size, self.dtype) * ops.concatenate(moments)
+            size = ops.cast(ops.shape(keras.tree.flatten(x)[0])[0], self.dtype)
+            # Data-parallel, each replica holds a shard of the batch and the
+            # moments of the whole batch (every layer is synchronized then).
+            size = distribute.sum_over_replicas(size)
+            return sums + size * ops.concatenate(moments)
 
         # With the moving statistics read as zeros and momentum 0, what a
         # layer writes is exactly its batch moments, whatever the old
@@ -334,6 +343,7 @@ class _Pass:
                 for layer in layers
                 for variable in _written_statistics(layer)
             ],
+            strategy=self.strategy,
         )
 
     def run(self, batches, num_batches, verbose):
@@ -343,14 +353,19 @@ class _Pass:
         """
         sums = ops.zeros((self.size,), self.dtype)
         counts = [0] * len(self.layers)
-        momenta = [layer.momentum for layer in self.layers]
+        settings = [(layer.momentum, layer.synchronized) for layer in self.layers]
         progbar = keras.utils.Progbar(num_batches, verbose=verbose)
         try:
             # With momentum 0 a training-mode call writes the batch moments
-            # as the moving statistics; the momentum is read when the step
-            # is traced, hence set before.
+            # as the moving statistics. Data-parallel, a synchronized layer
+            # normalizes with the moments of the whole batch, not those of
+            # its replica's shard, so that the layers after it see what they
+            # see on one device. Both settings are read when the step is
+            # traced, hence set before.
             for layer in self.layers:
                 layer.momentum = 0.0
+                if self.strategy is not None:
+                    layer.synchronized = True
             step = self.start()
             seen = 0
             for x in batches:
@@ -362,8 +377,9 @@ class _Pass:
                 progbar.update(seen, finalize=False)
             progbar.update(seen, finalize=True)
         finally:
-            for layer, momentum in zip(self.layers, momenta):
+            for layer, (momentum, synchronized) in zip(self.layers, settings):
                 layer.momentum = momentum
+                layer.synchronized = synchronized
         return _statistics(self.layers, ops.convert_to_numpy(sums), counts)
 
 

@@ -246,6 +246,134 @@ def test_update_bn_unsynchronized_gives_global_statistics(strategy, in_scope):
     )
 
 
+class _ShardProbe(keras.layers.Layer):
+    """Passes its input through; fails in the graph if a call sees more
+    than `max_batch` samples, and records the replica context of each trace.
+
+    `update_bn` must run data-parallel: each replica one shard of a batch.
+    """
+
+    def __init__(self, max_batch, traces=None, **kwargs):
+        super().__init__(**kwargs)
+        self.max_batch = max_batch
+        # A bound method: Keras would track (and copy) a list attribute.
+        self.record = (traces if traces is not None else []).append
+
+    def call(self, x):
+        context = tf.distribute.get_replica_context()
+        self.record(
+            None
+            if context is None
+            else int(tf.get_static_value(context.replica_id_in_sync_group))
+        )
+        check = tf.debugging.assert_less_equal(
+            tf.shape(x)[0],
+            self.max_batch,
+            message="a call saw more than one replica's shard",
+        )
+        with tf.control_dependencies([check]):
+            return tf.identity(x)
+
+
+def _probed_model(max_batch, synchronized, traces=None):
+    inputs = keras.Input((4,))
+    hidden = _ShardProbe(max_batch, traces)(inputs)
+    hidden = keras.layers.Dense(8, name="hidden_dense")(hidden)
+    hidden = keras.layers.BatchNormalization(
+        synchronized=synchronized, name="norm"
+    )(hidden)
+    hidden = keras.layers.ReLU()(hidden)
+    hidden = keras.layers.Dense(3, name="second_dense")(hidden)
+    hidden = keras.layers.BatchNormalization(
+        synchronized=synchronized, name="second_norm"
+    )(hidden)
+    # After the last statistics (its masks differ between one device and
+    # two): its seed state is carried from batch to batch on the replicas.
+    hidden = keras.layers.Dropout(0.5)(hidden)
+    return keras.Model(inputs, keras.layers.Dense(1)(hidden))
+
+
+def _bn_reference_batches(model, x, batch_size):
+    """Both layers' statistics by NumPy, batches of `batch_size`."""
+    kernel, bias = model.get_layer("hidden_dense").get_weights()
+    norm = model.get_layer("norm")
+    kernel2, bias2 = model.get_layer("second_dense").get_weights()
+    gamma, beta = norm.gamma.numpy(), norm.beta.numpy()
+    sums = {name: [0.0, 0.0] for name in ("norm", "second_norm")}
+    for start in range(0, len(x), batch_size):
+        batch = x[start : start + batch_size].astype("float64")
+        hidden = batch @ kernel + bias
+        mean, variance = hidden.mean(0), hidden.var(0)
+        sums["norm"][0] += len(batch) * mean
+        sums["norm"][1] += len(batch) * variance
+        normed = (hidden - mean) / np.sqrt(variance + EPSILON) * gamma + beta
+        second = np.maximum(normed, 0.0) @ kernel2 + bias2
+        sums["second_norm"][0] += len(batch) * second.mean(0)
+        sums["second_norm"][1] += len(batch) * second.var(0)
+    return {
+        name: (mean_sum / len(x), variance_sum / len(x))
+        for name, (mean_sum, variance_sum) in sums.items()
+    }
+
+
+# 49 samples in batches of 16: the last batch holds one sample, so one
+# replica's shard of it is empty.
+@pytest.mark.parametrize("synchronized", [False, True])
+@pytest.mark.parametrize("form", ["arrays", "dataset", "generator"])
+@pytest.mark.parametrize("in_scope", [False, True])
+def test_update_bn_data_parallel_matches_one_device(
+    strategy, synchronized, form, in_scope
+):
+    # Each replica runs the model on its shard of each batch (half of it:
+    # the probe fails in the graph on more), and the replicas' moments are
+    # combined into those of the whole batch, between-shard spread included:
+    # the statistics of the single-device pass over the same batches, for
+    # synchronized and unsynchronized layers alike.
+    rng = np.random.default_rng(1)
+    # Far from zero mean, so that a lost between-shard spread or a
+    # cancellation would show.
+    x = rng.normal(3.0, 2.0, (49, 4)).astype("float32")
+    keras.utils.set_random_seed(0)
+    single = _probed_model(BATCH, synchronized)
+    traces = []
+    with strategy.scope():
+        mirrored = _probed_model(BATCH // 2, synchronized, traces)
+    mirrored.set_weights(single.get_weights())
+    del traces[:]  # those of building the model
+    data = {
+        "arrays": lambda: x,
+        "dataset": lambda: tf.data.Dataset.from_tensor_slices(x).batch(BATCH),
+        "generator": lambda: (
+            x[i : i + BATCH] for i in range(0, len(x), BATCH)
+        ),
+    }[form]
+    batch_size = BATCH if form == "arrays" else None
+
+    keras_swa.update_bn(single, data(), verbose=0, batch_size=batch_size)
+    with strategy.scope() if in_scope else contextlib.nullcontext():
+        keras_swa.update_bn(mirrored, data(), verbose=0, batch_size=batch_size)
+
+    assert sorted(set(traces)) == [0, 1], traces  # both replicas ran
+    reference = _bn_reference_batches(single, x, BATCH)
+    for name, (mean, variance) in reference.items():
+        single_norm = single.get_layer(name)
+        norm = mirrored.get_layer(name)
+        for expected, variable, single_variable in [
+            (mean, norm.moving_mean, single_norm.moving_mean),
+            (variance, norm.moving_variance, single_norm.moving_variance),
+        ]:
+            np.testing.assert_allclose(
+                single_variable.numpy(), expected, rtol=RTOL, atol=ATOL
+            )
+            for replica in _replicas(strategy, variable):
+                np.testing.assert_array_equal(
+                    replica, _replicas(strategy, variable)[0]
+                )
+                np.testing.assert_allclose(
+                    replica, single_variable.numpy(), rtol=RTOL, atol=ATOL
+                )
+
+
 @pytest.mark.parametrize("synchronized", [True, False])
 def test_averaged_weights_swaps_every_replica(strategy, synchronized):
     # Unsynchronized BatchNormalization leaves different statistics on each

@@ -3,6 +3,8 @@ a model on batch after batch without writing its variables."""
 
 import keras
 
+from keras_swa._backend import distribute
+
 
 def python_control_flow():
     """Whether the train step may branch on tensor values in Python.
@@ -13,7 +15,9 @@ def python_control_flow():
     return keras.backend.backend() == "torch"
 
 
-def compile_stateless_function(fn, variables, carried=(), zeroed=()):
+def compile_stateless_function(
+    fn, variables, carried=(), zeroed=(), strategy=None
+):
     """Compiles `fn` to run on batch after batch without writing any variable.
 
     `fn(inputs, carry, written)` runs inside a `keras.StatelessScope`: a
@@ -41,6 +45,13 @@ def compile_stateless_function(fn, variables, carried=(), zeroed=()):
     - PyTorch: `fn` runs eagerly under `torch.no_grad()`, so no autograd
       graph is built for the forward pass.
 
+    With a `tf.distribute` `strategy`, the function is data-parallel: each
+    call splits its inputs into one shard per replica, and `fn` runs on
+    every replica, on its shard, in replica context (where it may combine
+    values across the replicas, with `distribute.sum_over_replicas`). The
+    carry and the carried values `fn` returns must then be the same on
+    every replica: those of the first replica are kept.
+
     Args:
         fn: Function `fn(inputs, carry, written) -> carry`, where `inputs`
             is a nested structure of tensors whose leaves share their first
@@ -49,6 +60,9 @@ def compile_stateless_function(fn, variables, carried=(), zeroed=()):
         carried: Some of `variables`, whose written values pass from one
             call to the next.
         zeroed: Some of `variables`, which `fn` reads as zeros.
+        strategy: A `tf.distribute.Strategy` of several replicas holding
+            `variables` (see `distribute.replica_strategy`), or `None`: one
+            device.
 
     Returns:
         `start()`, which begins a pass (the carried variables' values are
@@ -82,7 +96,7 @@ def compile_stateless_function(fn, variables, carried=(), zeroed=()):
 
     backend = keras.backend.backend()
     if backend == "tensorflow":
-        return _tf_compile(stateless, carried)
+        return _tf_compile(stateless, carried, strategy)
     if backend == "jax":
         import jax
 
@@ -116,20 +130,32 @@ def compile_stateless_function(fn, variables, carried=(), zeroed=()):
     return start
 
 
-def _tf_compile(stateless, carried):
+def _tf_compile(stateless, carried, strategy):
     import tensorflow as tf
 
     state = []  # the carried values between calls, as `tf.Variable`s
 
     def body(inputs, carry):
-        carried_values, carry = stateless(
-            inputs, [value.read_value() for value in state], carry
-        )
+        carried_values = [value.read_value() for value in state]
+        if strategy is None:
+            carried_values, carry = stateless(inputs, carried_values, carry)
+        else:
+            carried_values, carry = keras.tree.map_structure(
+                lambda value: strategy.experimental_local_results(value)[0],
+                strategy.run(stateless, args=(inputs, carried_values, carry)),
+            )
         for value, new_value in zip(state, carried_values):
             value.assign(new_value)
         return carry
 
     function = tf.function(body, reduce_retracing=True)
+    if strategy is not None:
+        # Per-replica inputs: no signature to trace ahead; a short last
+        # batch retraces once, and `reduce_retracing` keeps it to that.
+        def distributed_step(inputs, carry):
+            return function(distribute.shard_batch(strategy, inputs), carry)
+
+        return _tf_start(state, carried, distributed_step)
     traced = False
 
     def spec(tensor, batch=False):
@@ -145,6 +171,12 @@ def _tf_compile(stateless, carried):
             )
             traced = True
         return function(inputs, carry)
+
+    return _tf_start(state, carried, step)
+
+
+def _tf_start(state, carried, step):
+    import tensorflow as tf
 
     def start():
         if not state:

@@ -1,4 +1,5 @@
-"""Distribution helpers: `tf.distribute` scope checks and per-replica copies."""
+"""Distribution helpers: `tf.distribute` scope checks, per-replica copies,
+and the pieces of a data-parallel pass (the strategy, the shards, a sum)."""
 
 import keras
 from keras import ops
@@ -128,3 +129,78 @@ def restore_variable(variable, copy):
 
 def _name(variable):
     return getattr(variable, "path", None) or variable.name
+
+
+def replica_strategy(variables):
+    """The `tf.distribute` strategy that holds `variables` on several replicas.
+
+    Returns `None` on the other backends, for variables of one device (a
+    strategy of one replica included), and inside `strategy.run`: a pass
+    over data is then run as it is, where it is called.
+
+    Args:
+        variables: List of `keras.Variable`s, the model's.
+    """
+    if keras.backend.backend() != "tensorflow":
+        return None
+    import tensorflow as tf
+
+    if tf.distribute.has_strategy() and not tf.distribute.in_cross_replica_context():
+        return None  # inside `strategy.run`
+    for variable in variables:
+        value = variable_value(variable)
+        if isinstance(value, tf.distribute.DistributedValues):
+            strategy = value.distribute_strategy
+            if strategy.num_replicas_in_sync > 1:
+                return strategy
+            return None
+    return None
+
+
+def shard_batch(strategy, batch):
+    """`batch` split along its first axis into one shard per replica.
+
+    The shards are as even as can be (the first ones one sample longer); a
+    batch smaller than the number of replicas leaves the last shards
+    empty. Each worker of a multi-worker strategy splits the same global
+    batch and takes the shards of its own replicas.
+
+    Args:
+        strategy: A `tf.distribute.Strategy`.
+        batch: A nested structure of tensors sharing their first dimension.
+
+    Returns:
+        The shards as a distributed value, for `strategy.run`.
+    """
+    import tensorflow as tf
+
+    replicas = strategy.num_replicas_in_sync
+    size = int(keras.tree.flatten(batch)[0].shape[0])
+    bounds = [size * replica // replicas for replica in range(replicas + 1)]
+    # Cut where the batch lives, so that each device receives its shard
+    # alone, not the whole batch.
+    shards = [
+        keras.tree.map_structure(lambda t: t[start:stop], batch)
+        for start, stop in zip(bounds[:-1], bounds[1:])
+    ]
+
+    def shard(context):
+        # Called under the replica's device scope: the copy lands there.
+        return keras.tree.map_structure(
+            tf.identity, shards[context.replica_id_in_sync_group]
+        )
+
+    return strategy.experimental_distribute_values_from_function(shard)
+
+
+def sum_over_replicas(value):
+    """The sum of `value` over the replicas, in a replica context of several
+    (`tf.distribute`); elsewhere `value` itself."""
+    if keras.backend.backend() != "tensorflow":
+        return value
+    import tensorflow as tf
+
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return value
+    return context.all_reduce(tf.distribute.ReduceOp.SUM, value)
