@@ -16,12 +16,15 @@ Rows (a memory-heavy model of about 10M weights by default):
                pass over all weights.
   fit/*        one whole `model.fit` step with and without the SWA wrapper.
   bn/*         `update_bn` over N batches of a conv net, and one compiled
-               training-mode forward pass over the same N batches.
+               training-mode forward pass over the same N batches; with
+               --bn_replicas=R (TensorFlow), `update_bn` of the same model
+               data-parallel over R replicas of a MirroredStrategy.
 
 Usage:
   python -m examples.benchmark                 # full size, prints the table
   python -m examples.benchmark --small         # a quick run (make demo)
   python -m examples.benchmark --output=bench.json
+  python -m examples.benchmark --bn_replicas=2  # TensorFlow: update_bn on 2 replicas
   python path/to/checkout/examples/benchmark.py --small   # from any folder
 """
 
@@ -52,8 +55,13 @@ flags.DEFINE_integer("steps", 20, "Updates or fit steps timed per round.")
 flags.DEFINE_integer("batch_size", 32, "Batch size of the fit rows.")
 flags.DEFINE_integer("bn_batches", 20, "Batches of 32 images of the update_bn rows.")
 flags.DEFINE_string("output", None, "Write the results as JSON to this file.")
+flags.DEFINE_integer(
+    "bn_replicas", 1,
+    "TensorFlow only: with N >= 2, also times update_bn data-parallel on N replicas "
+    "(a MirroredStrategy over N GPUs, or over the CPU split into N logical devices).",
+)
 
-POSITIVE = ("rounds", "steps", "batch_size", "bn_batches")
+POSITIVE = ("rounds", "steps", "batch_size", "bn_batches", "bn_replicas")
 
 
 def validate(values):
@@ -275,13 +283,24 @@ def fit_variants(model_fn, batch_size, steps):
     return variants
 
 
-def bn_variants(batches, batch_size, image_size):
-    """`update_bn` over `batches` batches, and the floor it is held to: one
-    compiled training-mode forward pass over the same batches."""
-    import keras
-    import numpy as np
+def replica_strategy(replicas):
+    """A MirroredStrategy of `replicas` devices: GPUs if there are enough,
+    else the CPU split into logical devices (before TensorFlow starts its
+    devices, hence first thing)."""
+    import tensorflow as tf
 
-    import keras_swa
+    gpus = tf.config.list_physical_devices("GPU")
+    if len(gpus) >= replicas:
+        return tf.distribute.MirroredStrategy([f"/gpu:{i}" for i in range(replicas)])
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * replicas
+    )
+    return tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(replicas)])
+
+
+def bn_model(image_size):
+    import keras
 
     inputs = keras.Input((image_size, image_size, 3))
     x = inputs
@@ -291,7 +310,20 @@ def bn_variants(batches, batch_size, image_size):
         x = keras.layers.ReLU()(x)
         x = keras.layers.MaxPooling2D()(x)
     x = keras.layers.GlobalAveragePooling2D()(x)
-    model = keras.Model(inputs, keras.layers.Dense(10)(x))
+    return keras.Model(inputs, keras.layers.Dense(10)(x))
+
+
+def bn_variants(batches, batch_size, image_size, strategy=None):
+    """`update_bn` over `batches` batches, and the floor it is held to: one
+    compiled training-mode forward pass over the same batches. With a
+    `tf.distribute` strategy, also `update_bn` of the same model built in
+    its scope: data-parallel over its replicas."""
+    import keras
+    import numpy as np
+
+    import keras_swa
+
+    model = bn_model(image_size)
     rng = np.random.default_rng(2)
     # Same batches for both (update_bn splits arrays into batches of 32).
     images = rng.normal(size=(batches * 32, image_size, image_size, 3)).astype("float32")
@@ -306,7 +338,18 @@ def bn_variants(batches, batch_size, image_size):
         keras_swa.update_bn(model, images, verbose=0)
         return model.layers[2].moving_mean
 
-    return {"forward_training_mode": forward_pass, "update_bn": update_bn}
+    variants = {"forward_training_mode": forward_pass, "update_bn": update_bn}
+    if strategy is not None:
+        with strategy.scope():
+            mirrored = bn_model(image_size)
+        mirrored.set_weights(model.get_weights())
+
+        def update_bn_replicas():
+            keras_swa.update_bn(mirrored, images, verbose=0)
+            return mirrored.layers[2].moving_mean
+
+        variants[f"update_bn_{strategy.num_replicas_in_sync}_replicas"] = update_bn_replicas
+    return variants
 
 
 def main(argv):
@@ -319,6 +362,14 @@ def main(argv):
     import keras
     import numpy as np
 
+    strategy = None
+    if FLAGS.bn_replicas > 1:
+        if keras.backend.backend() != "tensorflow":
+            raise _cli.UsageError(
+                f"--bn_replicas={FLAGS.bn_replicas} needs the TensorFlow backend "
+                f"(tf.distribute); the backend is {keras.backend.backend()}."
+            )
+        strategy = replica_strategy(FLAGS.bn_replicas)
     keras.utils.set_random_seed(0)
     if FLAGS.small:
         width, depth, features = 512, 3, 512
@@ -337,7 +388,9 @@ def main(argv):
     fits = {name: seconds / FLAGS.steps for name, seconds in fits.items()}
     fits_median = {name: seconds / FLAGS.steps for name, seconds in fits_median.items()}
     bn, bn_median = time_interleaved(
-        bn_variants(FLAGS.bn_batches, 32, 16 if FLAGS.small else 32), FLAGS.rounds, 1
+        bn_variants(FLAGS.bn_batches, 32, 16 if FLAGS.small else 32, strategy),
+        FLAGS.rounds,
+        1,
     )
 
     weight_bytes = sum(
@@ -357,6 +410,17 @@ def main(argv):
         ("update_bn / training-mode forward pass", bn["update_bn"] / bn["forward_training_mode"], 1.2),
         ("extra memory of SWA / trainable weights", own_bytes / weight_bytes, 1.0 + 1e-4),
     ]
+    if strategy is not None:
+        # No target: what a data-parallel pass gains depends on the devices
+        # (CPU logical devices share the same cores).
+        replicas = strategy.num_replicas_in_sync
+        checks.append(
+            (
+                f"update_bn: {replicas} replicas / one device",
+                bn[f"update_bn_{replicas}_replicas"] / bn["update_bn"],
+                None,
+            )
+        )
 
     print(
         f"\nkeras_swa benchmark: backend={keras.backend.backend()}, "
@@ -386,6 +450,9 @@ def main(argv):
     print(f"\n| {'measure (of the minima)':<42} | {'ratio':>6} | {'target':>7} | ok |")
     print(f"|{'-' * 44}|{'-' * 8}|{'-' * 9}|----|")
     for name, ratio, target in checks:
+        if target is None:
+            print(f"| {name:<42} | {ratio:6.3f} | {'-':>7} | -  |")
+            continue
         ok = "yes" if ratio <= target else "NO"
         print(f"| {name:<42} | {ratio:6.3f} | <= {target:4.2f} | {ok:<3}|")
 
@@ -402,7 +469,12 @@ def main(argv):
                     "seconds": rows,
                     "median_seconds": medians,
                     "checks": [
-                        {"measure": n, "ratio": float(r), "target": t, "ok": bool(r <= t)}
+                        {
+                            "measure": n,
+                            "ratio": float(r),
+                            "target": t,
+                            "ok": None if t is None else bool(r <= t),
+                        }
                         for n, r, t in checks
                     ],
                 },
