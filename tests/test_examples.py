@@ -282,6 +282,25 @@ def test_benchmark_binary_writes_json(tmp_path):
     assert all(seconds > 0 for seconds in report["seconds"].values())
 
 
+def test_benchmark_times_update_bn_on_replicas(tmp_path):
+    # TensorFlow: the same update_bn data-parallel on two replicas (the CPU
+    # split into two logical devices), a row and a measure without target.
+    # Other backends have no tf.distribute: a one-line error.
+    import keras
+
+    out = tmp_path / "bench.json"
+    args = ["--small", "--rounds=1", "--steps=1", "--bn_batches=2", "--bn_replicas=2"]
+    result = run_binary("examples.benchmark", *args, f"--output={out}")
+    if keras.backend.backend() != "tensorflow":
+        assert_one_line_error(result, "--bn_replicas=2 needs the TensorFlow backend")
+        return
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["seconds"]["bn/update_bn_2_replicas (2 batches)"] > 0
+    (check,) = [c for c in report["checks"] if c["measure"].startswith("update_bn: 2 replicas")]
+    assert check["ratio"] > 0 and check["target"] is None and check["ok"] is None
+
+
 # --- One-line errors -----------------------------------------------------------
 
 
@@ -372,6 +391,7 @@ def test_benchmark_bad_flags_and_output_are_one_line(tmp_path):
         (["--rounds=0"], ["--rounds must be an integer >= 1, got 0"]),
         (["--steps=0"], ["--steps must be an integer >= 1, got 0"]),
         (["--bn_batches=-1"], ["--bn_batches must be an integer >= 1, got -1"]),
+        (["--bn_replicas=0"], ["--bn_replicas must be an integer >= 1, got 0"]),
         (["--batch_size=0"], ["--batch_size"]),
         (["--small=maybe"], ["--small"]),
         ([f"--output={blocker / 'bench.json'}"],
