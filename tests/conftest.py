@@ -34,6 +34,30 @@ def _split_cpu_in_two():
 _split_cpu_in_two()
 
 
+def _exact_float32_matmuls():
+    """float32 matrix products in full float32 on GPUs too.
+
+    The tests compare with float64 NumPy references to about 1e-5. On
+    NVIDIA GPUs JAX multiplies float32 matrices (and convolves) in TF32 by
+    default, and cuDNN convolutions on PyTorch too, about 1e-3 off (seen on
+    an H200: update_bn's means 8e-4 from the reference); on CPUs this
+    changes nothing.
+    """
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        jax.config.update("jax_default_matmul_precision", "highest")
+    elif backend == "torch":
+        import torch
+
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+
+
+_exact_float32_matmuls()
+
+
 @pytest.fixture(autouse=True)
 def _float32_policy_and_fresh_names():
     """Every test starts and ends with the float32 policy and fresh names."""
