@@ -314,16 +314,23 @@ def cosine_schedule(lr, epochs, final_lr=0.0):
     return schedule
 
 
-def schedules(config, swa_start):
-    """The per-epoch learning rates `(plain, swa)` of `--schedule`; the EMA
-    run uses the plain one."""
-    lr, epochs, swa_lr = config["lr"], config["epochs"], config["swa_lr"]
+def plain_schedule(config):
+    """The per-epoch learning rate of `--schedule` for the runs without SWA
+    (plain, EMA, post-hoc EMA)."""
+    lr, epochs = config["lr"], config["epochs"]
     if config["schedule"] == "paper":
-        return (
-            paper_schedule(lr, epochs, 0.01),
-            paper_schedule(lr, max(swa_start, 1), swa_lr / lr),
-        )
-    return cosine_schedule(lr, epochs), cosine_schedule(lr, swa_start, swa_lr)
+        return paper_schedule(lr, epochs, 0.01)
+    return cosine_schedule(lr, epochs)
+
+
+def swa_schedule(config, swa_start):
+    """The per-epoch learning rate of `--schedule` for the SWA run. Apart
+    from `plain_schedule`, so that a mode without the SWA run reads neither
+    `--swa_lr` nor `--swa_start` (a test holds each mode to `MODE_FLAGS`)."""
+    lr, swa_lr = config["lr"], config["swa_lr"]
+    if config["schedule"] == "paper":
+        return paper_schedule(lr, max(swa_start, 1), swa_lr / lr)
+    return cosine_schedule(lr, swa_start, swa_lr)
 
 
 # --- Training -----------------------------------------------------------------
@@ -584,7 +591,6 @@ RUN_TITLES = {
 def train_seed(config, dataset, labels, swa_start, seed, output_dir):
     """The runs of `--averaging` for one seed: their histories, and per row
     the test probabilities and scores."""
-    plain_schedule, swa_schedule = schedules(config, swa_start)
     averaging = config["averaging"]
     # Run name -> kind of run.
     wanted = {
@@ -602,13 +608,14 @@ def train_seed(config, dataset, labels, swa_start, seed, output_dir):
               "schedule ==", flush=True)
         start = time.time()
         if kind in ("swa", "swag"):
-            runs[name] = run_swa(config, dataset, swa_schedule, swa_start, seed,
-                                 with_swag=kind == "swag")
+            runs[name] = run_swa(config, dataset, swa_schedule(config, swa_start),
+                                 swa_start, seed, with_swag=kind == "swag")
         elif kind == "posthoc_ema":
             directory = os.path.join(output_dir, "ema_snapshots", f"seed_{seed}")
-            runs[name] = run_posthoc_ema(config, dataset, plain_schedule, seed, directory)
+            runs[name] = run_posthoc_ema(config, dataset, plain_schedule(config), seed,
+                                         directory)
         else:
-            runs[name] = run_plain(config, dataset, plain_schedule, seed,
+            runs[name] = run_plain(config, dataset, plain_schedule(config), seed,
                                    with_ema=kind == "sgd_ema")
         seconds[name] = time.time() - start
     probabilities = {k: v for run in runs.values() for k, v in run["probabilities"].items()}

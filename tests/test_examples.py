@@ -460,14 +460,14 @@ def test_learning_rate_schedules_follow_the_paper(tmp_path):
     swa = train_lib.paper_schedule(0.1, 60, 0.05 / 0.1)
     assert swa(54) == pytest.approx(0.05) and swa(80) == pytest.approx(0.05)
     cfg = config(tmp_path, schedule="paper", lr=0.1, epochs=100, swa_lr=0.05)
-    plain, swa = train_lib.schedules(cfg, swa_start=60)
+    plain, swa = train_lib.plain_schedule(cfg), train_lib.swa_schedule(cfg, swa_start=60)
     assert plain(95) == pytest.approx(0.001) and swa(54) == pytest.approx(0.05)
 
 
 def test_cosine_schedules_per_epoch_by_hand(tmp_path):
     # Plain: lr * (1 + cos(pi * e / E)) / 2 with lr=0.1, E=4.
     cfg = config(tmp_path, schedule="cosine", lr=0.1, epochs=4, swa_lr=0.02)
-    plain, swa = train_lib.schedules(cfg, swa_start=2)
+    plain, swa = train_lib.plain_schedule(cfg), train_lib.swa_schedule(cfg, swa_start=2)
     half_sqrt2 = math.sqrt(2) / 2
     expected_plain = [0.1, 0.05 * (1 + half_sqrt2), 0.05, 0.05 * (1 - half_sqrt2)]
     assert [plain(e) for e in range(4)] == pytest.approx(expected_plain)
@@ -475,7 +475,7 @@ def test_cosine_schedules_per_epoch_by_hand(tmp_path):
     # swa_start (0.1, 0.02 + 0.08 * (1 + cos(pi / 2)) / 2 = 0.06), then 0.02.
     assert [swa(e) for e in range(4)] == pytest.approx([0.1, 0.06, 0.02, 0.02])
     # SWA from epoch 0: the SWA rate throughout.
-    _, swa_now = train_lib.schedules(cfg, swa_start=0)
+    swa_now = train_lib.swa_schedule(cfg, swa_start=0)
     assert [swa_now(e) for e in range(4)] == pytest.approx([0.02] * 4)
 
 
