@@ -50,6 +50,15 @@ with `keras_swa.EMASnapshots` writing them about `--ema_snapshots` times to
 from the snapshots and evaluates it. It prints the sweep as a table and
 plots the test metrics against `sigma_rel` (`posthoc_ema.png`).
 
+A flag the chosen `--averaging` does not use is refused, not ignored: given
+on the command line, even at its default value, it stops the binary before
+anything is loaded, in one line naming the modes that use it. `--swa_start`
+and `--swa_lr` are used by `compare`, `swa` and `swag`; `--ema_decay` and
+`--ema_warmup` by `compare` and `ema`; the `--swag_*` flags by `compare` and
+`swag`; `--ema_sigma_rels`, `--ema_sweep` and `--ema_snapshots` by
+`posthoc_ema` (the table `MODE_FLAGS`); the other flags do not depend on
+the mode.
+
 Examples:
   python -m examples.train                       # offline digits demo
   python -m examples.train --epochs=10 --seeds=0,1,2
@@ -155,9 +164,13 @@ DEFAULTS = {"schedule": "cosine", "ema_warmup": True, "seeds": [0], "swa_start":
             "ema_sigma_rels": [0.05, 0.10],
             "ema_sweep": [0.02, 0.03, 0.05, 0.07, 0.10, 0.13, 0.16, 0.20],
             "ema_snapshots": 20}
-# The modes of `--averaging` that use each of these flags: given to another
-# mode, the flag is refused rather than ignored.
+# The modes of `--averaging` that use each of these flags, and no other mode
+# reads them (a test trains every mode and holds it to this table): given on
+# the command line to another mode, the flag is refused rather than ignored.
+# The other flags do not depend on the mode.
 MODE_FLAGS = {
+    **dict.fromkeys(("swa_start", "swa_lr"), ("compare", "swa", "swag")),
+    **dict.fromkeys(("ema_decay", "ema_warmup"), ("compare", "ema")),
     **dict.fromkeys(("swag_rank", "swag_samples", "swag_scale", "swag_bn_batches"),
                     ("compare", "swag")),
     **dict.fromkeys(("ema_sigma_rels", "ema_sweep", "ema_snapshots"), ("posthoc_ema",)),
@@ -271,12 +284,14 @@ def validate(config):
 
 def check_mode_flags(averaging, given):
     """Raises a ValueError if a flag of `given` (the names of the flags on
-    the command line) is one `--averaging=averaging` does not use."""
+    the command line, whatever their values: a default never is) is one
+    `--averaging=averaging` does not use, by `MODE_FLAGS`."""
     for name in given:
         modes = MODE_FLAGS.get(name)
         if modes and averaging not in modes:
+            users = modes[0] if len(modes) == 1 else f"{', '.join(modes[:-1])} or {modes[-1]}"
             raise ValueError(
-                f"--{name} is used only with --averaging={' or '.join(modes)}, not "
+                f"--{name} is used only with --averaging={users}, not "
                 f"--averaging={averaging}: drop it or change --averaging."
             )
 
