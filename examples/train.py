@@ -109,8 +109,12 @@ ECE_BINS = 15
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("dataset", "digits", "'digits' (offline) or a tensorflow-datasets name.")
-flags.DEFINE_string("data_dir", None, "tensorflow-datasets data, or the IDX files of (fashion_)mnist.")
-flags.DEFINE_bool("download", False, "Let tensorflow-datasets download a missing dataset.")
+flags.DEFINE_string("data_dir", None,
+                    "tensorflow-datasets data, or the IDX files of (fashion_)mnist "
+                    "(not with --dataset=digits).")
+flags.DEFINE_bool("download", False,
+                  "Let tensorflow-datasets download a missing dataset (not with "
+                  "--dataset=digits, nor with the IDX files in --data_dir).")
 flags.DEFINE_enum("model", "small_cnn", MODEL_NAMES, "The network.")
 flags.DEFINE_integer("epochs", 40, "Training budget in epochs, the same for every run.")
 flags.DEFINE_integer("batch_size", 32, "Batch size.")

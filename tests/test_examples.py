@@ -429,6 +429,40 @@ def test_train_flags_of_another_mode_are_refused_not_ignored():
         assert_one_line_error(result, *fragments)
 
 
+def test_data_flags_the_data_does_not_need_are_refused(tmp_path):
+    # Digits ships with scikit-learn: a folder or a download asked for it is
+    # refused, not ignored. Nor is --download ignored where --data_dir holds
+    # the IDX files, which are read instead of anything tensorflow-datasets
+    # would fetch.
+    write_mnist(tmp_path)
+    assert data_lib.check("digits") == "digits"
+    for data_dir, download, flag in [(str(tmp_path), False, f"--data_dir={tmp_path}"),
+                                     (None, True, "--download")]:
+        with pytest.raises(data_lib.DataError, match="needs neither") as error:
+            data_lib.check("digits", data_dir, download)
+        assert flag in str(error.value)
+    with pytest.raises(data_lib.DataError,
+                       match=f"--download is not needed: --data_dir={tmp_path} holds"):
+        data_lib.check("mnist", str(tmp_path), download=True)
+    assert data_lib.check("mnist", str(tmp_path)) == "idx"
+    # The binary, in one line. Should a case get through, it trains one
+    # short epoch and fails the assertion.
+    short = ["--averaging=sgd", "--epochs=1", "--batch_size=512",
+             f"--output_dir={tmp_path / 'out'}"]
+    cases = [
+        ([f"--data_dir={tmp_path}"],
+         ["--dataset=digits ships with scikit-learn and needs neither --data_dir nor "
+          f"--download: drop --data_dir={tmp_path}."]),
+        (["--download"], ["--dataset=digits", "drop --download."]),
+        (["--dataset=mnist", f"--data_dir={tmp_path}", "--download"],
+         [f"--download is not needed: --data_dir={tmp_path} holds the four IDX files "
+          "of mnist"]),
+    ]
+    results = run_all([("examples.train", args + short, ROOT) for args, _ in cases])
+    for result, (_, fragments) in zip(results, cases):
+        assert_one_line_error(result, *fragments)
+
+
 def test_binaries_run_as_files_from_another_folder(tmp_path):
     # `python path/to/examples/train.py` finds its package from any folder
     # (`python -m examples.train` needs the checkout's root as the folder).
