@@ -57,7 +57,10 @@ and `--swa_lr` are used by `compare`, `swa` and `swag`; `--ema_decay` and
 `--ema_warmup` by `compare` and `ema`; the `--swag_*` flags by `compare` and
 `swag`; `--ema_sigma_rels`, `--ema_sweep` and `--ema_snapshots` by
 `posthoc_ema` (the table `MODE_FLAGS`); the other flags do not depend on
-the mode.
+the mode. Also refused, in one line: `--swag_samples` given with `--swag_scale=0`
+(one sample, the SWA mean), and `--data_dir` or `--download` where the data
+does not need them (`--dataset=digits`; `--download` with the IDX files in
+`--data_dir`).
 
 Examples:
   python -m examples.train                       # offline digits demo
@@ -138,7 +141,9 @@ flags.DEFINE_enum("averaging", "compare", AVERAGING,
                   "module docstring).")
 flags.DEFINE_integer("swag_rank", 20, "Deviation columns SWAG keeps (its max_rank).")
 flags.DEFINE_integer("swag_samples", 30, "Weight samples of the SWAG-BMA prediction.")
-flags.DEFINE_float("swag_scale", 0.5, "Scale of the SWAG covariance when sampling (0: the SWA mean).")
+flags.DEFINE_float("swag_scale", 0.5,
+                   "Scale of the SWAG covariance when sampling (0: one sample, the SWA "
+                   "mean, and --swag_samples is refused).")
 flags.DEFINE_integer("swag_bn_batches", 50,
                      "Training batches the BatchNorm statistics of each SWAG sample are "
                      "recomputed on.")
@@ -298,6 +303,18 @@ def check_mode_flags(averaging, given):
                 f"--{name} is used only with --averaging={users}, not "
                 f"--averaging={averaging}: drop it or change --averaging."
             )
+
+
+def check_swag_samples(config, given):
+    """Raises a ValueError if `--swag_samples` is in `given` (the flags on
+    the command line) with `--swag_scale=0`: `predict_bma` then takes one
+    sample, the SWA mean, so the number asked for would be ignored. Left
+    at its default, it is not refused: the run reports its one sample."""
+    if "swag_samples" in given and config["swag_scale"] == 0:
+        raise ValueError(
+            "--swag_samples is not used with --swag_scale=0 (one sample: the SWA "
+            "mean): drop --swag_samples or pass --swag_scale > 0."
+        )
 
 
 # --- Learning-rate schedules (per epoch, 0-based) -----------------------------
@@ -1175,7 +1192,9 @@ def main(argv):
     del argv  # checked by _cli.run
     config = {name: FLAGS[name].value for name in CONFIG_KEYS}
     try:
-        check_mode_flags(config["averaging"], [n for n in CONFIG_KEYS if FLAGS[n].present])
+        given = [n for n in CONFIG_KEYS if FLAGS[n].present]
+        check_mode_flags(config["averaging"], given)
+        check_swag_samples(config, given)
         plan = prepare(config)
     except ValueError as e:
         raise _cli.UsageError(str(e)) from None

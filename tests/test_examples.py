@@ -429,6 +429,23 @@ def test_train_flags_of_another_mode_are_refused_not_ignored():
         assert_one_line_error(result, *fragments)
 
 
+def test_swag_samples_given_with_swag_scale_0_are_refused():
+    # --swag_scale=0 takes one sample, the SWA mean: a --swag_samples given
+    # with it (even its default) would be ignored, so it is refused; left
+    # out, the run goes on (here to the --epochs=0 error).
+    cases = [
+        (["--swag_samples=5", "--swag_scale=0"],
+         ["--swag_samples is not used with --swag_scale=0 (one sample: the SWA mean):"]),
+        (["--averaging=swag", "--swag_samples=30", "--swag_scale=0.0"],
+         ["--swag_samples", "--swag_scale=0"]),
+        (["--swag_scale=0"], ["--epochs must be an integer >= 1, got 0."]),
+        (["--averaging=swag", "--swag_samples=5", "--swag_scale=0.1"], ["--epochs"]),
+    ]
+    results = run_all([("examples.train", args + ["--epochs=0"], ROOT) for args, _ in cases])
+    for result, (_, fragments) in zip(results, cases):
+        assert_one_line_error(result, *fragments)
+
+
 def test_data_flags_the_data_does_not_need_are_refused(tmp_path):
     # Digits ships with scikit-learn: a folder or a download asked for it is
     # refused, not ignored. Nor is --download ignored where --data_dir holds
