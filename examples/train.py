@@ -57,10 +57,10 @@ and `--swa_lr` are used by `compare`, `swa` and `swag`; `--ema_decay` and
 `--ema_warmup` by `compare` and `ema`; the `--swag_*` flags by `compare` and
 `swag`; `--ema_sigma_rels`, `--ema_sweep` and `--ema_snapshots` by
 `posthoc_ema` (the table `MODE_FLAGS`); the other flags do not depend on
-the mode. Also refused, in one line: `--swag_samples` given with `--swag_scale=0`
-(one sample, the SWA mean), and `--data_dir` or `--download` where the data
-does not need them (`--dataset=digits`; `--download` with the IDX files in
-`--data_dir`).
+the mode. Also refused, in one line: `--swag_samples` given with
+`--swag_scale=0` (one sample, the SWA mean), and `--data_dir` or
+`--download` where the data does not need them (`--dataset=digits`;
+`--download` with the IDX files in `--data_dir`).
 
 Examples:
   python -m examples.train                       # offline digits demo
