@@ -107,7 +107,8 @@ def check(name, data_dir=None, download=False):
             given += ["--download"] if download else []
             raise DataError(
                 f"--dataset=digits ships with scikit-learn and needs neither "
-                f"--data_dir nor --download: drop {' and '.join(given)}."
+                f"--data_dir nor --download: drop {' and '.join(given)}, or "
+                f"name another --dataset."
             )
         return "digits"
     if data_dir:

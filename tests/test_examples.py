@@ -469,8 +469,8 @@ def test_data_flags_the_data_does_not_need_are_refused(tmp_path):
     cases = [
         ([f"--data_dir={tmp_path}"],
          ["--dataset=digits ships with scikit-learn and needs neither --data_dir nor "
-          f"--download: drop --data_dir={tmp_path}."]),
-        (["--download"], ["--dataset=digits", "drop --download."]),
+          f"--download: drop --data_dir={tmp_path}, or name another --dataset."]),
+        (["--download"], ["--dataset=digits", "drop --download, or"]),
         (["--dataset=mnist", f"--data_dir={tmp_path}", "--download"],
          [f"--download is not needed: --data_dir={tmp_path} holds the four IDX files "
           "of mnist"]),
