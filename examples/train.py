@@ -1184,7 +1184,14 @@ def run(plan):
 
 
 def train(config):
-    """`run(prepare(config))`: checks, then trains; returns the metrics."""
+    """`run(prepare(config))`: checks, then trains; returns the metrics.
+
+    The tests' way in, not a documented interface (`main` calls `prepare`
+    and `run` itself). It checks the values as the binary does, but does
+    not refuse the settings a mode does not use (`check_mode_flags`,
+    `check_swag_samples`): those checks need to know which flags the user
+    gave, and a settings dict holds every key, whatever the mode.
+    """
     return run(prepare(config))
 
 
