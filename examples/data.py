@@ -1,9 +1,11 @@
 """Image classification data for the examples, as `tf.data` pipelines.
 
 Three sources, tried in this order for a dataset name:
-  * `digits`: scikit-learn's 8x8 digits, shipped inside the package (offline).
+  * `digits`: scikit-learn's 8x8 digits, shipped inside the package (offline;
+    a `data_dir` or `download` is refused).
   * `mnist` / `fashion_mnist` from `data_dir` holding the four standard IDX
-    files (`train-images-idx3-ubyte.gz`, ...), for machines without network.
+    files (`train-images-idx3-ubyte.gz`, ...), for machines without network
+    (`download` is then refused: the files are read, nothing is fetched).
   * any image classification dataset of tensorflow-datasets by name
     (`cifar10`, `cifar100`, `mnist`, ...), prepared in `data_dir` or
     downloaded by tensorflow-datasets where the network allows.
@@ -94,9 +96,20 @@ def check(name, data_dir=None, download=False):
 
     Raises:
         DataError: naming the flag (`--dataset`, `--data_dir`,
-            `--download`) or the missing file, and what to do.
+            `--download`) or the missing file, and what to do; also for a
+            `data_dir` or `download` that `load` would not use (`digits`,
+            or `download` with the IDX files in `data_dir`), which are
+            refused rather than ignored.
     """
     if name == "digits":
+        if data_dir or download:
+            given = [f"--data_dir={data_dir}"] if data_dir else []
+            given += ["--download"] if download else []
+            raise DataError(
+                f"--dataset=digits ships with scikit-learn and needs neither "
+                f"--data_dir nor --download: drop {' and '.join(given)}, or "
+                f"name another --dataset."
+            )
         return "digits"
     if data_dir:
         data_dir = os.path.expanduser(data_dir)
@@ -111,6 +124,15 @@ def check(name, data_dir=None, download=False):
         if data_dir and os.path.isdir(data_dir):
             present = [f for f in IDX_FILES.values() if _is_file(data_dir, f)]
             if len(present) == len(IDX_FILES):
+                if download:
+                    # The IDX files are read; tensorflow-datasets, and so
+                    # its download, is not used.
+                    raise DataError(
+                        f"--download is not needed: --data_dir={data_dir} holds "
+                        f"the four IDX files of {name}, which are read from "
+                        f"there: drop --download (or pass a --data_dir without "
+                        f"them to have tensorflow-datasets fetch {name})."
+                    )
                 return "idx"
             if present:
                 missing = [f for f in IDX_FILES.values() if f not in present]

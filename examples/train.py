@@ -50,6 +50,18 @@ with `keras_swa.EMASnapshots` writing them about `--ema_snapshots` times to
 from the snapshots and evaluates it. It prints the sweep as a table and
 plots the test metrics against `sigma_rel` (`posthoc_ema.png`).
 
+A flag the chosen `--averaging` does not use is refused, not ignored: given
+on the command line, even at its default value, it stops the binary before
+anything is loaded, in one line naming the modes that use it. `--swa_start`
+and `--swa_lr` are used by `compare`, `swa` and `swag`; `--ema_decay` and
+`--ema_warmup` by `compare` and `ema`; the `--swag_*` flags by `compare` and
+`swag`; `--ema_sigma_rels`, `--ema_sweep` and `--ema_snapshots` by
+`posthoc_ema` (the table `MODE_FLAGS`); the other flags do not depend on
+the mode. Also refused, in one line: `--swag_samples` given with
+`--swag_scale=0` (one sample, the SWA mean), and `--data_dir` or
+`--download` where the data does not need them (`--dataset=digits`;
+`--download` with the IDX files in `--data_dir`).
+
 Examples:
   python -m examples.train                       # offline digits demo
   python -m examples.train --epochs=10 --seeds=0,1,2
@@ -100,8 +112,12 @@ ECE_BINS = 15
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("dataset", "digits", "'digits' (offline) or a tensorflow-datasets name.")
-flags.DEFINE_string("data_dir", None, "tensorflow-datasets data, or the IDX files of (fashion_)mnist.")
-flags.DEFINE_bool("download", False, "Let tensorflow-datasets download a missing dataset.")
+flags.DEFINE_string("data_dir", None,
+                    "tensorflow-datasets data, or the IDX files of (fashion_)mnist "
+                    "(not with --dataset=digits).")
+flags.DEFINE_bool("download", False,
+                  "Let tensorflow-datasets download a missing dataset (not with "
+                  "--dataset=digits, nor with the IDX files in --data_dir).")
 flags.DEFINE_enum("model", "small_cnn", MODEL_NAMES, "The network.")
 flags.DEFINE_integer("epochs", 40, "Training budget in epochs, the same for every run.")
 flags.DEFINE_integer("batch_size", 32, "Batch size.")
@@ -125,7 +141,9 @@ flags.DEFINE_enum("averaging", "compare", AVERAGING,
                   "module docstring).")
 flags.DEFINE_integer("swag_rank", 20, "Deviation columns SWAG keeps (its max_rank).")
 flags.DEFINE_integer("swag_samples", 30, "Weight samples of the SWAG-BMA prediction.")
-flags.DEFINE_float("swag_scale", 0.5, "Scale of the SWAG covariance when sampling (0: the SWA mean).")
+flags.DEFINE_float("swag_scale", 0.5,
+                   "Scale of the SWAG covariance when sampling (0: one sample, the SWA "
+                   "mean, and --swag_samples is refused).")
 flags.DEFINE_integer("swag_bn_batches", 50,
                      "Training batches the BatchNorm statistics of each SWAG sample are "
                      "recomputed on.")
@@ -155,9 +173,13 @@ DEFAULTS = {"schedule": "cosine", "ema_warmup": True, "seeds": [0], "swa_start":
             "ema_sigma_rels": [0.05, 0.10],
             "ema_sweep": [0.02, 0.03, 0.05, 0.07, 0.10, 0.13, 0.16, 0.20],
             "ema_snapshots": 20}
-# The modes of `--averaging` that use each of these flags: given to another
-# mode, the flag is refused rather than ignored.
+# The modes of `--averaging` that use each of these flags, and no other mode
+# reads them (a test trains every mode and holds it to this table): given on
+# the command line to another mode, the flag is refused rather than ignored.
+# The other flags do not depend on the mode.
 MODE_FLAGS = {
+    **dict.fromkeys(("swa_start", "swa_lr"), ("compare", "swa", "swag")),
+    **dict.fromkeys(("ema_decay", "ema_warmup"), ("compare", "ema")),
     **dict.fromkeys(("swag_rank", "swag_samples", "swag_scale", "swag_bn_batches"),
                     ("compare", "swag")),
     **dict.fromkeys(("ema_sigma_rels", "ema_sweep", "ema_snapshots"), ("posthoc_ema",)),
@@ -271,14 +293,28 @@ def validate(config):
 
 def check_mode_flags(averaging, given):
     """Raises a ValueError if a flag of `given` (the names of the flags on
-    the command line) is one `--averaging=averaging` does not use."""
+    the command line, whatever their values: a default never is) is one
+    `--averaging=averaging` does not use, by `MODE_FLAGS`."""
     for name in given:
         modes = MODE_FLAGS.get(name)
         if modes and averaging not in modes:
+            users = modes[0] if len(modes) == 1 else f"{', '.join(modes[:-1])} or {modes[-1]}"
             raise ValueError(
-                f"--{name} is used only with --averaging={' or '.join(modes)}, not "
+                f"--{name} is used only with --averaging={users}, not "
                 f"--averaging={averaging}: drop it or change --averaging."
             )
+
+
+def check_swag_samples(config, given):
+    """Raises a ValueError if `--swag_samples` is in `given` (the flags on
+    the command line) with `--swag_scale=0`: `predict_bma` then takes one
+    sample, the SWA mean, so the number asked for would be ignored. Left
+    at its default, it is not refused: the run reports its one sample."""
+    if "swag_samples" in given and config["swag_scale"] == 0:
+        raise ValueError(
+            "--swag_samples is not used with --swag_scale=0 (one sample: the SWA "
+            "mean): drop --swag_samples or pass --swag_scale > 0."
+        )
 
 
 # --- Learning-rate schedules (per epoch, 0-based) -----------------------------
@@ -314,16 +350,23 @@ def cosine_schedule(lr, epochs, final_lr=0.0):
     return schedule
 
 
-def schedules(config, swa_start):
-    """The per-epoch learning rates `(plain, swa)` of `--schedule`; the EMA
-    run uses the plain one."""
-    lr, epochs, swa_lr = config["lr"], config["epochs"], config["swa_lr"]
+def plain_schedule(config):
+    """The per-epoch learning rate of `--schedule` for the runs without SWA
+    (plain, EMA, post-hoc EMA)."""
+    lr, epochs = config["lr"], config["epochs"]
     if config["schedule"] == "paper":
-        return (
-            paper_schedule(lr, epochs, 0.01),
-            paper_schedule(lr, max(swa_start, 1), swa_lr / lr),
-        )
-    return cosine_schedule(lr, epochs), cosine_schedule(lr, swa_start, swa_lr)
+        return paper_schedule(lr, epochs, 0.01)
+    return cosine_schedule(lr, epochs)
+
+
+def swa_schedule(config, swa_start):
+    """The per-epoch learning rate of `--schedule` for the SWA run. Apart
+    from `plain_schedule`, so that a mode without the SWA run reads neither
+    `--swa_lr` nor `--swa_start` (a test holds each mode to `MODE_FLAGS`)."""
+    lr, swa_lr = config["lr"], config["swa_lr"]
+    if config["schedule"] == "paper":
+        return paper_schedule(lr, max(swa_start, 1), swa_lr / lr)
+    return cosine_schedule(lr, swa_start, swa_lr)
 
 
 # --- Training -----------------------------------------------------------------
@@ -584,7 +627,6 @@ RUN_TITLES = {
 def train_seed(config, dataset, labels, swa_start, seed, output_dir):
     """The runs of `--averaging` for one seed: their histories, and per row
     the test probabilities and scores."""
-    plain_schedule, swa_schedule = schedules(config, swa_start)
     averaging = config["averaging"]
     # Run name -> kind of run.
     wanted = {
@@ -602,13 +644,14 @@ def train_seed(config, dataset, labels, swa_start, seed, output_dir):
               "schedule ==", flush=True)
         start = time.time()
         if kind in ("swa", "swag"):
-            runs[name] = run_swa(config, dataset, swa_schedule, swa_start, seed,
-                                 with_swag=kind == "swag")
+            runs[name] = run_swa(config, dataset, swa_schedule(config, swa_start),
+                                 swa_start, seed, with_swag=kind == "swag")
         elif kind == "posthoc_ema":
             directory = os.path.join(output_dir, "ema_snapshots", f"seed_{seed}")
-            runs[name] = run_posthoc_ema(config, dataset, plain_schedule, seed, directory)
+            runs[name] = run_posthoc_ema(config, dataset, plain_schedule(config), seed,
+                                         directory)
         else:
-            runs[name] = run_plain(config, dataset, plain_schedule, seed,
+            runs[name] = run_plain(config, dataset, plain_schedule(config), seed,
                                    with_ema=kind == "sgd_ema")
         seconds[name] = time.time() - start
     probabilities = {k: v for run in runs.values() for k, v in run["probabilities"].items()}
@@ -1141,7 +1184,14 @@ def run(plan):
 
 
 def train(config):
-    """`run(prepare(config))`: checks, then trains; returns the metrics."""
+    """`run(prepare(config))`: checks, then trains; returns the metrics.
+
+    The tests' way in, not a documented interface (`main` calls `prepare`
+    and `run` itself). It checks the values as the binary does, but does
+    not refuse the settings a mode does not use (`check_mode_flags`,
+    `check_swag_samples`): those checks need to know which flags the user
+    gave, and a settings dict holds every key, whatever the mode.
+    """
     return run(prepare(config))
 
 
@@ -1149,7 +1199,9 @@ def main(argv):
     del argv  # checked by _cli.run
     config = {name: FLAGS[name].value for name in CONFIG_KEYS}
     try:
-        check_mode_flags(config["averaging"], [n for n in CONFIG_KEYS if FLAGS[n].present])
+        given = [n for n in CONFIG_KEYS if FLAGS[n].present]
+        check_mode_flags(config["averaging"], given)
+        check_swag_samples(config, given)
         plan = prepare(config)
     except ValueError as e:
         raise _cli.UsageError(str(e)) from None

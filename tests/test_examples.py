@@ -403,6 +403,103 @@ def test_benchmark_bad_flags_and_output_are_one_line(tmp_path):
         assert_one_line_error(result, *fragments)
 
 
+# A value for each flag of `train_lib.MODE_FLAGS`, none its default (a flag
+# of the table without one here is a KeyError of the tests).
+MODE_FLAG_VALUES = {
+    "swa_start": "1", "swa_lr": "0.02", "ema_decay": "0.99", "ema_warmup": "false",
+    "swag_rank": "5", "swag_samples": "5", "swag_scale": "0.3", "swag_bn_batches": "5",
+    "ema_sigma_rels": "0.05", "ema_sweep": "0.05", "ema_snapshots": "5",
+}
+
+
+def test_train_flags_of_another_mode_are_refused_not_ignored():
+    # Given on the command line to a mode that does not use it, a flag is
+    # refused in one line naming it, the mode and the modes that use it,
+    # even with its default value (the user asked for something). Every
+    # other case ends at `--epochs=0`: the mode check, which comes first,
+    # let it through. (`--epochs=0` in the refused cases too: should the
+    # check let one through, it fails at once instead of training.)
+    refused = [
+        (["--averaging=sgd", "--swa_lr=0.02"],
+         ["--swa_lr is used only with --averaging=compare, swa or swag, not --averaging=sgd:"]),
+        (["--averaging=ema", "--swa_start=1"],
+         ["--swa_start is used only with --averaging=compare, swa or swag, not --averaging=ema"]),
+        (["--averaging=posthoc_ema", "--swa_lr=0.01"], ["--swa_lr", "not --averaging=posthoc_ema"]),
+        (["--averaging=swa", "--ema_decay=0.99"],
+         ["--ema_decay is used only with --averaging=compare or ema, not --averaging=swa"]),
+        (["--averaging=swag", "--noema_warmup"], ["--ema_warmup", "not --averaging=swag"]),
+        (["--averaging=posthoc_ema", "--swag_scale=0.3"],
+         ["--swag_scale is used only with --averaging=compare or swag"]),
+        (["--ema_snapshots=5"],  # compare, the default mode
+         ["--ema_snapshots is used only with --averaging=posthoc_ema, not --averaging=compare"]),
+    ]
+    epochs = "--epochs must be an integer >= 1, got 0."
+    # The defaults of every mode, and every flag a mode uses, given.
+    accepted = [[f"--averaging={mode}"] for mode in train_lib.AVERAGING]
+    accepted += [
+        [f"--averaging={mode}"] + [f"--{flag}={MODE_FLAG_VALUES[flag]}"
+                                   for flag, modes in train_lib.MODE_FLAGS.items()
+                                   if mode in modes]
+        for mode in train_lib.AVERAGING
+    ]
+    cases = [(args + ["--epochs=0"], fragments) for args, fragments in refused]
+    cases += [(args + ["--epochs=0"], [epochs]) for args in accepted]
+    results = run_all([("examples.train", args, ROOT) for args, _ in cases])
+    for result, (_, fragments) in zip(results, cases):
+        assert_one_line_error(result, *fragments)
+
+
+def test_swag_samples_given_with_swag_scale_0_are_refused():
+    # --swag_scale=0 takes one sample, the SWA mean: a --swag_samples given
+    # with it (even its default) would be ignored, so it is refused; left
+    # out, the run goes on (here to the --epochs=0 error).
+    cases = [
+        (["--swag_samples=5", "--swag_scale=0"],
+         ["--swag_samples is not used with --swag_scale=0 (one sample: the SWA mean):"]),
+        (["--averaging=swag", "--swag_samples=30", "--swag_scale=0.0"],
+         ["--swag_samples", "--swag_scale=0"]),
+        (["--swag_scale=0"], ["--epochs must be an integer >= 1, got 0."]),
+        (["--averaging=swag", "--swag_samples=5", "--swag_scale=0.1"], ["--epochs"]),
+    ]
+    results = run_all([("examples.train", args + ["--epochs=0"], ROOT) for args, _ in cases])
+    for result, (_, fragments) in zip(results, cases):
+        assert_one_line_error(result, *fragments)
+
+
+def test_data_flags_the_data_does_not_need_are_refused(tmp_path):
+    # Digits ships with scikit-learn: a folder or a download asked for it is
+    # refused, not ignored. Nor is --download ignored where --data_dir holds
+    # the IDX files, which are read instead of anything tensorflow-datasets
+    # would fetch.
+    write_mnist(tmp_path)
+    assert data_lib.check("digits") == "digits"
+    for data_dir, download, flag in [(str(tmp_path), False, f"--data_dir={tmp_path}"),
+                                     (None, True, "--download")]:
+        with pytest.raises(data_lib.DataError, match="needs neither") as error:
+            data_lib.check("digits", data_dir, download)
+        assert flag in str(error.value)
+    with pytest.raises(data_lib.DataError,
+                       match=f"--download is not needed: --data_dir={tmp_path} holds"):
+        data_lib.check("mnist", str(tmp_path), download=True)
+    assert data_lib.check("mnist", str(tmp_path)) == "idx"
+    # The binary, in one line. Should a case get through, it trains one
+    # short epoch and fails the assertion.
+    short = ["--averaging=sgd", "--epochs=1", "--batch_size=512",
+             f"--output_dir={tmp_path / 'out'}"]
+    cases = [
+        ([f"--data_dir={tmp_path}"],
+         ["--dataset=digits ships with scikit-learn and needs neither --data_dir nor "
+          f"--download: drop --data_dir={tmp_path}, or name another --dataset."]),
+        (["--download"], ["--dataset=digits", "drop --download, or"]),
+        (["--dataset=mnist", f"--data_dir={tmp_path}", "--download"],
+         [f"--download is not needed: --data_dir={tmp_path} holds the four IDX files "
+          "of mnist"]),
+    ]
+    results = run_all([("examples.train", args + short, ROOT) for args, _ in cases])
+    for result, (_, fragments) in zip(results, cases):
+        assert_one_line_error(result, *fragments)
+
+
 def test_binaries_run_as_files_from_another_folder(tmp_path):
     # `python path/to/examples/train.py` finds its package from any folder
     # (`python -m examples.train` needs the checkout's root as the folder).
@@ -480,14 +577,14 @@ def test_learning_rate_schedules_follow_the_paper(tmp_path):
     swa = train_lib.paper_schedule(0.1, 60, 0.05 / 0.1)
     assert swa(54) == pytest.approx(0.05) and swa(80) == pytest.approx(0.05)
     cfg = config(tmp_path, schedule="paper", lr=0.1, epochs=100, swa_lr=0.05)
-    plain, swa = train_lib.schedules(cfg, swa_start=60)
+    plain, swa = train_lib.plain_schedule(cfg), train_lib.swa_schedule(cfg, swa_start=60)
     assert plain(95) == pytest.approx(0.001) and swa(54) == pytest.approx(0.05)
 
 
 def test_cosine_schedules_per_epoch_by_hand(tmp_path):
     # Plain: lr * (1 + cos(pi * e / E)) / 2 with lr=0.1, E=4.
     cfg = config(tmp_path, schedule="cosine", lr=0.1, epochs=4, swa_lr=0.02)
-    plain, swa = train_lib.schedules(cfg, swa_start=2)
+    plain, swa = train_lib.plain_schedule(cfg), train_lib.swa_schedule(cfg, swa_start=2)
     half_sqrt2 = math.sqrt(2) / 2
     expected_plain = [0.1, 0.05 * (1 + half_sqrt2), 0.05, 0.05 * (1 - half_sqrt2)]
     assert [plain(e) for e in range(4)] == pytest.approx(expected_plain)
@@ -495,7 +592,7 @@ def test_cosine_schedules_per_epoch_by_hand(tmp_path):
     # swa_start (0.1, 0.02 + 0.08 * (1 + cos(pi / 2)) / 2 = 0.06), then 0.02.
     assert [swa(e) for e in range(4)] == pytest.approx([0.1, 0.06, 0.02, 0.02])
     # SWA from epoch 0: the SWA rate throughout.
-    _, swa_now = train_lib.schedules(cfg, swa_start=0)
+    swa_now = train_lib.swa_schedule(cfg, swa_start=0)
     assert [swa_now(e) for e in range(4)] == pytest.approx([0.02] * 4)
 
 
@@ -614,6 +711,52 @@ def test_max_sigma_rel_of_the_flags_is_the_library_s():
     from keras_swa import averaging
 
     assert train_lib.MAX_SIGMA_REL == averaging.MAX_SIGMA_REL
+
+
+class ReadKeys(dict):
+    """A dict that records the keys read from it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.read = set()
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+
+def test_mode_flags_are_exactly_those_each_mode_reads(tmp_path, monkeypatch, capsys):
+    # Every mode trains (one epoch on 64 digits) from a plan whose settings
+    # lack the flags `MODE_FLAGS` says the mode does not use (reading one
+    # fails) and record the ones read: a flag that some modes read and
+    # others do not must be in the table, with exactly the modes that read
+    # it. `--swa_start` reaches the runs parsed, as `Plan.swa_start`: the
+    # plan of a mode that does not use it has none.
+    for flag, modes in train_lib.MODE_FLAGS.items():
+        assert flag in train_lib.CONFIG_KEYS and set(modes) < set(train_lib.AVERAGING), flag
+    digits = data_lib.read("digits")
+    tiny = data_lib.Arrays(digits.x_train[:64], digits.y_train[:64], digits.x_test[:32],
+                           digits.y_test[:32], digits.num_classes)
+    monkeypatch.setattr(data_lib, "read", lambda *args: tiny)
+    read = {}
+    for mode in train_lib.AVERAGING:
+        plan = train_lib.prepare(config(
+            tmp_path, averaging=mode, epochs=1, batch_size=32, swa_start="0",
+            swag_samples=1, swag_bn_batches=1, ema_sweep=[0.05], ema_snapshots=1,
+            output_dir=str(tmp_path / mode),
+        ))
+        unused = {f for f, modes in train_lib.MODE_FLAGS.items() if mode not in modes}
+        plan.config = ReadKeys({k: v for k, v in plan.config.items() if k not in unused})
+        if "swa_start" in unused:
+            plan.swa_start = None
+        train_lib.run(plan)
+        read[mode] = plan.config.read
+    capsys.readouterr()
+    some = set.union(*read.values()) - set.intersection(*read.values())
+    assert some <= set(train_lib.MODE_FLAGS), some - set(train_lib.MODE_FLAGS)
+    for flag, modes in train_lib.MODE_FLAGS.items():
+        if flag != "swa_start":
+            assert {m for m in read if flag in read[m]} == set(modes), flag
 
 
 # --- Calibration and the post-hoc EMA pieces ---------------------------------------
