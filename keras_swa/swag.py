@@ -12,6 +12,7 @@ from keras import ops
 from keras_swa import _validation
 from keras_swa import averaging
 from keras_swa import callbacks
+from keras_swa._backend import random as backend_random
 
 # The floor of the diagonal variance (as the reference code,
 # wjmaddox/swa_gaussian): `sq_mean - mean**2` can round below zero.
@@ -258,9 +259,8 @@ class SWAG(callbacks.StochasticWeightAveraging):
                 ops.subtract(second_moment.value, ops.square(mean)),
                 ops.cast(VARIANCE_FLOOR, mean.dtype),
             )
-            z1 = keras.random.normal(
-                ops.shape(mean), dtype=mean.dtype, seed=z1_seed
-            )
+            # Drawn like `mean` (shard by shard where it is sharded).
+            z1 = backend_random.normal_like(mean, z1_seed)
             noise = ops.multiply(ops.sqrt(variance), z1)
             if low_rank:
                 z = ops.cast(z2, mean.dtype)

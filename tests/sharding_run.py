@@ -17,7 +17,9 @@ variables sharded 4 ways over "model". `OUT.npz` gets, under the keys
 - `loaded_<i>` (wrappers): the averages of the model saved after `fit` and
   loaded back;
 - `sampled_<i>` (SWAG): the model's weights inside `sampled_weights(...,
-  bn_data=x)`, and `restored` after it;
+  bn_data=x)`, and `restored` after it; `noise_<i>` and
+  `noise_reference_<i>`: the noise SWAG draws for mean `i`, and an unsharded
+  `keras.random.normal` of the same seed;
 
 and, for the sharded run only, the shardings as found on the arrays
 (`variable.value.sharding`): `weight_spec_<i>` and `average_spec_<i>` (the
@@ -26,7 +28,8 @@ of PostHocEMA, SWAG's moments and deviations), `equivalent_<i>` (whether the
 average's sharding is equivalent to its weight's), `mapped_<i>` (whether a
 pattern of the layout map matches the average's path), `inside_spec_<i>`
 (the weights' inside `averaged_weights` or `sampled_weights`),
-`loaded_spec_<i>`, the per-device bytes of the weights and of the averages,
+`loaded_spec_<i>`, `noise_spec_<i>` and `noise_on_every_device_<i>` (SWAG's
+noise), the per-device bytes of the weights and of the averages,
 and `collectives` (the collective operations of the compiled train step, as
 in `plain/sharded/collectives` for an optimizer without averaging).
 """
@@ -43,6 +46,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import keras_swa  # noqa: E402
+from keras_swa._backend import random as backend_random  # noqa: E402
 
 BATCH_SIZE = 16
 EPOCHS = 3
@@ -232,6 +236,22 @@ def run(kind, inputs, layouts, directory):
         for i, weight in enumerate(model.get_weights()):
             result[f"assigned_{i}"] = weight
         if kind == "swag":
+            # SWAG's noise is drawn like each mean: shard by shard, the
+            # numbers of an unsharded draw.
+            for i, mean in enumerate(source._averages.averages):
+                noise = backend_random.normal_like(mean.value, seed=11)
+                result[f"noise_{i}"] = np.asarray(noise)
+                result[f"noise_reference_{i}"] = np.asarray(
+                    keras.random.normal(mean.shape, dtype=mean.dtype, seed=11)
+                )
+                if sharded:
+                    # A draw on one device has no spec: its class's name.
+                    result[f"noise_spec_{i}"] = str(
+                        getattr(noise.sharding, "spec", type(noise.sharding).__name__)
+                    )
+                    result[f"noise_on_every_device_{i}"] = (
+                        noise.sharding.device_set == mean.value.sharding.device_set
+                    )
             with keras_swa.sampled_weights(model, source, seed=3, bn_data=x):
                 for i, variable in enumerate(model.weights):
                     result[f"sampled_{i}"] = variable.numpy()

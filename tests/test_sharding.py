@@ -191,6 +191,23 @@ def test_swapped_weights_keep_their_sharding_and_come_back(results, kind):
         np.testing.assert_allclose(bn_weights[index], average, rtol=RTOL)
 
 
+def test_swag_draws_its_noise_shard_by_shard(results):
+    # Drawn whole on one device, the noise of a variable would take its
+    # full size there; drawn with the mean's sharding, each device draws
+    # its shard, and the numbers are those of an unsharded draw.
+    for run in ("single", "sharded"):
+        numbers = _run(results, "swag", run)
+        noises = _indexed(numbers, "noise")
+        references = _indexed(numbers, "noise_reference")
+        assert len(noises) == TRAINABLE
+        for noise, reference in zip(noises, references):
+            np.testing.assert_array_equal(noise, reference)
+    sharded = _run(results, "swag", "sharded")
+    weight_specs = [str(s) for s in _indexed(sharded, "weight_spec")]
+    assert [str(s) for s in _indexed(sharded, "noise_spec")] == weight_specs
+    assert all(_indexed(sharded, "noise_on_every_device"))
+
+
 @pytest.mark.parametrize("kind", WRAPPERS)
 def test_a_loaded_model_has_the_averages_sharded_again(results, kind):
     sharded = _run(results, kind, "sharded")

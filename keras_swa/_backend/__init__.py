@@ -5,7 +5,8 @@
   fused multi-tensor lerp on PyTorch);
 - `distribute`: `tf.distribute` scope checks and per-replica copies;
 - `compiled`: compiled passes over data (`tf.function`, `jax.jit`,
-  `torch.no_grad`) and dataset iteration.
+  `torch.no_grad`) and dataset iteration;
+- `random`: random draws laid out like a (sharded) array.
 
 Everything else in keras_swa is backend-agnostic `keras.ops`.
 """
