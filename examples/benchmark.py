@@ -12,13 +12,32 @@ Rows (a memory-heavy model of about 10M weights by default):
   update/*     one compiled optimizer update alone (fixed gradients):
                the bare inner optimizer, SWA on a step that takes no snapshot,
                SWA snapshotting every step, EMA every step, Keras' built-in
-               `use_ema=True`, and the floor: one compiled `a += (w - a) / n`
-               pass over all weights.
+               `use_ema=True`, and `update/floor`, the raw pass: one compiled
+               `a += (w - a) / n` over all weights.
+  copy/*       one compiled copy of a float32 buffer the size of the weights
+               into another, in place, timed interleaved with the update rows:
+               the copy bandwidth (bytes read + written per second).
   fit/*        one whole `model.fit` step with and without the SWA wrapper.
   bn/*         `update_bn` over N batches of a conv net, and one compiled
                training-mode forward pass over the same N batches; with
                --bn_replicas=R (TensorFlow), `update_bn` of the same model
                data-parallel over R replicas of a MirroredStrategy.
+
+Measures (of the minima; targets of DESIGN.md "## Measures"):
+  SWA non-snapshot update / bare update                  <= 1.05
+  fit step: SWA (no snapshot) / bare                     <= 1.01
+  fit step: SWA every 10 / bare                          <= 1.02
+  SWA snapshot extra / bandwidth floor                   <= 1.3
+      extra = update/swa_every_step - update/bare; the bandwidth floor is
+      3 x the bytes of the weights (read w, read and write the average)
+      over the copy bandwidth
+  SWA snapshot extra / raw pass                          <= 1.0
+      never above one raw pass `a += (w - a) / n` (update/floor)
+  EMA every step / Keras use_ema                         <= 1.0
+  update_bn / training-mode forward pass                 <= 1.2
+  extra memory of SWA / trainable weights                <= 1.0
+  update_bn: R replicas / one device (--bn_replicas)     no target
+A missed target is printed as NO.
 
 Usage:
   python -m examples.benchmark                 # full size, prints the table
@@ -75,6 +94,7 @@ def validate(values):
 
 
 NEVER = 10**9  # a start_averaging that is never reached
+COPY = "copy/weights_sized_buffer"  # the row of the copy bandwidth
 
 
 def build_model(width, depth, features):
@@ -86,13 +106,17 @@ def build_model(width, depth, features):
     return keras.Sequential(layers)
 
 
-def compiled(fn, variables):
+def compiled(fn, variables, keep_unused=False):
     """`fn()`, compiled as the backend allows (the backend-specific lines).
 
     `fn` updates Keras variables in place and returns one of them.
     TensorFlow: `tf.function` with XLA. JAX: `jax.jit` of a stateless `fn`,
     the values of `variables` (all that `fn` reads or writes) in, donated,
     and their new values out. PyTorch: eager, under `torch.no_grad()`.
+    `keep_unused` (JAX): keep a variable that `fn` only writes as an input
+    of the jitted function, so that its donated buffer takes the new value
+    in place (by default JAX drops an input that is not read, and the new
+    value goes to a fresh buffer each call).
     """
     import keras
 
@@ -125,7 +149,7 @@ def compiled(fn, variables):
     # As Keras' JAX trainer: the state is donated, so that a value passed
     # through unchanged (the averages on a step without a snapshot) reuses
     # its buffer instead of being copied out.
-    function = jax.jit(stateless, donate_argnums=0)
+    function = jax.jit(stateless, donate_argnums=0, keep_unused=keep_unused)
 
     def call():
         new_values, result = function([v.value for v in variables])
@@ -250,6 +274,41 @@ def update_variants(model):
         floor, averages + [counter] + model.trainable_variables
     )
     return variants, optimizers
+
+
+def copy_variant(n):
+    """A compiled copy of a float32 buffer of `n` elements into another, in
+    place: the copy bandwidth that the memory floor of a snapshot is
+    counted in. Returns the function and the bytes it moves (read + written).
+
+    The fastest copy each backend has, so that the floor is not set low by
+    a slow copy: under XLA (TensorFlow, JAX) `target = source * scale`, with
+    `scale` a variable holding 1.0 that XLA cannot fold away: XLA on CPU
+    compiles a plain copy to a `copy` op slower than a fused elementwise
+    loop (42 MB in one run on the 2-core machine of BUILD_NOTES.md: about
+    2.7 against 2.4 ms on TensorFlow, 5.8 against 1.9 ms on JAX). On PyTorch
+    (eager) a plain `assign`, one `copy_` (`source * scale` would be two
+    passes there). It returns a scalar counter, not the buffer: a returned
+    buffer would be one more output, written to a fresh allocation each call.
+    """
+    import keras
+    import numpy as np
+
+    source = keras.Variable(np.ones(n, "float32"), name="copy_source")
+    target = keras.Variable(np.zeros(n, "float32"), name="copy_target")
+    scale = keras.Variable(1.0, name="copy_scale")
+    calls = keras.Variable(0.0, name="copy_calls")
+    eager = keras.backend.backend() == "torch"
+
+    def copy():
+        calls.assign_add(1.0)
+        target.assign(source if eager else source * scale)
+        return calls
+
+    # keep_unused: `target` is only written; JAX then still takes its
+    # donated buffer for the new value, in place.
+    variables = [target, source, scale, calls]
+    return compiled(copy, variables, keep_unused=True), 2 * 4 * n
 
 
 def fit_variants(model_fn, batch_size, steps):
@@ -378,9 +437,18 @@ def main(argv):
     model_fn = lambda: build_model(width, depth, features)  # noqa: E731
     model = model_fn()
     n_weights = int(sum(np.prod(v.shape) for v in model.trainable_variables))
+    weight_bytes = int(
+        sum(np.prod(v.shape) * np.dtype(v.dtype).itemsize for v in model.trainable_variables)
+    )
 
     variants, optimizers = update_variants(model)
+    # The copy bandwidth, timed interleaved with the updates.
+    variants[COPY], copy_bytes = copy_variant(n_weights)
     updates, updates_median = time_interleaved(variants, FLAGS.rounds, FLAGS.steps)
+    copies = {COPY: updates.pop(COPY)}
+    copies_median = {COPY: updates_median.pop(COPY)}
+    bandwidth = copy_bytes / copies[COPY]  # bytes per second
+    bandwidth_floor = 3 * weight_bytes / bandwidth  # seconds
     # One `fit` call of `steps` steps per round; per step.
     fits, fits_median = time_interleaved(
         fit_variants(model_fn, FLAGS.batch_size, FLAGS.steps), FLAGS.rounds, 1
@@ -393,19 +461,23 @@ def main(argv):
         1,
     )
 
-    weight_bytes = sum(
-        np.prod(v.shape) * np.dtype(v.dtype).itemsize for v in model.trainable_variables
-    )
     swa = optimizers["swa_every_step"]
     own_bytes = sum(
         np.prod(v.shape) * np.dtype(v.dtype).itemsize
         for v in swa.variables[: len(swa.variables) - len(swa.inner_optimizer.variables)]
     )
+    # What a snapshot adds to an update.
+    snapshot_extra = updates["swa_every_step"] - updates["bare"]
     checks = [
         ("SWA non-snapshot update / bare update", updates["swa_no_snapshot"] / updates["bare"], 1.05),
-        ("fit step: SWA (no snapshot) / bare", fits["fit_swa_no_snapshot"] / fits["fit_bare"], 1.02),
+        ("fit step: SWA (no snapshot) / bare", fits["fit_swa_no_snapshot"] / fits["fit_bare"], 1.01),
         ("fit step: SWA every 10 / bare", fits["fit_swa_every_10"] / fits["fit_bare"], 1.02),
-        ("SWA snapshot extra / floor pass", (updates["swa_every_step"] - updates["bare"]) / updates["floor"], 1.5),
+        (
+            "SWA snapshot extra / bandwidth floor (3 x weight bytes / copy bandwidth)",
+            snapshot_extra / bandwidth_floor,
+            1.3,
+        ),
+        ("SWA snapshot extra / raw pass", snapshot_extra / updates["floor"], 1.0),
         ("EMA every step / Keras use_ema", updates["ema_every_step"] / updates["keras_use_ema"], 1.0),
         ("update_bn / training-mode forward pass", bn["update_bn"] / bn["forward_training_mode"], 1.2),
         ("extra memory of SWA / trainable weights", own_bytes / weight_bytes, 1.0 + 1e-4),
@@ -437,24 +509,33 @@ def main(argv):
     print(f"|{'-' * 40}|{'-' * 11}|{'-' * 13}|")
     rows = {
         **{f"update/{k}": v for k, v in updates.items()},
+        **copies,
         **fits,
         **{f"bn/{k} ({FLAGS.bn_batches} batches)": v for k, v in bn.items()},
     }
     medians = {
         **{f"update/{k}": v for k, v in updates_median.items()},
+        **copies_median,
         **fits_median,
         **{f"bn/{k} ({FLAGS.bn_batches} batches)": v for k, v in bn_median.items()},
     }
     for name, seconds in rows.items():
         print(f"| {name:<38} | {seconds * 1e3:9.3f} | {medians[name] * 1e3:11.3f} |")
-    print(f"\n| {'measure (of the minima)':<42} | {'ratio':>6} | {'target':>7} | ok |")
-    print(f"|{'-' * 44}|{'-' * 8}|{'-' * 9}|----|")
+    print(
+        f"\nCopy bandwidth: {bandwidth / 1e9:.2f} GB/s ({COPY}: a compiled copy of "
+        f"{copy_bytes / 2e6:.1f} MB of float32, counted as {copy_bytes / 1e6:.1f} MB "
+        f"read + written). Bandwidth floor of a snapshot: 3 x {weight_bytes / 1e6:.1f} MB "
+        f"of weights / copy bandwidth = {bandwidth_floor * 1e3:.3f} ms."
+    )
+    width = max(42, *(len(name) for name, _, _ in checks))
+    print(f"\n| {'measure (of the minima)':<{width}} | {'ratio':>6} | {'target':>7} | ok |")
+    print(f"|{'-' * (width + 2)}|{'-' * 8}|{'-' * 9}|----|")
     for name, ratio, target in checks:
         if target is None:
-            print(f"| {name:<42} | {ratio:6.3f} | {'-':>7} | -  |")
+            print(f"| {name:<{width}} | {ratio:6.3f} | {'-':>7} | -  |")
             continue
         ok = "yes" if ratio <= target else "NO"
-        print(f"| {name:<42} | {ratio:6.3f} | <= {target:4.2f} | {ok:<3}|")
+        print(f"| {name:<{width}} | {ratio:6.3f} | <= {target:4.2f} | {ok:<3}|")
 
     if FLAGS.output:
         with open(os.path.expanduser(FLAGS.output), "w") as f:
@@ -466,6 +547,10 @@ def main(argv):
                     "rounds": FLAGS.rounds,
                     "steps": FLAGS.steps,
                     "statistic": "minimum over interleaved rounds",
+                    "weight_bytes": weight_bytes,
+                    "copy_bytes": copy_bytes,
+                    "copy_bandwidth_gb_per_s": bandwidth / 1e9,
+                    "bandwidth_floor_seconds": bandwidth_floor,
                     "seconds": rows,
                     "median_seconds": medians,
                     "checks": [

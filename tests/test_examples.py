@@ -275,11 +275,43 @@ def test_benchmark_binary_writes_json(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "SWA non-snapshot update / bare update" in result.stdout
     assert "minimum over 1 interleaved rounds" in result.stdout
+    assert "Copy bandwidth: " in result.stdout
     report = json.loads(out.read_text())
     assert report["weights"] > 0 and len(report["checks"]) >= 6
     assert report["statistic"] == "minimum over interleaved rounds"
     assert set(report["median_seconds"]) == set(report["seconds"])
     assert all(seconds > 0 for seconds in report["seconds"].values())
+    # The copy bandwidth of the same run, and the floor DESIGN.md counts in it.
+    assert report["weight_bytes"] == 4 * report["weights"]  # float32
+    assert report["copy_bytes"] == 2 * report["weight_bytes"]  # read + written
+    assert report["seconds"]["copy/weights_sized_buffer"] > 0
+    assert report["copy_bandwidth_gb_per_s"] == pytest.approx(
+        report["copy_bytes"] / report["seconds"]["copy/weights_sized_buffer"] / 1e9
+    )
+    assert report["bandwidth_floor_seconds"] == pytest.approx(
+        3 * report["weight_bytes"] / (report["copy_bandwidth_gb_per_s"] * 1e9)
+    )
+    # The measures and targets of DESIGN.md "## Measures".
+    targets = {c["measure"]: c["target"] for c in report["checks"]}
+    assert targets["fit step: SWA (no snapshot) / bare"] == 1.01
+    assert targets["fit step: SWA every 10 / bare"] == 1.02
+    floor = "SWA snapshot extra / bandwidth floor (3 x weight bytes / copy bandwidth)"
+    assert targets[floor] == 1.3
+    assert targets["SWA snapshot extra / raw pass"] == 1.0
+    assert "SWA snapshot extra / floor pass" not in targets
+    for name in (floor, "SWA snapshot extra / raw pass"):
+        assert name in result.stdout
+    seconds = report["seconds"]
+    extra = seconds["update/swa_every_step"] - seconds["update/bare"]
+    ratios = {c["measure"]: c["ratio"] for c in report["checks"]}
+    assert ratios[floor] == pytest.approx(extra / report["bandwidth_floor_seconds"])
+    assert ratios["SWA snapshot extra / raw pass"] == pytest.approx(
+        extra / seconds["update/floor"]
+    )
+    # A target missed is reported as missed.
+    for check in report["checks"]:
+        if check["target"] is not None:
+            assert check["ok"] == (check["ratio"] <= check["target"])
 
 
 def test_benchmark_times_update_bn_on_replicas(tmp_path):
