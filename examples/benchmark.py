@@ -12,7 +12,7 @@ Rows (a memory-heavy model of about 10M weights by default):
   update/*     one compiled optimizer update alone (fixed gradients):
                the bare inner optimizer, SWA on a step that takes no snapshot,
                SWA snapshotting every step, EMA every step, Keras' built-in
-               `use_ema=True`, and `update/floor`, the raw pass: one compiled
+               `use_ema=True`, and `update/raw_pass`, the raw pass: one compiled
                `a += (w - a) / n` over all weights.
   copy/*       one compiled copy of a float32 buffer the size of the weights
                into another, in place, timed interleaved with the update rows:
@@ -32,7 +32,7 @@ Measures (of the minima; targets of DESIGN.md "## Measures"):
       3 x the bytes of the weights (read w, read and write the average)
       over the copy bandwidth
   SWA snapshot extra / raw pass                          <= 1.0
-      never above one raw pass `a += (w - a) / n` (update/floor)
+      never above one raw pass `a += (w - a) / n` (update/raw_pass)
   EMA every step / Keras use_ema                         <= 1.0
   update_bn / training-mode forward pass                 <= 1.2
   extra memory of SWA / trainable weights                <= 1.0
@@ -260,18 +260,18 @@ def update_variants(model):
     ]:
         variants[name], optimizers[name] = make(optimizer)
 
-    # The memory floor of a snapshot: one fused pass a += (w - a) / n.
+    # The raw pass a snapshot is held to: one fused pass a += (w - a) / n.
     averages = [keras.Variable(np.zeros(v.shape, "float32")) for v in model.trainable_variables]
     counter = keras.Variable(0.0)
 
-    def floor():
+    def raw_pass():
         counter.assign_add(1.0)
         for average, weight in zip(averages, model.trainable_variables):
             average.assign_add((weight - average) / counter)
         return counter
 
-    variants["floor"] = compiled(
-        floor, averages + [counter] + model.trainable_variables
+    variants["raw_pass"] = compiled(
+        raw_pass, averages + [counter] + model.trainable_variables
     )
     return variants, optimizers
 
@@ -477,7 +477,7 @@ def main(argv):
             snapshot_extra / bandwidth_floor,
             1.3,
         ),
-        ("SWA snapshot extra / raw pass", snapshot_extra / updates["floor"], 1.0),
+        ("SWA snapshot extra / raw pass", snapshot_extra / updates["raw_pass"], 1.0),
         ("EMA every step / Keras use_ema", updates["ema_every_step"] / updates["keras_use_ema"], 1.0),
         ("update_bn / training-mode forward pass", bn["update_bn"] / bn["forward_training_mode"], 1.2),
         ("extra memory of SWA / trainable weights", own_bytes / weight_bytes, 1.0 + 1e-4),

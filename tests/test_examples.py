@@ -306,7 +306,7 @@ def test_benchmark_binary_writes_json(tmp_path):
     ratios = {c["measure"]: c["ratio"] for c in report["checks"]}
     assert ratios[floor] == pytest.approx(extra / report["bandwidth_floor_seconds"])
     assert ratios["SWA snapshot extra / raw pass"] == pytest.approx(
-        extra / seconds["update/floor"]
+        extra / seconds["update/raw_pass"]
     )
     # A target missed is reported as missed.
     for check in report["checks"]:
