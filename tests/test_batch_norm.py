@@ -6,10 +6,16 @@ import weakref
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import keras_swa
 
+# TensorFlow is an extra: its forms (tf tensors, tf.data) are tested where it
+# is installed, on every backend; elsewhere the tests run without them.
+try:
+    import tensorflow as tf
+except ImportError:
+    tf = None
+needs_tf = pytest.mark.skipif(tf is None, reason="needs TensorFlow (tf.data)")
 # JAX and PyTorch come with the `backends` extra (`make test` installs it);
 # their tensors and DataLoader are tested where installed, on every backend.
 try:
@@ -377,8 +383,18 @@ def test_all_input_types_give_the_same_statistics():
         "x tuple": (x,),
         "x, y tuple": (x, y),
         "x, y, w tuple": (x, y, w),
-        "dataset": tf.data.Dataset.from_tensor_slices((x, y)).batch(32),
-        "dataset of x": tf.data.Dataset.from_tensor_slices(x).batch(32),
+        **(
+            {
+                "dataset": tf.data.Dataset.from_tensor_slices(
+                    (x, y)
+                ).batch(32),
+                "dataset of x": tf.data.Dataset.from_tensor_slices(
+                    x
+                ).batch(32),
+            }
+            if tf is not None
+            else {}
+        ),
         "PyDataset": _Batches(x, y),
     }
     results = {}
@@ -412,7 +428,8 @@ def test_several_inputs():
         [_moments(joined[:32]), _moments(joined[32:64]), _moments(joined[64:])],
         SIZES,
     )
-    for data in [(x,), tf.data.Dataset.from_tensor_slices(x).batch(32)]:
+    datasets = [tf.data.Dataset.from_tensor_slices(x).batch(32)] if tf else []
+    for data in [(x,)] + datasets:
         _garble([norm])
         keras_swa.update_bn(model, data, verbose=0)
         np.testing.assert_allclose(
@@ -432,8 +449,7 @@ def test_empty_data_raises_and_leaves_statistics():
     for data in [
         empty,
         (empty, empty),
-        tf.data.Dataset.from_tensor_slices(empty).batch(8),
-    ]:
+    ] + ([tf.data.Dataset.from_tensor_slices(empty).batch(8)] if tf else []):
         with pytest.raises(ValueError, match="no batch"):
             keras_swa.update_bn(model, data, verbose=0)
         _assert_same(before, _statistics(model))
@@ -633,12 +649,40 @@ def _generator(x, y, batch_size):
 
 def _foreign_tensors(x):
     """`x` as a tensor of each installed framework, whatever the backend."""
-    tensors = {"tf tensor": tf.constant(x)}
+    tensors = {}
+    if tf is not None:
+        tensors["tf tensor"] = tf.constant(x)
     if jnp is not None:
         tensors["jax array"] = jnp.asarray(x)
     if torch is not None:
         tensors["torch tensor"] = torch.from_numpy(x.copy())
     return tensors
+
+
+def _tf_data_forms(x, y):
+    if tf is None:
+        return {}
+    n = len(x)
+    return {
+        "tf.data": (
+            tf.data.Dataset.from_tensor_slices((x, y)).batch(20),
+            None,
+            None,
+            _split(n, 20),
+        ),
+        "tf.data of x": (
+            tf.data.Dataset.from_tensor_slices(x).batch(20),
+            None,
+            None,
+            _split(n, 20),
+        ),
+        "infinite tf.data with steps": (
+            tf.data.Dataset.from_tensor_slices(x).batch(20).repeat(),
+            None,
+            np.int64(3),
+            [20, 20, 20],
+        ),
+    }
 
 
 def _loader_forms(x, y):
@@ -672,24 +716,7 @@ def _accepted_forms(x, y, w):
         "(x, y)": ((x, y), 10, None, _split(n, 10)),
         "(x, y, sample_weight)": ((x, y, w), 10, None, _split(n, 10)),
         "(x, None, sample_weight)": ((x, None, w), 10, None, _split(n, 10)),
-        "tf.data": (
-            tf.data.Dataset.from_tensor_slices((x, y)).batch(20),
-            None,
-            None,
-            _split(n, 20),
-        ),
-        "tf.data of x": (
-            tf.data.Dataset.from_tensor_slices(x).batch(20),
-            None,
-            None,
-            _split(n, 20),
-        ),
-        "infinite tf.data with steps": (
-            tf.data.Dataset.from_tensor_slices(x).batch(20).repeat(),
-            None,
-            np.int64(3),
-            [20, 20, 20],
-        ),
+        **_tf_data_forms(x, y),
         "PyDataset": (_Batches(x, y, batch_size=16), None, None, _split(n, 16)),
         "generator": (_generator(x, y, 30), None, None, _split(n, 30)),
         "generator of x": (
@@ -757,11 +784,21 @@ def test_dict_and_list_inputs_match_numpy():
         "(dict, y)": (dict_model, ({"a": a, "b": b}, y), 7),
         "list": (list_model, [a, b], 7),
         "(list,)": (list_model, ([a, b],), 7),
-        "list of tf tensors": (list_model, [tf.constant(a), tf.constant(b)], 7),
-        "tf.data of dicts": (
-            dict_model,
-            tf.data.Dataset.from_tensor_slices(({"a": a, "b": b}, y)).batch(7),
-            None,
+        **(
+            {
+                "list of tf tensors": (
+                    list_model, [tf.constant(a), tf.constant(b)], 7
+                ),
+                "tf.data of dicts": (
+                    dict_model,
+                    tf.data.Dataset.from_tensor_slices(
+                        ({"a": a, "b": b}, y)
+                    ).batch(7),
+                    None,
+                ),
+            }
+            if tf is not None
+            else {}
         ),
         "generator of (list, y)": (
             list_model,
@@ -775,6 +812,7 @@ def test_dict_and_list_inputs_match_numpy():
         _assert_statistics(norm, joined, _split(70, 7), name)
 
 
+@needs_tf
 def test_infinite_dataset_without_steps_is_a_value_error():
     model, norm = _input_bn_model()
     _garble([norm])
@@ -822,8 +860,8 @@ def test_infinite_py_dataset_needs_steps():
 def test_batch_size_only_with_arrays():
     model, _ = _input_bn_model()
     x = np.ones((8, 4), "float32")
-    dataset = tf.data.Dataset.from_tensor_slices(x).batch(4)
-    for data in [dataset, _Batches(x, x), (b for b in [x])]:
+    datasets = [tf.data.Dataset.from_tensor_slices(x).batch(4)] if tf else []
+    for data in datasets + [_Batches(x, x), (b for b in [x])]:
         with pytest.raises(ValueError, match="`batch_size`"):
             keras_swa.update_bn(model, data, batch_size=4, verbose=0)
 
@@ -1034,9 +1072,14 @@ def test_recompute_names_the_callers_arguments():
     keras_swa.batch_norm.recompute(model, generator, verbose=0, **names)
     with pytest.raises(ValueError, match="`bn_data` yielded no batch"):
         keras_swa.batch_norm.recompute(model, generator, verbose=0, **names)
-    infinite = tf.data.Dataset.from_tensors(x).repeat()
-    with pytest.raises(ValueError, match="`bn_data` is an infinite.*`bn_steps`"):
-        keras_swa.batch_norm.recompute(model, infinite, **names)
+    # An infinite tf.data.Dataset (test_data checks these names with an
+    # infinite PyDataset, without TensorFlow too).
+    if tf is not None:
+        infinite = tf.data.Dataset.from_tensors(x).repeat()
+        with pytest.raises(
+            ValueError, match="`bn_data` is an infinite.*`bn_steps`"
+        ):
+            keras_swa.batch_norm.recompute(model, infinite, **names)
     with pytest.raises(TypeError, match="`bn_steps`.*Received: bn_steps=1.5"):
         keras_swa.batch_norm.recompute(model, x, steps=1.5, **names)
     with pytest.raises(ValueError, match="Each batch of `bn_data`"):

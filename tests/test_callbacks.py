@@ -1,3 +1,4 @@
+import importlib.util
 import math
 import os
 
@@ -9,6 +10,14 @@ import keras_swa
 from keras_swa.callbacks import BACKUP_FILENAME
 
 EPOCH_LR = 0.05
+
+# TensorFlow is an extra. The two tests that build a tf.data.Dataset import
+# it themselves (the others need not pay for its import), and skip where it
+# is not installed.
+needs_tf = pytest.mark.skipif(
+    importlib.util.find_spec("tensorflow") is None,
+    reason="needs TensorFlow (tf.data)",
+)
 
 
 def to_numpy(variable):
@@ -488,6 +497,7 @@ def test_validation_leaves_training_undisturbed():
         np.testing.assert_array_equal(to_numpy(a), to_numpy(b))
 
 
+@needs_tf
 def test_validation_data_as_a_dataset():
     import tensorflow as tf
 
@@ -634,6 +644,7 @@ def test_learning_rate_schedule_hands_over_to_swa_lr():
     assert model.optimizer._learning_rate is base
 
 
+@needs_tf
 def test_learning_rate_schedule_without_known_steps_is_refused():
     import tensorflow as tf
 

@@ -5,10 +5,15 @@ import re
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from keras_swa import _data
 
+# TensorFlow is an extra: its forms (tf tensors, tf.data) are tested where it
+# is installed, and skipped by name elsewhere.
+try:
+    import tensorflow as tf
+except ImportError:
+    tf = None
 # JAX and PyTorch come with the `backends` extra (`make test` installs it);
 # their forms are tested where they are installed, on every backend.
 try:
@@ -21,6 +26,9 @@ except ImportError:
     torch = None
 
 needs_torch = pytest.mark.skipif(torch is None, reason="needs PyTorch")
+needs_tf = pytest.mark.skipif(
+    tf is None, reason="needs TensorFlow (tf tensors, tf.data)"
+)
 
 X = np.arange(40, dtype="float32").reshape(10, 4)
 Y = np.zeros((10, 1), "float32")
@@ -58,17 +66,28 @@ ARRAY_FORMS = ("array", "tf tensor", "jax array", "torch tensor", "list",
                "dict", "(x,)", "(x, y)", "(x, y, w)", "(x, None, w)")
 
 
+# Stands for a form made of TensorFlow objects where TensorFlow is missing.
+NO_TF = object()
+
+
+def _with_tf(build):
+    return build() if tf is not None else NO_TF
+
+
 def _accepted():
+    """Every accepted form by name; without TensorFlow, its forms are NO_TF."""
     forms = {
         "array": X,
-        "tf tensor": tf.constant(X),
+        "tf tensor": _with_tf(lambda: tf.constant(X)),
         "list": [X, X[:, :2]],
-        "dict": {"a": X, "b": tf.constant(X)},
+        "dict": _with_tf(lambda: {"a": X, "b": tf.constant(X)}),
         "(x,)": (X,),
         "(x, y)": (X, Y),
         "(x, y, w)": (X, Y, Y[:, 0]),
         "(x, None, w)": (X, None, Y[:, 0]),
-        "tf.data": tf.data.Dataset.from_tensor_slices((X, Y)).batch(3),
+        "tf.data": _with_tf(
+            lambda: tf.data.Dataset.from_tensor_slices((X, Y)).batch(3)
+        ),
         "PyDataset": _Counted([(X, Y)]),
         "generator": (b for b in [X]),
         "iterator": iter([X]),
@@ -81,7 +100,19 @@ def _accepted():
     return forms
 
 
-@pytest.mark.parametrize("name", list(_accepted()))
+def _available():
+    """The accepted forms that can be built here."""
+    return {k: v for k, v in _accepted().items() if v is not NO_TF}
+
+
+# The TensorFlow forms stay cases, skipped without TensorFlow.
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(name, marks=needs_tf) if form is NO_TF else name
+        for name, form in _accepted().items()
+    ],
+)
 def test_accepted(name):
     _data.check_data(_accepted()[name], name="bn_data")
 
@@ -130,10 +161,12 @@ def test_empty_data_is_a_value_error():
     for data in [
         empty,
         (empty, empty[:, :1]),
-        tf.data.Dataset.from_tensor_slices(empty).batch(2),
+        _with_tf(lambda: tf.data.Dataset.from_tensor_slices(empty).batch(2)),
         _Counted([]),
     ] + ([torch.utils.data.DataLoader(torch.utils.data.TensorDataset(
             torch.from_numpy(empty)))] if torch else []):
+        if data is NO_TF:
+            continue
         with pytest.raises(ValueError, match="`bn_data` holds no batch"):
             _data.check_data(data, name="bn_data")
 
@@ -147,10 +180,14 @@ def test_different_lengths():
 
 def test_infinite_data_needs_steps():
     infinite = [
-        tf.data.Dataset.from_tensor_slices(X).batch(4).repeat(),
+        _with_tf(
+            lambda: tf.data.Dataset.from_tensor_slices(X).batch(4).repeat()
+        ),
         _Counted([X], num_batches=None),
     ]
     for data in infinite:
+        if data is NO_TF:
+            continue
         with pytest.raises(ValueError, match="infinite.*`bn_steps`"):
             _data.check_data(data, name="bn_data", steps_name="bn_steps")
         _data.check_data(data, name="bn_data", steps=np.int64(3))
@@ -175,9 +212,9 @@ def test_a_torch_dataset_is_not_a_data_loader():
 
 
 def test_batch_size_with_batched_data():
-    batched = [v for k, v in _accepted().items() if k not in ARRAY_FORMS]
-    assert len(batched) >= 4
-    for data in batched:
+    batched = {k: v for k, v in _available().items() if k not in ARRAY_FORMS}
+    assert {"PyDataset", "generator", "iterator"} <= set(batched)
+    for data in batched.values():
         with pytest.raises(ValueError, match="`bn_batch_size` applies"):
             _data.check_data(
                 data,
@@ -239,7 +276,7 @@ def test_arrays_are_batched_in_order():
 def test_batches_are_backend_tensors_in_floatx():
     forms = {
         "float64 array": X.astype("float64"),
-        "tf float64": tf.constant(X, tf.float64),
+        "tf float64": _with_tf(lambda: tf.constant(X, tf.float64)),
         "generator": (b for b in [X.astype("float64")]),
     }
     if torch is not None:
@@ -247,6 +284,8 @@ def test_batches_are_backend_tensors_in_floatx():
     if jnp is not None:
         forms["jax"] = jnp.asarray(X)
     for name, data in forms.items():
+        if data is NO_TF:
+            continue
         batches, _ = _data.input_batches(data)
         for batch in batches:
             assert keras.ops.is_tensor(batch), name
@@ -268,7 +307,11 @@ def test_only_x_of_each_batch():
     forms = {
         "PyDataset": (_Counted([(X[:6], Y[:6]), (X[6:],)]), [6, 4]),
         "tf.data": (
-            tf.data.Dataset.from_tensor_slices((X, Y, Y[:, 0])).batch(5),
+            _with_tf(
+                lambda: tf.data.Dataset.from_tensor_slices(
+                    (X, Y, Y[:, 0])
+                ).batch(5)
+            ),
             [5, 5],
         ),
         "generator": (([X[:7], X[:7]] for _ in range(1)), [7]),
@@ -284,6 +327,8 @@ def test_only_x_of_each_batch():
             **forms,
         }
     for name, (data, sizes) in forms.items():
+        if data is NO_TF:
+            continue
         batches, count = _data.input_batches(data)
         got = _numpy(batches)
         assert [len(keras.tree.flatten(b)[0]) for b in got] == sizes, name
@@ -319,6 +364,6 @@ def test_bad_batches_name_the_argument():
 def test_single_use():
     assert _data.is_single_use(b for b in [X])
     assert _data.is_single_use(iter([X]))
-    for name, data in _accepted().items():
+    for name, data in _available().items():
         if name not in ("generator", "iterator"):
             assert not _data.is_single_use(data), name
