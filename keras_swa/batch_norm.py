@@ -325,7 +325,8 @@ class _Pass:
                     for value in pair
                 ]
             self.updated = tuple(updated)
-            size = ops.cast(ops.shape(keras.tree.flatten(x)[0])[0], self.dtype)
+            size = ops.shape(keras.tree.flatten(x)[0])[0]
+            size = ops.cast(size, self.dtype)
             # Data-parallel, each replica holds a shard of the batch and the
             # moments of the whole batch (every layer is synchronized then).
             size = distribute.sum_over_replicas(size)
@@ -353,7 +354,9 @@ class _Pass:
         """
         sums = ops.zeros((self.size,), self.dtype)
         counts = [0] * len(self.layers)
-        settings = [(layer.momentum, layer.synchronized) for layer in self.layers]
+        settings = [
+            (layer.momentum, layer.synchronized) for layer in self.layers
+        ]
         progbar = keras.utils.Progbar(num_batches, verbose=verbose)
         try:
             # With momentum 0 a training-mode call writes the batch moments

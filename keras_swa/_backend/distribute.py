@@ -145,7 +145,8 @@ def replica_strategy(variables):
         return None
     import tensorflow as tf
 
-    if tf.distribute.has_strategy() and not tf.distribute.in_cross_replica_context():
+    in_replica_context = not tf.distribute.in_cross_replica_context()
+    if tf.distribute.has_strategy() and in_replica_context:
         return None  # inside `strategy.run`
     for variable in variables:
         value = variable_value(variable)
@@ -160,8 +161,8 @@ def replica_strategy(variables):
 def shard_batch(strategy, batch):
     """`batch` split along its first axis into one shard per replica.
 
-    The shards are as even as can be (the first ones one sample longer); a
-    batch smaller than the number of replicas leaves the last shards
+    The shards are as even as can be (the later ones one sample longer); a
+    batch smaller than the number of replicas leaves the first shards
     empty. Each worker of a multi-worker strategy splits the same global
     batch and takes the shards of its own replicas.
 
