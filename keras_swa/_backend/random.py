@@ -1,5 +1,7 @@
 """Random draws laid out like the arrays they perturb."""
 
+import functools
+
 import keras
 from keras import ops
 
@@ -21,18 +23,27 @@ def normal_like(value, seed):
     Returns:
         A tensor like `value`.
     """
-    shape, dtype = ops.shape(value), value.dtype
-
-    def draw():
-        return keras.random.normal(shape, dtype=dtype, seed=seed)
-
+    shape, dtype = tuple(ops.shape(value)), value.dtype
     sharding = getattr(value, "sharding", None)
     if (
         keras.backend.backend() == "jax"
         and sharding is not None
         and len(sharding.device_set) > 1
     ):
-        import jax
+        # The key Keras makes of an integer seed (`[seed, 0]`, uint32), as
+        # an argument: the compiled draw is kept for every seed, where a
+        # seed baked into the trace would compile it anew on each call
+        # (0.18 s a variable on 8 host devices).
+        key = ops.convert_to_tensor([seed, 0], dtype="uint32")
+        return _sharded_draw(shape, dtype, sharding)(key)
+    return keras.random.normal(shape, dtype=dtype, seed=seed)
 
-        return jax.jit(draw, out_shardings=sharding)()
-    return draw()
+
+@functools.lru_cache(maxsize=256)
+def _sharded_draw(shape, dtype, sharding):
+    import jax
+
+    def draw(key):
+        return keras.random.normal(shape, dtype=dtype, seed=key)
+
+    return jax.jit(draw, out_shardings=sharding)
