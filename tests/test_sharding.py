@@ -206,6 +206,7 @@ def test_swag_draws_its_noise_shard_by_shard(results):
     weight_specs = [str(s) for s in _indexed(sharded, "weight_spec")]
     assert [str(s) for s in _indexed(sharded, "noise_spec")] == weight_specs
     assert all(_indexed(sharded, "noise_on_every_device"))
+    assert int(sharded["noise_compilations_for_a_new_seed"]) == 0
 
 
 @pytest.mark.parametrize("kind", WRAPPERS)
