@@ -7,7 +7,10 @@ and a callback that monitors `val_swa_accuracy` before the callback that logs
 it never sees it. These are refused before training, with the order to use.
 """
 
+import contextlib
+import re
 import sys
+import warnings
 
 import keras
 
@@ -106,3 +109,71 @@ def check_source_comes_first(callback, source) -> None:
             "see the average of the epoch before. Put "
             f"{type(callback).__name__} after {type(source).__name__}."
         )
+
+
+def check_prefix_is_its_own(callback, prefix: str) -> None:
+    """Raises if a callback before `callback` logs under the same `prefix`:
+    the later one would overwrite the earlier one's metrics silently.
+
+    Raises:
+        ValueError: naming the prefix and how to tell them apart.
+    """
+    callbacks = fit_callbacks(callback)
+    if callbacks is None:
+        return
+    for other in callbacks[: _index(callbacks, callback)]:
+        if getattr(other, "_prefix", None) == prefix or (
+            prefix == "val_swa_"
+            and getattr(other, "log_name", None) in ("swa", "swag")
+            and getattr(other, "validation_data", None) is not None
+        ):
+            raise ValueError(
+                f"{type(other).__name__} and {type(callback).__name__} both "
+                f"log `{prefix}*`: the second would overwrite the first's "
+                "metrics. Give each its own `prefix=`."
+            )
+
+
+# Keras' EarlyStopping, ReduceLROnPlateau and ModelCheckpoint warn, each
+# epoch, when their monitor is not in the logs. Their messages' beginnings:
+_MISSING_METRIC = (
+    "Early stopping conditioned on metric `{}` which is not available",
+    "Learning rate reduction is conditioned on metric `{}` which is not "
+    "available",
+    "Can save best model only with {} available",
+)
+
+
+def quiet_missing_metrics(callback, prefix: str):
+    """Silences the "metric not available" warnings of the callbacks after
+    `callback` that monitor `<prefix>*`, until the returned object's
+    `close()` (call it when the metric is first logged, and at the end of
+    `fit`). Other warnings, and monitors of other metrics, are untouched.
+
+    Returns:
+        A `contextlib.ExitStack` whose `close()` removes the filters.
+    """
+    stack = contextlib.ExitStack()
+    callbacks = fit_callbacks(callback)
+    if callbacks is None:
+        return stack
+    for other in callbacks[_index(callbacks, callback) + 1:]:
+        monitor = getattr(other, "monitor", None)
+        if not (isinstance(monitor, str) and monitor.startswith(prefix)):
+            continue
+        for message in _MISSING_METRIC:
+            warnings.filterwarnings(
+                "ignore", message=re.escape(message.format(monitor))
+            )
+            entry = warnings.filters[0]
+            stack.callback(_remove_filter, entry)
+    return stack
+
+
+def _remove_filter(entry):
+    if entry in warnings.filters:
+        warnings.filters.remove(entry)
+        # The warnings module caches which filter matched where; the only
+        # way to reset that cache after removing a filter is this private
+        # function (what `warnings.catch_warnings` itself calls on exit).
+        warnings._filters_mutated()

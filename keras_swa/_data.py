@@ -290,6 +290,18 @@ def check_data(
             raise _no_batch(name, data)
 
 
+def is_infinite(data, name="data"):
+    """Whether `data` is a dataset without end: a `tf.data.Dataset` of
+    infinite cardinality (`repeat()`) or a `PyDataset` whose `num_batches`
+    is None. Reads no batch."""
+    if _is_tf_dataset(data):
+        tf = _module("tensorflow")
+        return int(data.cardinality()) == tf.data.INFINITE_CARDINALITY
+    if isinstance(data, keras.utils.PyDataset):
+        return _py_dataset_batches(data, name) is None
+    return False
+
+
 def is_single_use(data):
     """Whether `data` can be iterated only once: a generator or iterator.
 

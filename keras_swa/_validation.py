@@ -108,3 +108,20 @@ def model(name: str, value):
         )
     return value
 
+
+
+def average_source(name: str, value):
+    """Something that holds averaged weights: `n_averaged` and a callable
+    `assign_average_vars(var_list)` (every keras_swa averager)."""
+    if not hasattr(value, "n_averaged") or not callable(
+        getattr(value, "assign_average_vars", None)
+    ):
+        raise TypeError(
+            f"`{name}` must hold averaged weights: a keras_swa averaging "
+            "optimizer (`SWA`, `EMA`, `PowerEMA`, `PostHocEMA` or one of its "
+            "`profiles`; optionally inside a LossScaleOptimizer), a "
+            "`StochasticWeightAveraging` or `SWAG` callback, or any object "
+            "with `n_averaged` and `assign_average_vars(var_list)`. "
+            f"{_received(name, value)}"
+        )
+    return value

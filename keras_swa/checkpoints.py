@@ -21,6 +21,7 @@ nothing reaches the model before every file has been read and checked.
 
 import contextlib
 import dataclasses
+import math
 import numbers
 import os
 import shutil
@@ -34,6 +35,7 @@ import ml_dtypes
 import numpy as np
 
 from keras_swa import batch_norm
+from keras_swa import evaluation
 from keras_swa import weights as weights_lib
 
 # The top-level group of the optimizer's state in Keras' weights files. It is
@@ -602,6 +604,34 @@ def greedy_soup(
     >>> for step in chosen.steps:  # doctest: +SKIP
     ...     print(step.path, step.metric, step.soup_metric, step.added)
     """
+    paths = _check_soup_arguments(
+        model, paths, validation_data, metric, mode, bn_data, bn_steps,
+        bn_batch_size,
+    )
+    with tempfile.TemporaryDirectory(prefix="keras_swa_") as directory:
+        workspace = _Workspace(model, directory)
+        evaluate = _SoupEvaluator(
+            model, validation_data, metric, mode,
+            lambda: _recompute_soup_bn(
+                model, bn_data, bn_steps, bn_batch_size, verbose
+            ),
+        )
+        try:
+            soup = _greedy_search(workspace, paths, evaluate)
+            if bn_data is None and len(soup) > 1:
+                _warn_averaged_statistics(model, "greedy_soup")
+        except BaseException:
+            workspace.restore()
+            raise
+    return soup
+
+
+def _check_soup_arguments(
+    model, paths, validation_data, metric, mode, bn_data, bn_steps,
+    bn_batch_size,
+):
+    """Checks `greedy_soup`'s arguments before any file is read; returns the
+    checked paths."""
     paths = _check_paths(paths)
     if not isinstance(metric, str):
         raise TypeError(
@@ -617,77 +647,102 @@ def greedy_soup(
             "`validation_data` is required: the soup is chosen on it. "
             "Received: validation_data=None"
         )
+    # Evaluated once per file and once per candidate soup.
+    evaluation.check_validation_data(validation_data)
     weights_lib.check_bn_data(bn_data, bn_steps, bn_batch_size, reused=True)
     if not getattr(model, "compiled", False):
         raise ValueError(
             "`model` must be compiled with `metric` among its metrics: "
             "`greedy_soup` evaluates it. Received an uncompiled model."
         )
-    if isinstance(validation_data, tuple):
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(
-            validation_data
+    return paths
+
+
+def _recompute_soup_bn(model, bn_data, bn_steps, bn_batch_size, verbose):
+    if bn_data is not None:
+        weights_lib.recompute_bn(
+            model, bn_data, bn_steps, bn_batch_size, verbose
         )
-    else:
-        x, y, sample_weight = validation_data, None, None
 
-    with tempfile.TemporaryDirectory(prefix="keras_swa_") as directory:
-        workspace = _Workspace(model, directory)
-        higher_is_better = None
 
-        def evaluate():
-            nonlocal higher_is_better
-            if bn_data is not None:
-                weights_lib.recompute_bn(
-                    model, bn_data, bn_steps, bn_batch_size, verbose
-                )
-            logs = model.evaluate(
-                x, y, sample_weight=sample_weight, verbose=0, return_dict=True
+class _SoupEvaluator:
+    """`metric` of the model as it now holds weights (BN recomputed first),
+    and which way is better."""
+
+    def __init__(self, model, validation_data, metric, mode, recompute_bn):
+        self.model, self.metric, self.mode = model, metric, mode
+        self.recompute_bn = recompute_bn
+        if isinstance(validation_data, tuple):
+            self.data = keras.utils.unpack_x_y_sample_weight(validation_data)
+        else:
+            self.data = validation_data, None, None
+        self.sign = None
+
+    def __call__(self):
+        self.recompute_bn()
+        x, y, sample_weight = self.data
+        logs = self.model.evaluate(
+            x, y, sample_weight=sample_weight, verbose=0, return_dict=True
+        )
+        if self.metric not in logs:
+            raise ValueError(
+                f"`model.evaluate` reports no metric {self.metric!r}; it "
+                f"reports {sorted(logs)}. The model is unchanged."
             )
-            if metric not in logs:
-                raise ValueError(
-                    f"`model.evaluate` reports no metric {metric!r}; it "
-                    f"reports {sorted(logs)}. The model is unchanged."
-                )
-            if higher_is_better is None:
-                higher_is_better = _metric_direction(model, metric, mode)
-            return float(logs[metric])
+        if self.sign is None:
+            higher = _metric_direction(self.model, self.metric, self.mode)
+            self.sign = 1.0 if higher else -1.0
+        return float(logs[self.metric])
 
-        try:
-            empty = _Sum(workspace)
-            scores = []
-            for path in paths:
-                empty.load_mean_with(path)
-                scores.append(evaluate())
-            sign = 1.0 if higher_is_better else -1.0
-            # A stable sort: equal files keep the order of `paths`.
-            order = sorted(range(len(paths)), key=lambda i: -sign * scores[i])
 
-            soup = _Sum(workspace)
-            first = order[0]
-            soup.add(paths[first], 1.0)
-            best = scores[first]
-            steps = [SoupStep(paths[first], best, best, True)]
-            chosen = [paths[first]]
-            model_holds_soup = len(paths) == 1
-            for i in order[1:]:
-                soup.load_mean_with(paths[i])
-                value = evaluate()
-                added = sign * value >= sign * best
-                if added:
-                    soup.add(paths[i], 1.0)
-                    chosen.append(paths[i])
-                    best = value
-                steps.append(SoupStep(paths[i], scores[i], value, added))
-                model_holds_soup = added
-            if not model_holds_soup:
-                soup.load_mean()
-                if bn_data is not None:
-                    weights_lib.recompute_bn(
-                        model, bn_data, bn_steps, bn_batch_size, verbose
-                    )
-            if bn_data is None and len(chosen) > 1:
-                _warn_averaged_statistics(model, "greedy_soup")
-        except BaseException:
-            workspace.restore()
-            raise
-    return GreedySoup(chosen, metric, steps, best)
+def _greedy_search(workspace, paths, evaluate):
+    """Wortsman et al.'s Recipe 1 over `paths`; leaves the soup in the model
+    and returns the `GreedySoup`. Files and soups whose metric is not finite
+    (diverged weights) are never added."""
+    empty = _Sum(workspace)
+    scores = []
+    for path in paths:
+        empty.load_mean_with(path)
+        scores.append(evaluate())
+    finite = [i for i in range(len(paths)) if math.isfinite(scores[i])]
+    if not finite:
+        raise ValueError(
+            f"Every file of `paths` gives a non-finite {evaluate.metric!r} "
+            "(NaN or infinity: diverged weights), so there is no soup to "
+            "make. The model is unchanged."
+        )
+    skipped = [paths[i] for i in range(len(paths)) if i not in finite]
+    if skipped:
+        warnings.warn(
+            f"greedy_soup skips {len(skipped)} file(s) whose "
+            f"{evaluate.metric!r} is not finite (NaN or infinity: diverged "
+            f"weights): {skipped}.",
+            stacklevel=3,
+        )
+    # A stable sort: equal files keep the order of `paths`.
+    order = sorted(finite, key=lambda i: -evaluate.sign * scores[i])
+    soup = _Sum(workspace)
+    first = order[0]
+    soup.add(paths[first], 1.0)
+    best = scores[first]
+    steps = [SoupStep(paths[first], best, best, True)]
+    chosen = [paths[first]]
+    # The scores leave the last file alone in the model.
+    model_holds_soup = order == [len(paths) - 1]
+    for i in order[1:]:
+        soup.load_mean_with(paths[i])
+        value = evaluate()
+        # A NaN soup compares false: it is never added.
+        added = evaluate.sign * value >= evaluate.sign * best
+        if added:
+            soup.add(paths[i], 1.0)
+            chosen.append(paths[i])
+            best = value
+        steps.append(SoupStep(paths[i], scores[i], value, added))
+        model_holds_soup = added
+    steps += [SoupStep(path, scores[paths.index(path)], math.nan, False)
+              for path in skipped]
+    if not model_holds_soup:
+        soup.load_mean()
+        evaluate.recompute_bn()
+    return GreedySoup(chosen, evaluate.metric, steps, best)

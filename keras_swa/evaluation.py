@@ -13,6 +13,8 @@ import contextlib
 import keras
 
 from keras_swa import _callback_order
+from keras_swa import _data
+from keras_swa import _validation
 from keras_swa import weights
 
 
@@ -26,14 +28,37 @@ def _unpack_validation_data(data):
 
 
 def check_validation_data(validation_data) -> None:
-    """Raises a `ValueError` for a tuple that is not `(x, y[, sw])`."""
-    if isinstance(validation_data, (tuple, list)) and not (
-        1 <= len(validation_data) <= 3
-    ):
+    """Checks validation data that is evaluated again and again, before
+    training: reads no batch.
+
+    Raises:
+        ValueError: for a tuple that is not `(x, y[, sample_weight])`, a
+            generator or iterator (used up after the first evaluation), or a
+            dataset without end (an evaluation would never finish).
+    """
+    if isinstance(validation_data, (tuple, list)):
+        if not 1 <= len(validation_data) <= 3:
+            raise ValueError(
+                "`validation_data` given as a tuple must be `(x, y)` or "
+                "`(x, y, sample_weight)`. Received a tuple of length "
+                f"{len(validation_data)}"
+            )
+        return
+    if _data.is_single_use(validation_data):
         raise ValueError(
-            "`validation_data` given as a tuple must be `(x, y)` or "
-            "`(x, y, sample_weight)`. Received a tuple of length "
-            f"{len(validation_data)}"
+            "`validation_data` is evaluated after every epoch, but a "
+            "generator or iterator is used up after one pass. Pass data that "
+            "can be iterated again: arrays `(x, y)`, a `tf.data.Dataset`, a "
+            "`keras.utils.PyDataset` or a torch `DataLoader`. Received: "
+            f"validation_data={validation_data!r:.200}"
+        )
+    if _data.is_infinite(validation_data, "validation_data"):
+        raise ValueError(
+            "`validation_data` has no end (a `tf.data.Dataset` with "
+            "`repeat()`, or a `PyDataset` whose `num_batches` is None), so an "
+            "evaluation would never finish. Pass a finite dataset, such as "
+            "`dataset.take(steps)`. Received: "
+            f"validation_data={validation_data!r:.200}"
         )
 
 
@@ -70,9 +95,24 @@ def evaluate_average(
 def _resolve(model, source):
     if source is None:
         source = model.optimizer
+        if isinstance(source, keras.optimizers.LossScaleOptimizer):
+            source = source.inner_optimizer
+        return _validation.average_source(
+            "source (defaulting to model.optimizer)", source
+        )
     if isinstance(source, keras.optimizers.LossScaleOptimizer):
         source = source.inner_optimizer
     return source
+
+
+def _check_source(source):
+    """Checks a `source=` argument when the callback is created."""
+    if source is None:
+        return
+    inner = source
+    if isinstance(inner, keras.optimizers.LossScaleOptimizer):
+        inner = inner.inner_optimizer
+    _validation.average_source("source", inner)
 
 
 def _default_prefix(source) -> str:
@@ -150,6 +190,7 @@ class EvaluateAverage(keras.callbacks.Callback):
             raise TypeError(
                 f"`prefix` must be a string or None. Received: prefix={prefix!r}"
             )
+        _check_source(source)
         self.validation_data = validation_data
         self.source = source
         weights.check_bn_data(bn_data, bn_steps, bn_batch_size, reused=True)
@@ -164,11 +205,21 @@ class EvaluateAverage(keras.callbacks.Callback):
             _callback_order.check_source_comes_first(self, source)
         self._prefix = self.prefix or _default_prefix(source)
         _callback_order.check_metrics_come_first(self, self._prefix)
+        _callback_order.check_prefix_is_its_own(self, self._prefix)
+        # Monitors of the average have nothing to read before the first
+        # snapshot: no "metric not available" warning until then.
+        self._quiet = _callback_order.quiet_missing_metrics(
+            self, self._prefix
+        )
+
+    def on_train_end(self, logs=None):
+        self._quiet.close()
 
     def on_epoch_end(self, epoch, logs=None):
         source = _resolve(self.model, self.source)
         if logs is None or _n_averaged(source) == 0:
             return
+        self._quiet.close()
         logs.update(
             evaluate_average(
                 self.model,
@@ -226,6 +277,7 @@ class AverageModelCheckpoint(keras.callbacks.ModelCheckpoint):
         bn_batch_size: int | None = None,
         **kwargs,
     ):
+        _check_source(source)
         weights.check_bn_data(bn_data, bn_steps, bn_batch_size, reused=True)
         super().__init__(filepath, **kwargs)
         self.source = source

@@ -785,7 +785,11 @@ class PowerEMAProfile(engine.Averager):
     ...                          bn_data=x_train)  # doctest: +SKIP
     """
 
-    log_name = "ema"
+    @property
+    def log_name(self) -> str:
+        """`ema_<sigma_rel>`: each profile logs under its own name in
+        `keras_swa.EvaluateAverage` (`val_ema_0.05_loss`)."""
+        return f"ema_{self.sigma_rel:g}"
 
     def __init__(self, optimizer: PostHocEMA, index: int):
         self.optimizer = optimizer

@@ -306,32 +306,67 @@ def solve_coefficients(times, gammas, target_time, target_gamma):
     return coefficients / coefficients.sum()
 
 
+def _unreadable(path, error):
+    return ValueError(
+        f"{path!r} is not a readable snapshot of EMASnapshots "
+        f"({type(error).__name__}: {error}). Delete it or restore it."
+    )
+
+
+def _layer_numbers_removed(path):
+    # Keras numbers the automatic names of a second model of the same
+    # architecture (`dense_2/kernel` for `dense/kernel`): compare the
+    # variables without those numbers.
+    return "/".join(re.sub(r"_\d+$", "", part) for part in path.split("/"))
+
+
 class _Snapshot:
     """What one snapshot file holds, but its averages (read on demand)."""
 
     def __init__(self, step, path):
         self.step, self.path = step, path
+        # A damaged file fails in many ways (zipfile.BadZipFile, zlib.error,
+        # EOFError, OSError, a missing key, unpickling refused): all of them
+        # name the file.
         try:
             with np.load(path) as data:
                 self.n_averaged = int(data["n_averaged"])
                 self.sigma_rels = [float(s) for s in data["sigma_rels"]]
                 self.gammas = [float(g) for g in data["gammas"]]
                 self.variables = [str(v) for v in data["variables"]]
-        except (OSError, KeyError, ValueError) as error:
+        except Exception as error:
+            raise _unreadable(path, error) from error
+
+    def check_variables(self, variables):
+        """Raises unless the snapshot averages `variables` (by path)."""
+        if len(self.variables) != len(variables):
             raise ValueError(
-                f"{path!r} is not a readable snapshot of EMASnapshots "
-                f"({type(error).__name__}: {error}). Delete it or restore it."
-            ) from error
+                f"The snapshot {self.path!r} does not match `model`: it "
+                f"holds averages of {len(self.variables)} trainable "
+                f"variables where the model has {len(variables)}."
+            )
+        for saved, variable in zip(self.variables, variables):
+            path = getattr(variable, "path", None) or variable.name
+            if _layer_numbers_removed(saved) != _layer_numbers_removed(path):
+                raise ValueError(
+                    f"The snapshot {self.path!r} does not match `model`: it "
+                    f"holds the average of {saved!r} where the model has the "
+                    f"variable {path!r}. Reconstruct into the model that was "
+                    "trained (or one of the same architecture)."
+                )
 
     def averages(self, profile):
         """The averages of profile `profile`, as {variable index: array}."""
         prefix = f"profile_{profile}_average_"
-        with np.load(self.path) as data:
-            return {
-                int(key[len(prefix):]): data[key]
-                for key in data.files
-                if key.startswith(prefix)
-            }
+        try:
+            with np.load(self.path) as data:
+                return {
+                    int(key[len(prefix):]): data[key]
+                    for key in data.files
+                    if key.startswith(prefix)
+                }
+        except Exception as error:
+            raise _unreadable(self.path, error) from error
 
 
 class _Reconstruction:
@@ -388,12 +423,7 @@ def _reconstruction(model, directory, sigma_rel, step):
     )
     values = {}
     for (snapshot, profile), coefficient in zip(inputs, coefficients):
-        if len(snapshot.variables) != len(variables):
-            raise ValueError(
-                f"The snapshot {snapshot.path!r} does not match `model`: it "
-                f"holds averages of {len(snapshot.variables)} trainable "
-                f"variables where the model has {len(variables)}."
-            )
+        snapshot.check_variables(variables)
         for index, array in snapshot.averages(profile).items():
             if tuple(array.shape) != tuple(variables[index].shape):
                 raise ValueError(

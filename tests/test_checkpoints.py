@@ -438,3 +438,58 @@ def test_greedy_soup_adds_an_ingredient_that_ties(tmp_path):
     assert list(chosen) == [best, copy]
     assert [step.added for step in chosen.steps] == [True, True, False]
     assert chosen.steps[1].soup_metric == chosen.steps[0].metric
+
+
+def test_greedy_soup_skips_non_finite_ingredients_with_a_warning(tmp_path):
+    # Issue 21.9: an ingredient whose metric is NaN could be chosen (NaN
+    # sorts anywhere), and the soup end NaN. Its weights are finite (files
+    # with NaN are refused when read), but so large that the loss overflows.
+    keras.utils.set_random_seed(0)
+    paths, kernels, x, y = _soup_case(tmp_path)
+    model = _linear_model()
+    nan_path = str(tmp_path / "diverged.weights.h5")
+    model.set_weights([np.full((5, 1), 3e38, "f4"), np.array([0.3], "f4")])
+    model.save_weights(nan_path)
+    good = paths[:-1]
+    for order in ([nan_path] + good, good + [nan_path]):
+        with pytest.warns(UserWarning, match="diverged.weights.h5"):
+            chosen = keras_swa.greedy_soup(model, order, (x, y),
+                                           metric="loss")
+        assert nan_path not in chosen
+        assert np.isfinite(chosen.soup_metric)
+        assert np.all(np.isfinite(model.layers[0].kernel.numpy()))
+        soup_kernel = np.mean([kernels[paths.index(p)] for p in chosen], 0)
+        np.testing.assert_allclose(model.layers[0].kernel.numpy(),
+                                   soup_kernel, rtol=1e-6)
+        skipped = [s for s in chosen.steps if s.path == nan_path]
+        assert len(skipped) == 1 and not skipped[0].added
+    before = _values(model)
+    with pytest.raises(ValueError, match="non-finite"):
+        keras_swa.greedy_soup(model, [nan_path], (x, y), metric="loss")
+    _assert_unchanged(model, before)
+
+
+def test_greedy_soup_refuses_single_use_validation_data(tmp_path):
+    # Issue 21.12: a generator was used up by the first evaluation.
+    paths, _, x, y = _soup_case(tmp_path)
+    model = _linear_model()
+    before = _values(model)
+    batches = ((x[i:i + 50], y[i:i + 50]) for i in range(0, 200, 50))
+    with pytest.raises(ValueError, match="validation_data"):
+        keras_swa.greedy_soup(model, paths, batches, metric="loss")
+    _assert_unchanged(model, before)
+
+
+def test_soups_print_nothing_under_verbose_0(tmp_path, capfd):
+    # Issue 24.7: no progress bar under verbose=0.
+    model = _model()
+    paths, _ = _checkpoints(tmp_path, model, [".weights.h5"] * 2)
+    x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
+    y = np.zeros((64,), "int32")
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
+    capfd.readouterr()
+    keras_swa.average_checkpoints(model, paths, bn_data=x, verbose=0)
+    keras_swa.greedy_soup(model, paths, (x, y), bn_data=x, verbose=0)
+    out, err = capfd.readouterr()
+    assert "step" not in out and "━" not in out, out

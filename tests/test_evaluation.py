@@ -223,3 +223,116 @@ def test_checkpoint_keeps_the_best_average(tmp_path):
     loaded.load_weights(path)
     for variable, value in zip(loaded.weights, best):
         np.testing.assert_allclose(variable.numpy(), value, rtol=1e-6)
+
+
+def test_two_profiles_of_one_post_hoc_ema_log_under_distinct_keys():
+    # Issue 21.10: both logged `val_ema_*`, the second overwrote the first.
+    validation = make_data(n=32, seed=1)
+    optimizer = keras_swa.PostHocEMA(
+        keras.optimizers.SGD(0.02), sigma_rels=(0.05, 0.2)
+    )
+    model = make_model(optimizer)
+    narrow, wide = optimizer.profiles
+    history = fit(model, [keras_swa.EvaluateAverage(validation, source=narrow),
+                          keras_swa.EvaluateAverage(validation, source=wide)],
+                  epochs=2)
+    logged = {}
+    for profile in (narrow, wide):
+        keys = [k for k in history.history
+                if k.startswith(f"val_ema_{profile.sigma_rel:g}_")]
+        assert keys, sorted(history.history)
+        with keras_swa.averaged_weights(model, source=profile):
+            logged[profile.sigma_rel] = model.evaluate(
+                *validation, verbose=0, return_dict=True)["loss"]
+        np.testing.assert_allclose(
+            history.history[f"val_ema_{profile.sigma_rel:g}_loss"][-1],
+            logged[profile.sigma_rel], rtol=1e-5)
+    assert logged[0.05] != logged[0.2]
+
+
+def test_two_evaluations_writing_the_same_keys_are_refused():
+    validation = make_data(n=32, seed=1)
+    model = make_model(ema_optimizer())
+    with pytest.raises(ValueError, match="val_ema_"):
+        fit(model, [keras_swa.EvaluateAverage(validation),
+                    keras_swa.EvaluateAverage(make_data(n=16, seed=2))])
+
+
+def _generator():
+    x, y = make_data(n=32, seed=1)
+    for start in range(0, 32, 8):
+        yield x[start:start + 8], y[start:start + 8]
+
+
+def test_single_use_or_infinite_validation_data_is_refused_before_training():
+    # Issue 21.12 and 21.13: a generator is used up after the first epoch
+    # (it crashed mid-training), an infinite dataset hung.
+    cases = [_generator(), _Endless()]
+    if keras.backend.backend() == "tensorflow" or _has_tensorflow():
+        import tensorflow as tf
+
+        cases.append(tf.data.Dataset.from_tensor_slices(make_data()).batch(8)
+                     .repeat())
+    for data in cases:
+        with pytest.raises(ValueError, match="validation_data"):
+            keras_swa.EvaluateAverage(data)
+        with pytest.raises(ValueError, match="validation_data"):
+            keras_swa.StochasticWeightAveraging(validation_data=data)
+
+
+def _has_tensorflow():
+    try:
+        import tensorflow  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class _Endless(keras.utils.PyDataset):
+    """A PyDataset with no end (`num_batches` None)."""
+
+    def __init__(self):
+        super().__init__()
+
+    @property
+    def num_batches(self):
+        return None
+
+    def __getitem__(self, index):
+        return make_data(n=8, seed=index)
+
+
+def test_a_source_that_holds_no_average_is_refused_before_training():
+    # Issue 21.14: it failed at the first epoch end.
+    with pytest.raises(TypeError, match="source"):
+        keras_swa.EvaluateAverage(make_data(), source=object())
+    model = make_model(keras.optimizers.SGD(0.02))  # No averager.
+    callback = keras_swa.EvaluateAverage(make_data(n=16))
+    with pytest.raises(TypeError, match="source"):
+        fit(model, [callback], epochs=1)
+    assert model.optimizer.iterations.numpy() == 0
+
+
+def test_early_stopping_on_the_average_does_not_warn_before_averaging():
+    # Issue 24.6: EarlyStopping warned "metric ... not available" in every
+    # epoch before averaging started.
+    import warnings
+
+    validation = make_data(n=32, seed=1)
+    model = make_model(keras.optimizers.SGD(0.02))
+    swa = keras_swa.StochasticWeightAveraging(start_epoch=2, verbose=0)
+    stop = keras.callbacks.EarlyStopping(
+        monitor="val_swa_loss", mode="min", patience=5
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        history = fit(model, [swa, keras_swa.EvaluateAverage(
+            validation, source=swa), stop], epochs=4)
+        missing = keras.callbacks.EarlyStopping(monitor="val_typo_loss",
+                                                mode="min")
+        fit(model, [missing], epochs=1)
+    messages = [str(w.message) for w in caught]
+    assert not [m for m in messages if "val_swa_loss" in m], messages
+    # The filter is scoped: a monitor nothing logs still warns.
+    assert [m for m in messages if "val_typo_loss" in m], messages
+    assert len(history.history["val_swa_loss"]) == 2

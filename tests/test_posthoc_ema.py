@@ -472,3 +472,51 @@ def test_solver_coefficients_against_a_discrete_least_squares():
     expected = np.linalg.lstsq(rows.T, target, rcond=None)[0]
     got = posthoc_ema.solve_coefficients(times, gammas, 2000, 10.0)
     np.testing.assert_allclose(got, expected / expected.sum(), atol=2e-2)
+
+
+def test_reconstruction_checks_the_variables_not_only_their_shapes(tmp_path):
+    # Issue 21.11: snapshots of another model with the same shapes loaded
+    # silently. A model of the same architecture (other auto-numbered layer
+    # names, as a second model in one process gets) still reconstructs.
+    directory = str(tmp_path / "ema")
+    model, _, _ = _snapshot_run(directory, epochs=2)
+    expected = _values(model.trainable_variables)
+    keras_swa.reconstruct_ema(model, directory, 0.1)
+    reconstructed = _values(model.trainable_variables)
+    twin = make_model(batch_norm=False)  # Layers dense_2, dense_3.
+    keras_swa.reconstruct_ema(twin, directory, 0.1)
+    assert_weights_close(_values(twin.trainable_variables), reconstructed,
+                         0, 0)
+    assert not np.array_equal(reconstructed[0], expected[0])
+
+    other = keras.Sequential([
+        keras.Input((5,)), keras.layers.Dense(8, name="encoder"),
+        keras.layers.Dense(1, name="head"),
+    ])
+    before = _values(other.trainable_variables)
+    with pytest.raises(ValueError, match=r"ema-\d+\.npz.*encoder/kernel"):
+        keras_swa.reconstruct_ema(other, directory, 0.1)
+    assert_weights_close(_values(other.trainable_variables), before, 0, 0)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "member"])
+def test_reconstruction_names_a_corrupt_snapshot_file(tmp_path, damage):
+    # Issue 21.15: a corrupt file gave a raw zip/OS traceback.
+    directory = str(tmp_path / "ema")
+    model, _, _ = _snapshot_run(directory, epochs=2)
+    files = sorted(os.listdir(directory))
+    path = os.path.join(directory, files[-1])
+    data = open(path, "rb").read()
+    if damage == "garbage":
+        data = b"not a snapshot at all" * 10
+    elif damage == "truncated":
+        data = data[: len(data) // 2]
+    else:  # The directory of the archive intact, a member's bytes broken.
+        start = data.index(b"profile_0_average_0") + 200
+        data = data[:start] + bytes(64) + data[start + 64:]
+    with open(path, "wb") as file:
+        file.write(data)
+    before = _values(model.variables)
+    with pytest.raises(ValueError, match=files[-1]):
+        keras_swa.reconstruct_ema(model, directory, 0.1)
+    assert_weights_close(_values(model.variables), before, 0, 0)
