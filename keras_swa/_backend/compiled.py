@@ -75,6 +75,17 @@ def compile_stateless_function(
     zeroed = list(zeroed)
     mapped = {id(variable) for variable in carried + zeroed}
     others = [v for v in variables if id(v) not in mapped]
+    stateless = _stateless(fn, carried, zeroed, others)
+    if keras.backend.backend() == "tensorflow":
+        return _tf_compile(stateless, carried, strategy)
+    return _jax_or_torch_compile(stateless, carried, others)
+
+
+def _stateless(fn, carried, zeroed, others):
+    """`fn` as a function of the variables' values: `(inputs,
+    carried_values, carry, other_values=None) -> (carried_values, carry)`.
+    The other variables are read from the model unless their values are
+    given (JAX: a jitted function takes them as arguments)."""
 
     def stateless(inputs, carried_values, carry, other_values=None):
         mapping = list(zip(carried, carried_values))
@@ -94,9 +105,13 @@ def compile_stateless_function(
             ]
         return carried_values, carry
 
+    return stateless
+
+
+def _jax_or_torch_compile(stateless, carried, others):
+    """`start()` for JAX (`jax.jit`, the variables' values as arguments) and
+    PyTorch (eager, without autograd)."""
     backend = keras.backend.backend()
-    if backend == "tensorflow":
-        return _tf_compile(stateless, carried, strategy)
     if backend == "jax":
         import jax
 
