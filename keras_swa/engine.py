@@ -20,6 +20,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_swa import averaging
 from keras_swa._backend import fold_in as fold_in_lib
 from keras_swa._backend import variable_value
 
@@ -167,6 +168,7 @@ class Averages:
         create_variable,
         excluded=(),
         name: str = "average",
+        rule=None,
     ):
         excluded = {id(variable) for variable in excluded}
         # Each average takes its variable's layout, so that it is sharded
@@ -185,6 +187,23 @@ class Averages:
             )
             for variable in self.variables
         ]
+        # The rule computes in float64 where an average is float64: a
+        # float32 weight such as 1/3 would leave it float32-accurate.
+        self.dtype = (
+            "float64"
+            if any(
+                average is not None and average.dtype == "float64"
+                for average in self.averages
+            )
+            else "float32"
+        )
+        self.rule = None if rule is None else averaging.as_rule(rule)
+        self.rule_state = {
+            state_name: create_variable(
+                (), self.dtype, f"{name}_{state_name}", None
+            )
+            for state_name in (() if self.rule is None else self.rule.state)
+        }
 
     @property
     def n_averaged(self) -> int:
@@ -200,7 +219,36 @@ class Averages:
             if average is not None
         ]
 
-    def fold_in(self, snapshot, average_weight, skip_non_finite=False):
+    def _fold(self, rule=None) -> fold_in_lib.Fold:
+        if rule is None:
+            if self.rule is None:
+                raise ValueError(
+                    "These averages have no rule: give one to `Averages` or "
+                    "to `fold_in`."
+                )
+            rule = self.rule
+        rule = averaging.as_rule(rule)
+        if rule.state and rule is not self.rule:
+            raise ValueError(
+                f"The rule {type(rule).__name__} keeps a state "
+                f"({', '.join(rule.state)}): give it to `Averages`, which "
+                "keeps the state beside the averages."
+            )
+        return fold_in_lib.Fold(
+            [average for average, _ in self._pairs()],
+            rule,
+            self.rule_state if rule is self.rule else {},
+            self.dtype,
+        )
+
+    def fold_in(
+        self,
+        snapshot,
+        rule=None,
+        skip_non_finite=False,
+        step=None,
+        learning_rate=None,
+    ):
         """Folds the variables' current values in where `snapshot` holds.
 
         Runs inside a compiled train step or eagerly; a step where `snapshot`
@@ -210,19 +258,25 @@ class Averages:
             snapshot: Boolean scalar tensor, a Python bool, or `True` when
                 every call is a snapshot (no branch: the compiler may fuse
                 the pass with the optimizer's update).
-            average_weight: Function `n_averaged -> t`, a float32 scalar
-                tensor: the weight of the snapshot.
+            rule: An `averaging.Rule`, or a function `n_averaged -> t` (a
+                float scalar tensor: the weight of the snapshot). Defaults
+                to `None`: the rule given to `Averages`.
             skip_non_finite: Whether a snapshot whose values are not all
                 finite is skipped (an extra read of the weights on snapshot
                 steps). Defaults to `False`.
+            step: Integer scalar tensor, the index of the update (or epoch)
+                the snapshot follows, for rules that read it. Defaults to
+                `None`.
+            learning_rate: Float scalar tensor, the learning rate of that
+                update, for rules that read it. Defaults to `None`.
         """
-        pairs = self._pairs()
         fold_in_lib.fold_in(
             snapshot,
-            [average for average, _ in pairs],
-            [variable for _, variable in pairs],
+            [self._fold(rule)],
+            [variable for _, variable in self._pairs()],
             self.counter,
-            average_weight,
+            step=step,
+            learning_rate=learning_rate,
             skip_non_finite=skip_non_finite,
         )
 
@@ -301,13 +355,16 @@ class Averages:
                 share one file. Defaults to `""`.
 
         Returns:
-            A dict: `"<prefix>n_averaged"` and `"<prefix>average_<i>"` for
-            each average (`i` its index in `variables`).
+            A dict: `"<prefix>n_averaged"`, `"<prefix>average_<i>"` for
+            each average (`i` its index in `variables`) and
+            `"<prefix>rule_<name>"` for each scalar of the rule's state.
         """
         state = {f"{prefix}n_averaged": np.int64(self.n_averaged)}
         for index, average in enumerate(self.averages):
             if average is not None:
                 state[f"{prefix}average_{index}"] = np.asarray(average.numpy())
+        for state_name, variable in self.rule_state.items():
+            state[f"{prefix}rule_{state_name}"] = np.asarray(variable.numpy())
         return state
 
     def set_state(self, state: dict, source: str, prefix: str = "") -> None:
@@ -349,6 +406,12 @@ class Averages:
                         f"has shape {wanted}"
                     )
                     break
+        missing = [
+            state_name for state_name in self.rule_state
+            if f"{prefix}rule_{state_name}" not in state
+        ]
+        if problem is None and missing:
+            problem = f"it lacks the state {missing} of the averaging rule"
         if problem is not None:
             raise ValueError(
                 f"The saved averages {source!r} do not match this model: "
@@ -356,11 +419,14 @@ class Averages:
             )
         for index in expected:
             self.averages[index].assign(state[f"{prefix}average_{index}"])
+        for state_name, variable in self.rule_state.items():
+            variable.assign(state[f"{prefix}rule_{state_name}"])
         self.counter.assign(int(state[f"{prefix}n_averaged"]))
 
 
 def fold_in_together(
-    average_sets, snapshot, average_weights, skip_non_finite=False
+    average_sets, snapshot, skip_non_finite=False, step=None,
+    learning_rate=None,
 ):
     """Folds the same snapshot into several `Averages` in one pass.
 
@@ -371,11 +437,12 @@ def fold_in_together(
 
     Args:
         average_sets: List of `Averages` of the same variables (the same
-            objects, in the same order, the same ones excluded) and the same
-            counter.
+            objects, in the same order, the same ones excluded), the same
+            counter, each with its rule.
         snapshot: As in `Averages.fold_in`.
-        average_weights: List of functions `n_averaged -> t`, one per set.
         skip_non_finite: As in `Averages.fold_in`. Defaults to `False`.
+        step: As in `Averages.fold_in`. Defaults to `None`.
+        learning_rate: As in `Averages.fold_in`. Defaults to `None`.
 
     Raises:
         ValueError: if the sets do not average the same variables with the
@@ -395,12 +462,12 @@ def fold_in_together(
                 "Averages folded in together must average the same "
                 "variables with the same counter."
             )
-    fold_in_lib.fold_in_sets(
+    fold_in_lib.fold_in(
         snapshot,
-        [[average for average, _ in averages._pairs()]
-         for averages in average_sets],
+        [averages._fold() for averages in average_sets],
         [variable for _, variable in first._pairs()],
         first.counter,
-        list(average_weights),
+        step=step,
+        learning_rate=learning_rate,
         skip_non_finite=skip_non_finite,
     )

@@ -172,6 +172,22 @@ class AveragedOptimizer(keras.optimizers.Optimizer, engine.Averager):
             "the weight of the next snapshot."
         )
 
+    def averaging_rule(self) -> averaging.Rule:
+        """The rule that weighs each snapshot: define it in a subclass whose
+        rule reads more than the count.
+
+        A `keras_swa.averaging.Rule` sees the snapshot count, the update's
+        step and learning rate, and the dtype in which to compute (float64
+        for float64 variables), and may carry running scalars of its own,
+        which are saved with the averages. Called once, when the optimizer
+        is built.
+
+        Returns:
+            A `keras_swa.averaging.Rule`. Defaults to `average_weight`, cast
+            to the averages' dtype.
+        """
+        return averaging.CountRule(self.average_weight)
+
     def build(self, var_list):
         if self.built:
             return
@@ -192,6 +208,7 @@ class AveragedOptimizer(keras.optimizers.Optimizer, engine.Averager):
                 for variable in var_list
                 if self._overwrite_variable_with_gradient(variable)
             ],
+            rule=self.averaging_rule(),
         )
         self.inner_optimizer.build(var_list)
         super().build(var_list)
@@ -251,9 +268,7 @@ class AveragedOptimizer(keras.optimizers.Optimizer, engine.Averager):
         )
 
     def _fold_in(self, snapshot):
-        self._averages.fold_in(
-            snapshot, self.average_weight, self.skip_non_finite
-        )
+        self._averages.fold_in(snapshot, skip_non_finite=self.skip_non_finite)
 
     def _schedule(self):
         updates = int(self.inner_optimizer.iterations.numpy())
@@ -416,6 +431,9 @@ class SWA(AveragedOptimizer):
     def average_weight(self, n_averaged):
         return averaging.swa_weight(n_averaged)
 
+    def averaging_rule(self):
+        return averaging.Uniform()
+
 
 @keras.saving.register_keras_serializable(package="keras_swa")
 class EMA(AveragedOptimizer):
@@ -478,6 +496,9 @@ class EMA(AveragedOptimizer):
 
     def average_weight(self, n_averaged):
         return averaging.ema_weight(n_averaged, self.decay, self.warmup)
+
+    def averaging_rule(self):
+        return averaging.Exponential(self.decay, self.warmup)
 
     def get_config(self):
         config = super().get_config()
@@ -610,6 +631,9 @@ class PowerEMA(AveragedOptimizer):
     def average_weight(self, n_averaged):
         return averaging.power_ema_weight(n_averaged, self._gamma)
 
+    def averaging_rule(self):
+        return averaging.PowerFunction(self._gamma)
+
     def _power_profiles(self):
         return [(self._sigma_rel, self._gamma, self._averages)]
 
@@ -617,10 +641,6 @@ class PowerEMA(AveragedOptimizer):
         config = super().get_config()
         config.update(self._given)
         return config
-
-
-def _power_ema_weight(gamma):
-    return lambda n_averaged: averaging.power_ema_weight(n_averaged, gamma)
 
 
 @keras.saving.register_keras_serializable(package="keras_swa")
@@ -714,6 +734,9 @@ class PostHocEMA(AveragedOptimizer):
         """The weight of the next snapshot in the first profile."""
         return averaging.power_ema_weight(n_averaged, self.gammas[0])
 
+    def averaging_rule(self):
+        return averaging.PowerFunction(self.gammas[0])
+
     def build(self, var_list):
         if self.built:
             return
@@ -736,16 +759,14 @@ class PostHocEMA(AveragedOptimizer):
                 ),
                 excluded=excluded,
                 name=f"average_{index}",
+                rule=averaging.PowerFunction(self.gammas[index]),
             )
             for index in range(1, len(self.sigma_rels))
         ]
 
     def _fold_in(self, snapshot):
         engine.fold_in_together(
-            self._profile_averages,
-            snapshot,
-            [_power_ema_weight(gamma) for gamma in self.gammas],
-            self.skip_non_finite,
+            self._profile_averages, snapshot, self.skip_non_finite
         )
 
     @property

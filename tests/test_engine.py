@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import keras_swa
+from tests.test_averaging import float64_enabled
 from tests.test_optimizers import assert_weights_close
 from tests.test_optimizers import custom_train_step
 from tests.test_optimizers import ema_reference
@@ -474,3 +475,52 @@ def test_bn_batch_size_reaches_the_batch_norm_pass():
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     # Batches of 7 and 32 give other (biased, per-batch) variances.
     assert not all(np.allclose(a, b) for a, b in zip(by_seven, by_default))
+
+
+# ---------------------------------------------------------------------------
+# float64 variables: float64-accurate averages (the rule's weight in float64)
+
+
+def _float64_rule_reference(kind, snapshots):
+    """The float64 NumPy average of `snapshots` under the rule of `kind`."""
+    if kind == "swa":
+        return np.mean(snapshots, axis=0)
+    gamma = keras_swa.averaging.sigma_rel_to_gamma(0.1)
+    average = snapshots[0]
+    for k, snapshot in enumerate(snapshots[1:], start=2):
+        if kind == "ema":
+            t = 1.0 - 0.9
+        else:
+            t = -np.expm1((gamma + 1.0) * np.log1p(-1.0 / k))
+        average = average + t * (snapshot - average)
+    return average
+
+
+@pytest.mark.parametrize("kind", ["swa", "ema", "power_ema"])
+def test_float64_variables_get_float64_accurate_averages(kind):
+    # Weights such as 1/3 and 0.1 are not exact in float32: a rule weight
+    # computed in float32 is off by about 1e-8 relative, which hundreds of
+    # snapshots carry into the average (float32-accurate, 1e-9 and worse).
+    rng = np.random.default_rng(12)
+    snapshots = 1.0 + rng.normal(size=(300, 4)) / 3.0
+    inner = keras.optimizers.SGD(1.0)
+    if kind == "swa":
+        optimizer = keras_swa.SWA(inner, average_period=1)
+    elif kind == "ema":
+        optimizer = keras_swa.EMA(inner, decay=0.9)
+    else:
+        optimizer = keras_swa.PowerEMA(inner, sigma_rel=0.1)
+    with float64_enabled():
+        variable = keras.Variable(np.zeros(4), dtype="float64")
+        optimizer.build([variable])
+        recorded = []
+        for snapshot in snapshots:
+            # SGD(1.0): w - (w - s) is s, to the rounding of w.
+            gradient = np.asarray(variable.numpy()) - snapshot
+            optimizer.apply([keras.ops.convert_to_tensor(gradient)], [variable])
+            recorded.append(np.asarray(variable.numpy()))
+        average = optimizer.average_variables[0]
+        assert average.dtype == "float64"
+        got = np.asarray(average.numpy())
+    expected = _float64_rule_reference(kind, np.asarray(recorded))
+    np.testing.assert_allclose(got, expected, rtol=1e-13, atol=0)
