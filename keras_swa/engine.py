@@ -22,6 +22,7 @@ from keras import ops
 
 from keras_swa import averaging
 from keras_swa._backend import fold_in as fold_in_lib
+from keras_swa._backend import numpy_value
 from keras_swa._backend import variable_value
 
 _NARROW_FLOATS = ("float16", "bfloat16")
@@ -51,6 +52,21 @@ def variable_name(variable) -> str:
     custom loop has a name but no path)."""
     name = getattr(variable, "path", None) or variable.name
     return str(name).replace("/", "_").replace(":", "_")
+
+
+def python_int(value) -> int:
+    """A scalar integer variable or tensor as a Python int, eagerly.
+
+    Tensors too, such as an optimizer's `iterations` under gradient
+    accumulation (computed from a variable; a JAX array has no `.numpy()`).
+
+    Args:
+        value: A scalar integer `keras.Variable` or tensor.
+
+    Returns:
+        A Python int.
+    """
+    return int(numpy_value(value))
 
 
 def all_finite(variables) -> bool:
@@ -208,9 +224,7 @@ class Averages:
     @property
     def n_averaged(self) -> int:
         """The number of snapshots folded in, as a Python int."""
-        # `Variable.numpy()`: `ops.convert_to_numpy` of a TensorFlow variable
-        # warns under NumPy 2.
-        return int(np.asarray(self.counter.numpy()))
+        return python_int(self.counter)
 
     def _pairs(self):
         return [
@@ -362,9 +376,9 @@ class Averages:
         state = {f"{prefix}n_averaged": np.int64(self.n_averaged)}
         for index, average in enumerate(self.averages):
             if average is not None:
-                state[f"{prefix}average_{index}"] = np.asarray(average.numpy())
+                state[f"{prefix}average_{index}"] = numpy_value(average)
         for state_name, variable in self.rule_state.items():
-            state[f"{prefix}rule_{state_name}"] = np.asarray(variable.numpy())
+            state[f"{prefix}rule_{state_name}"] = numpy_value(variable)
         return state
 
     def set_state(self, state: dict, source: str, prefix: str = "") -> None:

@@ -258,7 +258,7 @@ class AveragedOptimizer(keras.optimizers.Optimizer, engine.Averager):
         self._fold_in(snapshot)
 
     def _iterations_in_python(self):
-        return int(ops.convert_to_numpy(self.inner_optimizer.iterations))
+        return engine.python_int(self.inner_optimizer.iterations)
 
     def _snapshots_every_update(self):
         return (
@@ -271,7 +271,7 @@ class AveragedOptimizer(keras.optimizers.Optimizer, engine.Averager):
         self._averages.fold_in(snapshot, skip_non_finite=self.skip_non_finite)
 
     def _schedule(self):
-        updates = int(self.inner_optimizer.iterations.numpy())
+        updates = self._iterations_in_python()
         return (
             f"{type(self).__name__} averages from update {self.start_averaging}"
             f" (start_averaging) every {self.average_period} update(s) "

@@ -161,6 +161,24 @@ def test_gradient_accumulation_micro_steps_are_not_snapshots():
     assert_weights_close(opt.average_variables, expected)
 
 
+def test_gradient_accumulation_with_nothing_averaged_says_the_updates():
+    # The wrapper's messages read `iterations`, a computed tensor under
+    # gradient accumulation (a JAX array has no `.numpy()`).
+    keras.utils.set_random_seed(3)
+    x, y = make_data()
+    model = make_model()
+    inner = keras.optimizers.SGD(0.05, gradient_accumulation_steps=2)
+    opt = keras_swa.SWA(inner, start_averaging=100, average_period=2)
+    model.compile(optimizer=opt, loss="mse")
+    # 12 batches are 6 real updates.
+    with pytest.warns(UserWarning, match=r"6 update\(s\) have run"):
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    with pytest.raises(ValueError, match=r"6 update\(s\) have run"):
+        keras_swa.assign_average(model)
+    with pytest.raises(ValueError, match=r"6 update\(s\) have run"):
+        opt.assign_average_vars(model.trainable_variables)
+
+
 def test_no_average_is_touched_before_start_averaging():
     keras.utils.set_random_seed(4)
     x, y = make_data()
