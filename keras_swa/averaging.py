@@ -303,6 +303,48 @@ class PowerFunction(Rule):
         return power_ema_weight(snapshot.count, self.gamma, snapshot.dtype)
 
 
+class LearningRateWeighted(Rule):
+    """Schedule-free's weighting (Defazio et al. 2024): snapshot `t` weighs
+    `lr_max**p`, with `lr_max` the largest learning rate so far.
+
+    `c = lr_max**p / (S + lr_max**p)`, then `S <- S + lr_max**p`: the
+    average is the mean of the snapshots weighted by `lr_max**p` at each.
+    The first snapshot (or any while every weight so far is 0, as in a
+    warmup from 0) is copied.
+
+    Args:
+        power: Python float `p`, the `weight_lr_power`. Defaults to `2.0`.
+    """
+
+    state = ("lr_max", "total")
+    uses_learning_rate = True
+
+    def __init__(self, power: float = 2.0):
+        self.power = power
+
+    def _lr_max(self, snapshot):
+        return ops.maximum(snapshot.state["lr_max"], snapshot.learning_rate)
+
+    def weight(self, snapshot):
+        weight = ops.power(self._lr_max(snapshot), self.power)
+        total = ops.add(snapshot.state["total"], weight)
+        one = ops.convert_to_tensor(1.0, snapshot.dtype)
+        return ops.where(
+            ops.greater(total, 0.0),
+            ops.divide(weight, ops.maximum(total, 1e-30)),
+            one,
+        )
+
+    def next_state(self, snapshot):
+        lr_max = self._lr_max(snapshot)
+        return {
+            "lr_max": lr_max,
+            "total": ops.add(
+                snapshot.state["total"], ops.power(lr_max, self.power)
+            ),
+        }
+
+
 class CountRule(Rule):
     """A rule from a function of the count alone, such as
     `AveragedOptimizer.average_weight`: `t = function(n_averaged)`, cast to

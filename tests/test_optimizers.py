@@ -397,6 +397,43 @@ def test_save_and_load_model_keeps_averages_counter_and_config(tmp_path):
     )
 
 
+def _as_saved_before_the_split(path, new_path):
+    """`path` rewritten as keras_swa wrote it before `optimizers` became a
+    package of modules (and before `window` and `offload`): the wrapper's
+    module `keras_swa.optimizers`, neither argument in its config."""
+    import json
+    import zipfile
+
+    with zipfile.ZipFile(path) as source, zipfile.ZipFile(new_path, "w") as out:
+        for item in source.infolist():
+            data = source.read(item.filename)
+            if item.filename == "config.json":
+                config = json.loads(data)
+                optimizer = config["compile_config"]["optimizer"]
+                assert optimizer["module"].startswith("keras_swa.optimizers.")
+                optimizer["module"] = "keras_swa.optimizers"
+                for key in ("window", "offload"):
+                    del optimizer["config"][key]
+                data = json.dumps(config).encode()
+            out.writestr(item, data)
+
+
+def test_a_model_saved_before_the_split_still_loads(tmp_path):
+    model, opt, _ = trained_swa_model()
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    old = str(tmp_path / "old.keras")
+    _as_saved_before_the_split(path, old)
+    loaded = keras.models.load_model(old).optimizer
+    assert isinstance(loaded, keras_swa.SWA)
+    assert (loaded.window, loaded.offload) == (None, False)
+    assert int(loaded.n_averaged.numpy()) == int(opt.n_averaged.numpy()) > 0
+    assert_weights_close(
+        loaded.average_variables, [a.numpy() for a in opt.average_variables],
+        0, 0,
+    )
+
+
 def test_save_weights_and_load_weights_keep_averages(tmp_path):
     model, opt, _ = trained_swa_model()
     path = str(tmp_path / "w.weights.h5")

@@ -2,6 +2,7 @@
 compiled train step."""
 
 from typing import NamedTuple
+from typing import Optional
 
 import keras
 from keras import ops
@@ -11,21 +12,36 @@ from keras_swa._backend import variable_value as _value
 
 
 class Fold(NamedTuple):
-    """One set of averages of the weights and the rule that folds into it.
+    """One set of averages of the weights and how a snapshot goes in.
 
     Attributes:
         averages: List of `keras.Variable`s, one per weight, in order.
-        rule: The `averaging.Rule`.
+        rule: The `averaging.Rule` (unused with a window).
         state: Dict of the rule's state variables (scalars of `dtype`), by
             the names of `rule.state`.
         dtype: String, the dtype in which the rule computes: float64 where
             an average is float64, else float32.
+        window: Integer `k`, or `None`: the average is the mean of the last
+            `k` snapshots, of which `rings` holds the `k - 1` before the
+            newest.
+        rings: With a window, one variable of shape `(k - 1,) + shape` per
+            weight (`None` where `k == 1`).
+        offload: Whether the averages live in host memory, where each
+            snapshot is folded in.
     """
 
     averages: list
     rule: averaging.Rule
     state: dict
     dtype: str
+    window: Optional[int] = None
+    rings: Optional[list] = None
+    offload: bool = False
+
+    def targets(self):
+        """Every variable a snapshot writes, in the order of `_values`."""
+        rings = [ring for ring in self.rings or () if ring is not None]
+        return self.averages + rings + list(self.state.values())
 
 
 def _all_finite(weights):
@@ -59,6 +75,56 @@ def _rule_values(fold, count, step, learning_rate):
     }
 
 
+def window_mean(ring, weight, count, window: int):
+    """The mean of the last `min(count + 1, window)` snapshots: the
+    `window - 1` held in `ring` (zeros where none was taken yet) and
+    `weight`, summed afresh at every snapshot, so that no rounding carries
+    over from one snapshot to the next.
+
+    Args:
+        ring: Tensor of shape `(window - 1,) + weight.shape`, or `None`
+            where `window == 1`.
+        weight: Tensor, the new snapshot, in the mean's dtype.
+        count: Integer scalar tensor, the snapshots before this one.
+        window: Python int `k`.
+
+    Returns:
+        The mean, in the dtype of `weight`.
+    """
+    if ring is None:
+        return weight
+    held = ops.cast(ops.minimum(ops.add(count, 1), window), weight.dtype)
+    return ops.divide(ops.add(ops.sum(ring, axis=0), weight), held)
+
+
+def ring_slot(count, window: int):
+    """The slot of the ring that the snapshot after `count` others takes:
+    that of the snapshot `window - 1` before it, which then leaves the
+    window."""
+    return ops.mod(count, window - 1)
+
+
+def _values(fold, weights, count, step, learning_rate):
+    """The new values of `fold.targets()` (keras ops: JAX, eager)."""
+    if fold.window is None:
+        t, state = _rule_values(fold, count, step, learning_rate)
+        return [
+            averaging.interpolate(_value(a), w, t)
+            for a, w in zip(fold.averages, weights)
+        ] + [state[name] for name in fold.state]
+    means, rings = [], []
+    for average, ring, weight in zip(fold.averages, fold.rings, weights):
+        weight = ops.cast(weight, average.dtype)
+        ring = None if ring is None else _value(ring)
+        means.append(window_mean(ring, weight, count, fold.window))
+        if ring is not None:
+            start = [ring_slot(count, fold.window)] + [0] * len(weight.shape)
+            rings.append(
+                ops.slice_update(ring, start, ops.expand_dims(weight, 0))
+            )
+    return means + rings
+
+
 def fold_in(
     snapshot,
     folds,
@@ -68,9 +134,9 @@ def fold_in(
     learning_rate=None,
     skip_non_finite=False,
 ):
-    """Where `snapshot` holds: `average <- average + t * (weight - average)`
-    for every fold and pair, with `t` the fold's rule weight of this
-    snapshot, then the rules' states updated and `counter += 1` (once).
+    """Where `snapshot` holds, folds the weights into every fold (with its
+    rule, `average <- average + t * (weight - average)`, or its window),
+    updates the rules' states, then `counter += 1` (once).
 
     A step where `snapshot` is false touches no weights at all. All folds
     share one branch and one pass. On TensorFlow the update runs in
@@ -112,35 +178,42 @@ def fold_in(
             if not skip_non_finite or bool(_all_finite(weights)):
                 _torch_fold_in(folds, weights, counter, step, learning_rate)
         return
+    _jax_fold_in(
+        snapshot, folds, weights, counter, step, learning_rate,
+        skip_non_finite,
+    )
+
+
+def _jax_fold_in(
+    snapshot, folds, weights, counter, step, learning_rate, skip_non_finite
+):
+    import jax
+    from jax.experimental import compute_on
 
     def new_values():
         count = counter.value
         stored = [_stored(w) for w in weights]
         values = []
         for fold in folds:
-            t, state = _rule_values(fold, count, step, learning_rate)
-            values += [
-                averaging.interpolate(a.value, w, t)
-                for a, w in zip(fold.averages, stored)
-            ]
-            values += [state[name] for name in fold.state]
+            if not fold.offload:
+                values += _values(fold, stored, count, step, learning_rate)
+                continue
+            # The weights go to host memory, and the fold runs there: the
+            # offloaded state never enters accelerator memory.
+            on_host = [jax.device_put(w, jax.memory.Space.Host) for w in stored]
+            with compute_on.compute_on("device_host"):
+                values += _values(fold, on_host, count, step, learning_rate)
         return values + [ops.add(count, 1)]
 
     if skip_non_finite:
         snapshot = ops.logical_and(snapshot, _all_finite(weights))
-    targets = [
-        target
-        for fold in folds
-        for target in fold.averages + list(fold.state.values())
-    ] + [counter]
-    if backend == "jax" and snapshot is not True:
+    targets = [t for fold in folds for t in fold.targets()] + [counter]
+    if snapshot is True:
+        values = new_values()
+    else:
         values = ops.cond(
             snapshot, new_values, lambda: [v.value for v in targets]
         )
-    elif snapshot is True or snapshot:
-        values = new_values()
-    else:
-        return
     for target, value in zip(targets, values):
         target.assign(value)
 
@@ -152,9 +225,7 @@ def _stored(weight):
     average would fold in the weight before its rounding to its own dtype
     (off by that rounding, about 1e-3 for bfloat16)."""
     value = _value(weight)
-    if keras.backend.backend() == "jax" and keras.backend.standardize_dtype(
-        value.dtype
-    ) in ("float16", "bfloat16"):
+    if keras.backend.standardize_dtype(value.dtype) in ("float16", "bfloat16"):
         import jax
 
         return jax.lax.optimization_barrier(value)
@@ -168,6 +239,9 @@ def _torch_fold_in(folds, weights, counter, step, learning_rate):
     entries = []
     with torch.no_grad():
         for fold in folds:
+            if fold.window is not None:
+                _torch_window(fold, weights, int(count))
+                continue
             t, state = _rule_values(fold, count, step, learning_rate)
             # A Python float is a double: `t` keeps a float64 rule's digits.
             t = float(t)
@@ -176,15 +250,27 @@ def _torch_fold_in(folds, weights, counter, step, learning_rate):
                 fold.state[name].assign(value)
         # `_foreach_lerp_` is the multi-tensor kernel torch.optim itself
         # uses (no public equivalent); its `ScalarList` overload gives each
-        # average its own weight: one launch for all folds of a dtype.
-        for dtype in {a.value.dtype for a, _, _ in entries}:
-            group = [e for e in entries if e[0].value.dtype == dtype]
-            torch._foreach_lerp_(
-                [a.value for a, _, _ in group],
-                [_value(w).to(dtype) for _, w, _ in group],
-                [t for _, _, t in group],
+        # average its own weight: one launch for all folds of a dtype and
+        # device.
+        groups = {}
+        for a, w, t in entries:
+            value = a.value
+            groups.setdefault((value.dtype, value.device), []).append(
+                (value, _value(w).to(device=value.device, dtype=value.dtype), t)
             )
+        for group in groups.values():
+            torch._foreach_lerp_(*map(list, zip(*group)))
         counter.assign(count + 1)
+
+
+def _torch_window(fold, weights, count):
+    for average, ring, weight in zip(fold.averages, fold.rings, weights):
+        mean = average.value
+        weight = _value(weight).to(device=mean.device, dtype=mean.dtype)
+        ring = None if ring is None else ring.value
+        mean.copy_(window_mean(ring, weight, count, fold.window))
+        if ring is not None:
+            ring[count % (fold.window - 1)].copy_(weight)
 
 
 def _tf_fold_in(
@@ -202,10 +288,15 @@ def _tf_fold_in(
             for value in (snapshot, step, learning_rate)
         ]
 
-        def update(variable, fn, args=()):
+        def update(variable, fn, args=(), offload=False):
             variable = variable.value
             if isinstance(variable, tf.distribute.DistributedValues):
                 strategy.extended.update(variable, fn, args=args, group=False)
+            elif offload:
+                # On the CPU, where the average lives: the weight is copied
+                # there, and the arithmetic runs there.
+                with tf.device(variable.device):
+                    fn(variable, *args)
             else:
                 # Not a variable of the strategy: one created outside its
                 # scope, such as a callback's counter made before a `fit`
@@ -216,6 +307,9 @@ def _tf_fold_in(
         def write():
             count = counter.value
             for fold_ in folds:
+                if fold_.window is not None:
+                    _tf_window(fold_, weights, count, update)
+                    continue
                 # Once per fold, in cross-replica context: every replica
                 # folds in with the same weight.
                 t, state = _rule_values(fold_, count, step, learning_rate)
@@ -224,6 +318,7 @@ def _tf_fold_in(
                         average,
                         lambda a, w, t: a.assign(averaging.interpolate(a, w, t)),
                         args=(_value(weight), t),
+                        offload=fold_.offload,
                     )
                 for name, value in state.items():
                     update(
@@ -250,3 +345,30 @@ def _tf_fold_in(
         tf.__internal__.distribute.interim.maybe_merge_call(
             fold, strategy, snapshot, step, learning_rate
         )
+
+
+def _tf_window(fold, weights, count, update):
+    import tensorflow as tf
+
+    def mean(m, ring, w, count):
+        w = tf.cast(w, m.dtype)
+        return m.assign(window_mean(ring, w, count, fold.window))
+
+    def store(ring, w, count):
+        slot = ring_slot(count, fold.window)
+        # In place: one slot written, not the whole ring.
+        return ring.scatter_update(
+            tf.IndexedSlices(tf.cast(w, ring.dtype)[None], slot[None])
+        )
+
+    for average, ring, weight in zip(fold.averages, fold.rings, weights):
+        ring_value = None if ring is None else ring.value
+        update(
+            average, mean, args=(ring_value, _value(weight), count),
+            offload=fold.offload,
+        )
+        if ring is not None:
+            update(
+                ring, store, args=(_value(weight), count),
+                offload=fold.offload,
+            )
