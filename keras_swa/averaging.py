@@ -6,9 +6,18 @@ a compiled train step), the epoch-level callback and the tests' references.
 """
 
 import math
+from types import MappingProxyType
+from typing import Any
+from typing import Mapping
+from typing import NamedTuple
 
+import keras
 import numpy as np
 from keras import ops
+
+
+def _dtype(tensor) -> str:
+    return keras.backend.standardize_dtype(tensor.dtype)
 
 
 def is_snapshot_step(step, start_averaging: int, average_period: int):
@@ -63,10 +72,11 @@ def swa_update(average, value, n_averaged):
     >>> float(swa_update(2.0, 5.0, n_averaged=2))
     3.0
     """
-    return interpolate(average, value, swa_weight(n_averaged))
+    average = ops.convert_to_tensor(average)
+    return interpolate(average, value, swa_weight(n_averaged, _dtype(average)))
 
 
-def ema_decay(n_averaged, decay: float, warmup: bool):
+def ema_decay(n_averaged, decay: float, warmup: bool, dtype="float32"):
     """The decay used for the next EMA snapshot.
 
     Args:
@@ -75,14 +85,15 @@ def ema_decay(n_averaged, decay: float, warmup: bool):
         warmup: If True, `min(decay, (1 + n) / (10 + n))`, which lets early
             snapshots count more (as `tf.train.ExponentialMovingAverage` with
             `num_updates`).
+        dtype: The float dtype of the result. Defaults to `"float32"`.
 
     Returns:
-        A float32 scalar tensor.
+        A scalar tensor of `dtype`.
     """
-    decay = ops.convert_to_tensor(decay, dtype="float32")
+    decay = ops.convert_to_tensor(decay, dtype=dtype)
     if not warmup:
         return decay
-    n = ops.cast(n_averaged, "float32")
+    n = ops.cast(n_averaged, dtype)
     return ops.minimum(decay, ops.divide(ops.add(n, 1.0), ops.add(n, 10.0)))
 
 
@@ -107,24 +118,31 @@ def ema_update(average, value, n_averaged, decay: float, warmup: bool = False):
     >>> float(ema_update(1.0, 3.0, n_averaged=4, decay=0.5))
     2.0
     """
+    average = ops.convert_to_tensor(average)
     return interpolate(
-        average, value, ema_weight(n_averaged, decay, warmup)
+        average, value, ema_weight(n_averaged, decay, warmup, _dtype(average))
     )
 
 
-def swa_weight(n_averaged):
+def swa_weight(n_averaged, dtype="float32"):
     """The weight `t` of the next snapshot in `swa_update`: `1 / (n + 1)`.
 
     Args:
         n_averaged: Integer scalar tensor, snapshots folded in so far.
+        dtype: The float dtype of the result, that of the average (a float32
+            `1/3` would leave a float64 average float32-accurate). Defaults
+            to `"float32"`.
 
     Returns:
-        A float32 scalar tensor.
+        A scalar tensor of `dtype`.
     """
-    return ops.divide(1.0, ops.cast(ops.add(n_averaged, 1), "float32"))
+    return ops.divide(
+        ops.convert_to_tensor(1.0, dtype),
+        ops.cast(ops.add(n_averaged, 1), dtype),
+    )
 
 
-def ema_weight(n_averaged, decay: float, warmup: bool):
+def ema_weight(n_averaged, decay: float, warmup: bool, dtype="float32"):
     """The weight `t` of the next snapshot in `ema_update`: `1 - d`, and
     `1` for the first snapshot (a copy).
 
@@ -132,12 +150,17 @@ def ema_weight(n_averaged, decay: float, warmup: bool):
         n_averaged: Integer scalar tensor, snapshots folded in so far.
         decay: Python float in [0, 1).
         warmup: Whether to ramp the decay up, see `ema_decay`.
+        dtype: The float dtype of the result. Defaults to `"float32"`.
 
     Returns:
-        A float32 scalar tensor.
+        A scalar tensor of `dtype`.
     """
-    d = ema_decay(n_averaged, decay, warmup)
-    return ops.where(ops.equal(n_averaged, 0), 1.0, ops.subtract(1.0, d))
+    d = ema_decay(n_averaged, decay, warmup, dtype)
+    return ops.where(
+        ops.equal(n_averaged, 0),
+        ops.convert_to_tensor(1.0, dtype),
+        ops.subtract(ops.convert_to_tensor(1.0, dtype), d),
+    )
 
 
 def interpolate(average, value, weight):
@@ -165,13 +188,192 @@ def interpolate(average, value, weight):
     return ops.add(average, ops.multiply(weight, ops.subtract(value, average)))
 
 
+class Snapshot(NamedTuple):
+    """What an averaging rule sees of the snapshot it weighs.
+
+    Attributes:
+        count: Integer scalar tensor (or Python int), the snapshots folded
+            in before this one (`n_averaged`).
+        dtype: String, the float dtype in which the rule computes: that of
+            the averages (float64 for float64 variables, float32 for float32
+            and the float32 averages of float16 and bfloat16 variables).
+        step: Integer scalar tensor, the 0-based index of the update the
+            snapshot follows (the epoch, for the `fit` callbacks), or `None`
+            where the averager does not give one.
+        learning_rate: Float scalar tensor, the learning rate of that
+            update, or `None` where the averager does not give one.
+        state: Dict of the rule's running scalars (`Rule.state`) before this
+            snapshot, tensors of `dtype`; empty for rules without state.
+    """
+
+    count: Any
+    dtype: str = "float32"
+    step: Any = None
+    learning_rate: Any = None
+    state: Mapping = MappingProxyType({})
+
+
+class Rule:
+    """How much a snapshot weighs in its average.
+
+    The engine folds a snapshot `w` in as
+    `average <- average + t * (w - average)`, with `t = rule.weight(s)`
+    computed from what the rule sees of the snapshot (`Snapshot`: the count,
+    the step, the learning rate, the dtype). SWA's mean, the EMA and the
+    power-function EMA are such rules; so is schedule-free's learning-rate
+    weighting, whose running scalars the rule names in `state` and updates
+    in `next_state` (the engine keeps them beside the averages, saved and
+    restored with them).
+
+    Example:
+
+    The `k`-th snapshot weighs `k` (a linearly weighted mean):
+
+    >>> class Linear(Rule):
+    ...     def weight(self, snapshot):
+    ...         n = ops.cast(snapshot.count, snapshot.dtype)
+    ...         return 2.0 / (n + 2.0)
+    >>> round(float(Linear().weight(Snapshot(count=1))), 4)
+    0.6667
+    """
+
+    # Names of the float scalars the rule carries from snapshot to snapshot,
+    # all 0 before the first one.
+    state = ()
+    # Whether `weight` reads `snapshot.learning_rate` (the averager then
+    # reads the learning rate on every update).
+    uses_learning_rate = False
+
+    def weight(self, snapshot: Snapshot):
+        """The weight `t` of the snapshot.
+
+        Args:
+            snapshot: A `Snapshot`.
+
+        Returns:
+            A scalar tensor in `[0, 1]`, in `snapshot.dtype` (other float
+            dtypes are cast to it); 1 for the first snapshot (a copy).
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} must define `weight(snapshot)`."
+        )
+
+    def next_state(self, snapshot: Snapshot) -> dict:
+        """The rule's state after the snapshot: one value per name of
+        `state`. Defaults to `{}` (no state)."""
+        return {}
+
+
+class Uniform(Rule):
+    """SWA's equal-weight mean: `t = 1 / (n + 1)` (`swa_weight`)."""
+
+    def weight(self, snapshot):
+        return swa_weight(snapshot.count, snapshot.dtype)
+
+
+class Exponential(Rule):
+    """The EMA: `t = 1 - d`, a copy first (`ema_weight`).
+
+    Args:
+        decay: Python float in [0, 1).
+        warmup: Whether the decay ramps up (`ema_decay`). Defaults to `False`.
+    """
+
+    def __init__(self, decay: float, warmup: bool = False):
+        self.decay = decay
+        self.warmup = warmup
+
+    def weight(self, snapshot):
+        return ema_weight(
+            snapshot.count, self.decay, self.warmup, snapshot.dtype
+        )
+
+
+class PowerFunction(Rule):
+    """The power-function EMA of exponent `gamma` (`power_ema_weight`).
+
+    Args:
+        gamma: Python float, the exponent of the profile.
+    """
+
+    def __init__(self, gamma: float):
+        self.gamma = gamma
+
+    def weight(self, snapshot):
+        return power_ema_weight(snapshot.count, self.gamma, snapshot.dtype)
+
+
+class LearningRateWeighted(Rule):
+    """Schedule-free's weighting (Defazio et al. 2024): snapshot `t` weighs
+    `lr_max**p`, with `lr_max` the largest learning rate so far.
+
+    `c = lr_max**p / (S + lr_max**p)`, then `S <- S + lr_max**p`: the
+    average is the mean of the snapshots weighted by `lr_max**p` at each.
+    The first snapshot (or any while every weight so far is 0, as in a
+    warmup from 0) is copied.
+
+    Args:
+        power: Python float `p`, the `weight_lr_power`. Defaults to `2.0`.
+    """
+
+    state = ("lr_max", "total")
+    uses_learning_rate = True
+
+    def __init__(self, power: float = 2.0):
+        self.power = power
+
+    def _lr_max(self, snapshot):
+        return ops.maximum(snapshot.state["lr_max"], snapshot.learning_rate)
+
+    def weight(self, snapshot):
+        weight = ops.power(self._lr_max(snapshot), self.power)
+        total = ops.add(snapshot.state["total"], weight)
+        one = ops.convert_to_tensor(1.0, snapshot.dtype)
+        return ops.where(
+            ops.greater(total, 0.0),
+            ops.divide(weight, ops.maximum(total, 1e-30)),
+            one,
+        )
+
+    def next_state(self, snapshot):
+        lr_max = self._lr_max(snapshot)
+        return {
+            "lr_max": lr_max,
+            "total": ops.add(
+                snapshot.state["total"], ops.power(lr_max, self.power)
+            ),
+        }
+
+
+class CountRule(Rule):
+    """A rule from a function of the count alone, such as
+    `AveragedOptimizer.average_weight`: `t = function(n_averaged)`, cast to
+    the averages' dtype.
+
+    Args:
+        function: Function `n_averaged -> t`.
+    """
+
+    def __init__(self, function):
+        self.function = function
+
+    def weight(self, snapshot):
+        return ops.cast(self.function(snapshot.count), snapshot.dtype)
+
+
+def as_rule(rule) -> Rule:
+    """`rule` if it is a `Rule`, else the function `n_averaged -> t` it is,
+    as a `CountRule`."""
+    return rule if isinstance(rule, Rule) else CountRule(rule)
+
+
 # The widest relative standard deviation of a power-function EMA: the paper
 # (Karras et al. 2024) bounds `sigma_rel` below 0.28, where `gamma` is still
 # positive and the cubic that ties the two has one root on that branch.
 MAX_SIGMA_REL = 0.28
 
 
-def power_ema_weight(n_averaged, gamma: float):
+def power_ema_weight(n_averaged, gamma: float, dtype="float32"):
     """The weight `t` of the next snapshot of a power-function EMA.
 
     For the `k`-th snapshot (`k = n_averaged + 1`) the average decays by
@@ -189,22 +391,25 @@ def power_ema_weight(n_averaged, gamma: float):
         n_averaged: Integer scalar tensor, snapshots folded in so far.
         gamma: Python float, the exponent of the profile (see
             `sigma_rel_to_gamma`).
+        dtype: The float dtype of the result. Defaults to `"float32"`.
 
     Returns:
-        A float32 scalar tensor.
+        A scalar tensor of `dtype`.
 
     Example:
 
     >>> round(float(power_ema_weight(1, gamma=1.0)), 6)  # 1 - (1/2)**2
     0.75
     """
-    k = ops.cast(ops.add(n_averaged, 1), "float32")
+    k = ops.cast(ops.add(n_averaged, 1), dtype)
+    one = ops.convert_to_tensor(1.0, dtype)
     t = ops.negative(
-        ops.expm1(ops.multiply(gamma + 1.0, ops.log1p(ops.negative(
-            ops.divide(1.0, k)
-        ))))
+        ops.expm1(ops.multiply(
+            ops.convert_to_tensor(gamma + 1.0, dtype),
+            ops.log1p(ops.negative(ops.divide(one, k))),
+        ))
     )
-    return ops.where(ops.equal(n_averaged, 0), 1.0, t)
+    return ops.where(ops.equal(n_averaged, 0), one, t)
 
 
 def gamma_to_sigma_rel(gamma: float) -> float:

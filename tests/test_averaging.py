@@ -1,8 +1,24 @@
+import contextlib
+
+import keras
 import numpy as np
 import pytest
 from keras import ops
 
 from keras_swa import averaging
+
+
+@contextlib.contextmanager
+def float64_enabled():
+    """float64 arrays for the span of a test: JAX turns them into float32
+    unless `jax_enable_x64` is on (the other backends always have them)."""
+    if keras.backend.backend() != "jax":
+        yield
+        return
+    import jax
+
+    with jax.enable_x64(True):
+        yield
 
 
 @pytest.mark.parametrize("start,period", [(0, 1), (0, 10), (3, 4), (7, 1)])
@@ -101,3 +117,25 @@ def test_is_snapshot_step_on_python_ints_agrees_with_tensors(start, period):
                 averaging.is_snapshot_step(tensor, start, period)
             )
         )
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_rules_compute_in_the_dtype_they_are_given(dtype):
+    gamma = averaging.sigma_rel_to_gamma(0.1)
+    rules = {
+        averaging.Uniform(): lambda n: 1.0 / (n + 1),
+        averaging.Exponential(0.9): lambda n: 1.0 if n == 0 else 1.0 - 0.9,
+        averaging.PowerFunction(gamma): lambda n: (
+            1.0 if n == 0 else -np.expm1((gamma + 1) * np.log1p(-1 / (n + 1)))
+        ),
+    }
+    with float64_enabled():
+        for rule, expected in rules.items():
+            for n in (0, 2, 9, 999):
+                t = rule.weight(averaging.Snapshot(count=n, dtype=dtype))
+                t = ops.convert_to_numpy(t)
+                assert t.dtype == dtype
+                # Exact to the last digit of `dtype`, not to float32's.
+                np.testing.assert_allclose(
+                    t, expected(n), rtol=4 * np.finfo(dtype).eps
+                )

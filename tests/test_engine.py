@@ -13,12 +13,15 @@ import numpy as np
 import pytest
 
 import keras_swa
+from keras_swa import engine
+from tests.test_averaging import float64_enabled
 from tests.test_optimizers import assert_weights_close
 from tests.test_optimizers import custom_train_step
 from tests.test_optimizers import ema_reference
 from tests.test_optimizers import make_data
 from tests.test_optimizers import make_model
 from tests.test_optimizers import swa_reference
+from tests.test_optimizers import UpdateRecorder
 
 # ---------------------------------------------------------------------------
 # float16 and bfloat16 variables: float32 averages
@@ -474,3 +477,415 @@ def test_bn_batch_size_reaches_the_batch_norm_pass():
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     # Batches of 7 and 32 give other (biased, per-batch) variances.
     assert not all(np.allclose(a, b) for a, b in zip(by_seven, by_default))
+
+
+# ---------------------------------------------------------------------------
+# float64 variables: float64-accurate averages (the rule's weight in float64)
+
+
+def _float64_rule_reference(kind, snapshots):
+    """The float64 NumPy average of `snapshots` under the rule of `kind`."""
+    if kind == "swa":
+        return np.mean(snapshots, axis=0)
+    gamma = keras_swa.averaging.sigma_rel_to_gamma(0.1)
+    average = snapshots[0]
+    for k, snapshot in enumerate(snapshots[1:], start=2):
+        if kind == "ema":
+            t = 1.0 - 0.9
+        else:
+            t = -np.expm1((gamma + 1.0) * np.log1p(-1.0 / k))
+        average = average + t * (snapshot - average)
+    return average
+
+
+@pytest.mark.parametrize("kind", ["swa", "ema", "power_ema"])
+def test_float64_variables_get_float64_accurate_averages(kind):
+    # Weights such as 1/3 and 0.1 are not exact in float32: a rule weight
+    # computed in float32 is off by about 1e-8 relative, which hundreds of
+    # snapshots carry into the average (float32-accurate, 1e-9 and worse).
+    rng = np.random.default_rng(12)
+    snapshots = 1.0 + rng.normal(size=(300, 4)) / 3.0
+    inner = keras.optimizers.SGD(1.0)
+    if kind == "swa":
+        optimizer = keras_swa.SWA(inner, average_period=1)
+    elif kind == "ema":
+        optimizer = keras_swa.EMA(inner, decay=0.9)
+    else:
+        optimizer = keras_swa.PowerEMA(inner, sigma_rel=0.1)
+    with float64_enabled():
+        variable = keras.Variable(np.zeros(4), dtype="float64")
+        optimizer.build([variable])
+        recorded = []
+        for snapshot in snapshots:
+            # SGD(1.0): w - (w - s) is s, to the rounding of w.
+            gradient = np.asarray(variable.numpy()) - snapshot
+            optimizer.apply([keras.ops.convert_to_tensor(gradient)], [variable])
+            recorded.append(np.asarray(variable.numpy()))
+        average = optimizer.average_variables[0]
+        assert average.dtype == "float64"
+        got = np.asarray(average.numpy())
+    expected = _float64_rule_reference(kind, np.asarray(recorded))
+    np.testing.assert_allclose(got, expected, rtol=1e-13, atol=0)
+
+
+# ---------------------------------------------------------------------------
+# Rules that read the step and the learning rate, and keep a state
+
+
+class ScheduleFreeWeighted(keras_swa.AveragedOptimizer):
+    """Schedule-free's weighting of the snapshots: `lr_max**2 / sum`."""
+
+    def averaging_rule(self):
+        return keras_swa.averaging.LearningRateWeighted(power=2.0)
+
+
+class StepWeighted(keras_swa.AveragedOptimizer):
+    """A rule of the step alone: snapshot after update `i` weighs `i + 1`."""
+
+    def averaging_rule(self):
+        class ByStep(keras_swa.averaging.Rule):
+            state = ("total",)
+
+            def weight(self, snapshot):
+                w = keras.ops.cast(snapshot.step + 1, snapshot.dtype)
+                return w / (snapshot.state["total"] + w)
+
+            def next_state(self, snapshot):
+                w = keras.ops.cast(snapshot.step + 1, snapshot.dtype)
+                return {"total": snapshot.state["total"] + w}
+
+        return ByStep()
+
+
+def _warmup_then_decay(step):
+    """The learning rate of update `step` (0-based): up from 0.01 over four
+    updates, then down."""
+    return min(0.01 * (step + 1), 0.04) * 0.9 ** max(step - 3, 0)
+
+
+class _WarmupThenDecay(keras.optimizers.schedules.LearningRateSchedule):
+    def __call__(self, step):
+        step = keras.ops.cast(step, "float32")
+        return keras.ops.minimum(0.01 * (step + 1), 0.04) * keras.ops.power(
+            0.9, keras.ops.maximum(step - 3, 0.0)
+        )
+
+
+@pytest.mark.parametrize("kind", ["schedule_free", "step"])
+def test_rules_see_the_step_and_the_learning_rate_of_the_update(kind):
+    keras.utils.set_random_seed(13)
+    x, y = make_data()
+    model = make_model(batch_norm=False)
+    inner = keras.optimizers.SGD(_WarmupThenDecay())
+    wrapper = ScheduleFreeWeighted if kind == "schedule_free" else StepWeighted
+    optimizer = wrapper(inner, start_averaging=1, average_period=2)
+    updates = _train_by_hand(model, optimizer, x, y, steps=12)
+
+    chosen = [(i, w) for i, w in updates if i >= 1 and (i - 1) % 2 == 0]
+    if kind == "schedule_free":
+        # The largest rate so far, over every update (snapshot or not,
+        # as the rule reads it at snapshots: the rate of that update).
+        factors = [
+            max(_warmup_then_decay(j) for j in range(i + 1)) ** 2
+            for i, _ in chosen
+        ]
+    else:
+        factors = [i + 1.0 for i, _ in chosen]
+    expected = [
+        sum(f * w for f, (_, ws) in zip(factors, chosen) for w in [ws[k]])
+        / sum(factors)
+        for k in range(len(chosen[0][1]))
+    ]
+    assert int(optimizer.n_averaged.numpy()) == len(chosen) == 6
+    assert_weights_close(optimizer.average_variables, expected)
+    # The rule's state is optimizer variables, saved with it.
+    names = {variable.name for variable in optimizer.variables}
+    assert {f"average_{n}" for n in optimizer.averaging_rule().state} <= names
+
+
+# ---------------------------------------------------------------------------
+# Windows and host offload: `SWA(window=k)`, `offload=True` on every wrapper
+
+
+def _placement(variable):
+    """Where a variable's value lives, as the backend shows it."""
+    value = variable.value
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        return "host" if "CPU" in value.device else value.device
+    if backend == "jax":
+        return "host" if value.sharding.memory_kind == "pinned_host" else (
+            value.sharding.memory_kind
+        )
+    return "host" if value.device.type == "cpu" else str(value.device)
+
+
+def _on_device(variable):
+    """Whether a model variable is where the backend computes: on JAX, in
+    device memory (all devices of a CPU-only run are the host)."""
+    if keras.backend.backend() == "jax":
+        return variable.value.sharding.memory_kind == "device"
+    return True
+
+
+def _window_reference(updates, start, period, window):
+    chosen = [w for i, w in updates if i >= start and (i - start) % period == 0]
+    return [np.mean(ws, axis=0) for ws in zip(*chosen[-window:])], len(chosen)
+
+
+def _make_wrapper(kind, offload):
+    inner = keras.optimizers.SGD(0.05, momentum=0.5)
+    if kind == "swa":
+        return keras_swa.SWA(inner, 1, 2, offload=offload)
+    if kind.startswith("window"):
+        window = int(kind[len("window"):])
+        return keras_swa.SWA(inner, 1, 2, window=window, offload=offload)
+    if kind == "ema":
+        return keras_swa.EMA(inner, decay=0.7, offload=offload)
+    if kind == "power_ema":
+        return keras_swa.PowerEMA(inner, sigma_rel=0.2, offload=offload)
+    return keras_swa.PostHocEMA(inner, sigma_rels=(0.1, 0.2), offload=offload)
+
+
+def _power_reference(updates, gamma):
+    average = None
+    for k, (_, weights) in enumerate(updates, start=1):
+        t = 1.0 if k == 1 else -np.expm1((gamma + 1) * np.log1p(-1 / k))
+        average = [
+            w if average is None else a + t * (w - a)
+            for a, w in zip(average or weights, weights)
+        ]
+    return average, len(updates)
+
+
+def _reference(kind, optimizer, updates):
+    if kind == "swa":
+        return swa_reference(updates, 1, 2)
+    if kind.startswith("window"):
+        return _window_reference(updates, 1, 2, optimizer.window)
+    if kind == "ema":
+        return ema_reference(updates, 0, 1, 0.7, False)
+    gammas = getattr(optimizer, "gammas", None) or [optimizer.gamma]
+    return _power_reference(updates, gammas[-1])
+
+
+@pytest.mark.parametrize(
+    "kind", ["swa", "window1", "window3", "ema", "power_ema", "posthoc_ema"]
+)
+def test_offload_and_windows_in_fit_match_numpy_and_each_other(kind):
+    results = {}
+    for offload in (False, True):
+        keras.utils.set_random_seed(14)
+        x, y = make_data()
+        model = make_model()
+        optimizer = _make_wrapper(kind, offload)
+        model.compile(optimizer=optimizer, loss="mse")
+        recorder = UpdateRecorder()
+        model.fit(x, y, batch_size=16, epochs=3, verbose=0,
+                  callbacks=[recorder])
+
+        expected, count = _reference(kind, optimizer, recorder.updates)
+        assert int(optimizer.n_averaged.numpy()) == count == (
+            9 if kind.startswith(("swa", "window")) else 18
+        )
+        # The last profile of a PostHocEMA: the widest.
+        source = optimizer.profiles[-1] if kind == "posthoc_ema" else optimizer
+        averages = source.average_variables
+        assert_weights_close(averages, expected)
+        state = optimizer._averages.rings or []
+        where = {
+            _placement(v) for v in averages + [r for r in state if r is not None]
+        }
+        if offload:
+            assert where == {"host"}, where
+        elif keras.backend.backend() == "jax":
+            assert where == {"device"}, where
+        results[offload] = [np.asarray(a.numpy()) for a in averages]
+        # Into the model: back on the device, whatever the averages' place.
+        keras_swa.assign_average(model, source=source)
+        assert all(_on_device(v) for v in model.variables)
+        assert_weights_close(model.trainable_variables, results[offload], 0, 0)
+    # Offloaded or not, the same numbers (to float32 rounding).
+    assert_weights_close(results[True], results[False], rtol=1e-6, atol=1e-7)
+
+
+def test_window_ring_is_exact_and_does_not_drift():
+    # The state of a window is the last k - 1 snapshots, copied exactly, and
+    # the counter: the mean is summed afresh from them at every snapshot, so
+    # nothing of earlier rounding survives. The same arithmetic after a
+    # million snapshots (the counter moved on by a multiple of k - 1, which
+    # keeps every snapshot in its slot) as after a few.
+    window = 4
+    variable = keras.Variable(np.zeros(3, "float32"))
+    counter = keras.Variable(0, dtype="int", trainable=False)
+    averages = engine.Averages(
+        [variable], counter, _keras_variable, window=window
+    )
+    rng = np.random.default_rng(15)
+    snapshots = (1000.0 + rng.normal(size=(60, 3)) / 7).astype("float32")
+    for index, snapshot in enumerate(snapshots):
+        if index == 30:
+            counter.assign(int(counter.numpy()) + (window - 1) * 333_333)
+        variable.assign(snapshot)
+        averages.fold_in(True)
+        held = snapshots[max(0, index + 1 - window) : index + 1]
+        np.testing.assert_allclose(
+            averages.averages[0].numpy(),
+            held.astype("float64").mean(axis=0),
+            rtol=2e-7,
+        )
+        # The ring holds the last k - 1 snapshots, bit for bit (for the
+        # next mean).
+        ring = held[-(window - 1):]
+        np.testing.assert_array_equal(
+            np.sort(averages.rings[0].numpy()[: len(ring)], axis=0),
+            np.sort(ring, axis=0),
+        )
+    assert averages.n_averaged == 60 + 3 * 333_333
+
+
+def _keras_variable(shape, dtype, name, layout):
+    """How a `fit` callback creates the state of its averages."""
+    return keras.Variable(
+        "zeros", shape, dtype, trainable=False, name=name, layout=layout
+    )
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_engine_window_and_offload_for_keras_variables(tmp_path, window):
+    # What a `fit` callback gets from the engine: averages of its own
+    # `keras.Variable`s, folded in eagerly, saved to NumPy and loaded back.
+    rng = np.random.default_rng(16)
+    snapshots = rng.normal(size=(7, 2, 3)).astype("float32")
+    variable = keras.Variable(np.zeros((2, 3), "float32"), name="w")
+    states = {}
+    for offload in (False, True):
+        counter = keras.Variable(0, dtype="int", trainable=False)
+        averages = engine.Averages(
+            [variable], counter, _keras_variable,
+            rule=keras_swa.averaging.Uniform(), window=window,
+            offload=offload,
+        )
+        for snapshot in snapshots:
+            variable.assign(snapshot)
+            averages.fold_in(True, step=0)
+        held = snapshots if window is None else snapshots[-window:]
+        np.testing.assert_allclose(
+            averages.averages[0].numpy(), held.mean(axis=0),
+            rtol=1e-6, atol=1e-7,
+        )
+        assert _placement(averages.averages[0]) == "host" or not offload
+        states[offload] = averages.get_state(prefix="swa_")
+    for key, value in states[False].items():
+        np.testing.assert_allclose(
+            states[True][key], value, rtol=1e-6, atol=1e-7
+        )
+    assert ("swa_window_0" in states[True]) == (window is not None)
+    # A saved state loads into offloaded averages, and the next snapshots
+    # go on from it.
+    counter = keras.Variable(0, dtype="int", trainable=False)
+    restored = engine.Averages(
+        [variable], counter, _keras_variable,
+        rule=keras_swa.averaging.Uniform(), window=window, offload=True,
+    )
+    restored.set_state(states[False], "backup", prefix="swa_")
+    assert restored.n_averaged == 7
+    variable.assign(np.full((2, 3), 5.0, "float32"))
+    restored.fold_in(True)
+    held = list(snapshots) + [np.full((2, 3), 5.0, "float32")]
+    held = held if window is None else held[-window:]
+    np.testing.assert_allclose(
+        restored.averages[0].numpy(), np.mean(held, axis=0),
+        rtol=1e-6, atol=1e-7,
+    )
+    # Another window does not load, with a message.
+    other = engine.Averages(
+        [variable], keras.Variable(0, dtype="int", trainable=False),
+        _keras_variable, rule=keras_swa.averaging.Uniform(), window=2,
+    )
+    if window is not None:
+        with pytest.raises(ValueError, match="window"):
+            other.set_state(states[False], "backup", prefix="swa_")
+
+
+def test_save_and_load_keep_the_window_and_the_placement(tmp_path):
+    keras.utils.set_random_seed(17)
+    x, y = make_data()
+    model = make_model()
+    model.compile(
+        optimizer=keras_swa.SWA(
+            keras.optimizers.SGD(0.05), 0, 1, window=3, offload=True
+        ),
+        loss="mse",
+    )
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    optimizer = loaded.optimizer
+    assert (optimizer.window, optimizer.offload) == (3, True)
+    for original, restored in zip(
+        model.optimizer._averages.rings + model.optimizer.average_variables,
+        optimizer._averages.rings + optimizer.average_variables,
+    ):
+        np.testing.assert_array_equal(restored.numpy(), original.numpy())
+        assert _placement(restored) == "host"
+    # The loaded window goes on as the original's.
+    for m in (model, loaded):
+        m.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    assert_weights_close(
+        optimizer.average_variables, model.optimizer.average_variables,
+        rtol=1e-6, atol=1e-7,
+    )
+
+
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (lambda: keras_swa.SWA(keras.optimizers.SGD(0.1), window=0),
+         ValueError, "window"),
+        (lambda: keras_swa.SWA(keras.optimizers.SGD(0.1), window=2.5),
+         TypeError, "window"),
+        (lambda: keras_swa.SWA(keras.optimizers.SGD(0.1), window=True),
+         TypeError, "window"),
+        (lambda: keras_swa.EMA(keras.optimizers.SGD(0.1), offload="yes"),
+         TypeError, "offload"),
+        (lambda: keras_swa.PostHocEMA(keras.optimizers.SGD(0.1), offload=1),
+         TypeError, "offload"),
+        (lambda: engine.Averages(
+            [keras.Variable(np.zeros(2, "float32"))],
+            keras.Variable(0, dtype="int", trainable=False), _keras_variable,
+            rule=keras_swa.averaging.Exponential(0.9), window=3),
+         ValueError, "window"),
+    ],
+)
+def test_window_and_offload_arguments_are_checked(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+def test_window_and_offload_round_trip_the_config():
+    for optimizer in (
+        keras_swa.SWA(keras.optimizers.SGD(0.1), window=4, offload=True),
+        keras_swa.EMA(keras.optimizers.SGD(0.1), offload=True),
+        keras_swa.PowerEMA(keras.optimizers.SGD(0.1), gamma=7.0, offload=True),
+        keras_swa.PostHocEMA(keras.optimizers.SGD(0.1), offload=True),
+    ):
+        restored = type(optimizer).from_config(optimizer.get_config())
+        assert restored.offload is True
+        assert restored.window == optimizer.window
+
+
+@pytest.mark.tensorflow_only
+def test_offload_under_a_mirrored_strategy_is_refused():
+    import tensorflow as tf
+
+    devices = tf.config.list_logical_devices("CPU")
+    if len(devices) < 2:
+        pytest.skip("Needs two logical CPU devices (see conftest).")
+    strategy = tf.distribute.MirroredStrategy([d.name for d in devices[:2]])
+    with strategy.scope():
+        model = make_model(batch_norm=False)
+        optimizer = keras_swa.SWA(keras.optimizers.SGD(0.1), offload=True)
+        with pytest.raises(ValueError, match="offload"):
+            optimizer.build(model.trainable_variables)

@@ -161,6 +161,24 @@ def test_gradient_accumulation_micro_steps_are_not_snapshots():
     assert_weights_close(opt.average_variables, expected)
 
 
+def test_gradient_accumulation_with_nothing_averaged_says_the_updates():
+    # The wrapper's messages read `iterations`, a computed tensor under
+    # gradient accumulation (a JAX array has no `.numpy()`).
+    keras.utils.set_random_seed(3)
+    x, y = make_data()
+    model = make_model()
+    inner = keras.optimizers.SGD(0.05, gradient_accumulation_steps=2)
+    opt = keras_swa.SWA(inner, start_averaging=100, average_period=2)
+    model.compile(optimizer=opt, loss="mse")
+    # 12 batches are 6 real updates.
+    with pytest.warns(UserWarning, match=r"6 update\(s\) have run"):
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    with pytest.raises(ValueError, match=r"6 update\(s\) have run"):
+        keras_swa.assign_average(model)
+    with pytest.raises(ValueError, match=r"6 update\(s\) have run"):
+        opt.assign_average_vars(model.trainable_variables)
+
+
 def test_no_average_is_touched_before_start_averaging():
     keras.utils.set_random_seed(4)
     x, y = make_data()
@@ -376,6 +394,43 @@ def test_save_and_load_model_keeps_averages_counter_and_config(tmp_path):
     loaded.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False)
     assert_weights_close(
         loaded_opt.average_variables, [a.numpy() for a in opt.average_variables]
+    )
+
+
+def _as_saved_before_the_split(path, new_path):
+    """`path` rewritten as keras_swa wrote it before `optimizers` became a
+    package of modules (and before `window` and `offload`): the wrapper's
+    module `keras_swa.optimizers`, neither argument in its config."""
+    import json
+    import zipfile
+
+    with zipfile.ZipFile(path) as source, zipfile.ZipFile(new_path, "w") as out:
+        for item in source.infolist():
+            data = source.read(item.filename)
+            if item.filename == "config.json":
+                config = json.loads(data)
+                optimizer = config["compile_config"]["optimizer"]
+                assert optimizer["module"].startswith("keras_swa.optimizers.")
+                optimizer["module"] = "keras_swa.optimizers"
+                for key in ("window", "offload"):
+                    del optimizer["config"][key]
+                data = json.dumps(config).encode()
+            out.writestr(item, data)
+
+
+def test_a_model_saved_before_the_split_still_loads(tmp_path):
+    model, opt, _ = trained_swa_model()
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    old = str(tmp_path / "old.keras")
+    _as_saved_before_the_split(path, old)
+    loaded = keras.models.load_model(old).optimizer
+    assert isinstance(loaded, keras_swa.SWA)
+    assert (loaded.window, loaded.offload) == (None, False)
+    assert int(loaded.n_averaged.numpy()) == int(opt.n_averaged.numpy()) > 0
+    assert_weights_close(
+        loaded.average_variables, [a.numpy() for a in opt.average_variables],
+        0, 0,
     )
 
 

@@ -12,6 +12,8 @@ Everything else in keras_swa is backend-agnostic `keras.ops`.
 """
 
 import keras
+import numpy as np
+from keras import ops
 
 
 def variable_value(variable):
@@ -21,3 +23,14 @@ def variable_value(variable):
     if isinstance(variable, keras.Variable):
         return variable.value
     return variable
+
+
+def numpy_value(value) -> np.ndarray:
+    """A variable's or tensor's value as a NumPy array, eagerly, without
+    NumPy 2's deprecation warning about `__array__` (which `np.asarray` of a
+    `keras.Variable` and `ops.convert_to_numpy` of a `tf.Variable` raise)."""
+    value = variable_value(value)
+    if keras.backend.backend() == "tensorflow":
+        # A `tf.Variable` (mirrored too) or an eager tensor.
+        return np.asarray(value.numpy())
+    return np.asarray(ops.convert_to_numpy(value))
