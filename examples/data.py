@@ -121,26 +121,8 @@ def check(name, data_dir=None, download=False):
             f"; or put the four IDX files of {name} "
             f"({', '.join(IDX_FILES.values())}) in --data_dir"
         )
-        if data_dir and os.path.isdir(data_dir):
-            present = [f for f in IDX_FILES.values() if _is_file(data_dir, f)]
-            if len(present) == len(IDX_FILES):
-                if download:
-                    # The IDX files are read; tensorflow-datasets, and so
-                    # its download, is not used.
-                    raise DataError(
-                        f"--download is not needed: --data_dir={data_dir} holds "
-                        f"the four IDX files of {name}, which are read from "
-                        f"there: drop --download (or pass a --data_dir without "
-                        f"them to have tensorflow-datasets fetch {name})."
-                    )
-                return "idx"
-            if present:
-                missing = [f for f in IDX_FILES.values() if f not in present]
-                raise DataError(
-                    f"--data_dir={data_dir} lacks {', '.join(missing)} (it "
-                    f"holds {', '.join(present)}): put all four IDX files of "
-                    f"{name} there."
-                )
+        if data_dir and os.path.isdir(data_dir) and _check_idx(name, data_dir, download):
+            return "idx"
     try:
         import tensorflow_datasets as tfds
     except ImportError:
@@ -185,6 +167,31 @@ def check(name, data_dir=None, download=False):
         f"fetch it, or run `tfds build {name} --data_dir=DIR` where there is "
         f"network and pass --data_dir=DIR{idx_hint}."
     )
+
+
+def _check_idx(name, data_dir, download):
+    """Whether `data_dir` holds the four IDX files of `name`; raises
+    `DataError` for some of them only, or for `download` with all four."""
+    present = [f for f in IDX_FILES.values() if _is_file(data_dir, f)]
+    if len(present) == len(IDX_FILES):
+        if download:
+            # The IDX files are read; tensorflow-datasets, and so its
+            # download, is not used.
+            raise DataError(
+                f"--download is not needed: --data_dir={data_dir} holds "
+                f"the four IDX files of {name}, which are read from "
+                f"there: drop --download (or pass a --data_dir without "
+                f"them to have tensorflow-datasets fetch {name})."
+            )
+        return True
+    if present:
+        missing = [f for f in IDX_FILES.values() if f not in present]
+        raise DataError(
+            f"--data_dir={data_dir} lacks {', '.join(missing)} (it "
+            f"holds {', '.join(present)}): put all four IDX files of "
+            f"{name} there."
+        )
+    return False
 
 
 def _quietly(fn):

@@ -18,15 +18,21 @@ import pytest
 
 from examples import data as data_lib
 from examples import models as models_lib
+from examples import plots
+from examples import recipes
+from examples import report
+from examples import runs
+from examples import scoring
 from examples import train as train_lib
+from examples import train_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def config(tmp_path, **overrides):
-    """Every setting of the binary, tiny; with `train_lib.DEFAULTS` for the
+    """Every setting of the binary, tiny; with `train_flags.DEFAULTS` for the
     ones a caller may leave out."""
-    base = {**train_lib.DEFAULTS, **dict(
+    base = {**train_flags.DEFAULTS, **dict(
         dataset="digits", data_dir=None, download=False, model="small_cnn",
         epochs=3, batch_size=128, schedule="cosine", lr=0.05, momentum=0.9,
         weight_decay=5e-4, swa_start="1", swa_lr=0.01, ema_decay=0.9,
@@ -119,7 +125,7 @@ def test_compare_on_digits_writes_table_sentence_metrics_and_curves(tmp_path, ca
     metrics = train_lib.train(config(tmp_path, epochs=2, batch_size=256))
 
     out = capsys.readouterr().out
-    for label in train_lib.LABELS.values():
+    for label in scoring.LABELS.values():
         assert label in out
     assert "One seed, so no spread" in out and "recomputed on the training set" in out
     assert "test accuracy |" in out and "test NLL |" in out and "test ECE |" in out
@@ -445,7 +451,7 @@ def test_benchmark_bad_flags_and_output_are_one_line(tmp_path):
         assert_one_line_error(result, *fragments)
 
 
-# A value for each flag of `train_lib.MODE_FLAGS`, none its default (a flag
+# A value for each flag of `train_flags.MODE_FLAGS`, none its default (a flag
 # of the table without one here is a KeyError of the tests).
 MODE_FLAG_VALUES = {
     "swa_start": "1", "swa_lr": "0.02", "ema_decay": "0.99", "ema_warmup": "false",
@@ -477,12 +483,12 @@ def test_train_flags_of_another_mode_are_refused_not_ignored():
     ]
     epochs = "--epochs must be an integer >= 1, got 0."
     # The defaults of every mode, and every flag a mode uses, given.
-    accepted = [[f"--averaging={mode}"] for mode in train_lib.AVERAGING]
+    accepted = [[f"--averaging={mode}"] for mode in train_flags.AVERAGING]
     accepted += [
         [f"--averaging={mode}"] + [f"--{flag}={MODE_FLAG_VALUES[flag]}"
-                                   for flag, modes in train_lib.MODE_FLAGS.items()
+                                   for flag, modes in train_flags.MODE_FLAGS.items()
                                    if mode in modes]
-        for mode in train_lib.AVERAGING
+        for mode in train_flags.AVERAGING
     ]
     cases = [(args + ["--epochs=0"], fragments) for args, fragments in refused]
     cases += [(args + ["--epochs=0"], [epochs]) for args in accepted]
@@ -590,43 +596,43 @@ def test_corrupt_idx_file_is_named(tmp_path):
 )
 def test_bad_settings_are_rejected_with_the_flag_named(tmp_path, overrides, match):
     with pytest.raises(ValueError, match=match):
-        train_lib.validate(config(tmp_path, **overrides))
+        train_flags.validate(config(tmp_path, **overrides))
 
 
 def test_sigma_rel_lists_are_parsed_as_floats(tmp_path):
     cfg = config(tmp_path, ema_sigma_rels=["0.05", "0.1"], ema_sweep=np.float32(0.07))
-    train_lib.validate(cfg)
+    train_flags.validate(cfg)
     assert cfg["ema_sigma_rels"] == [0.05, 0.1]
     assert cfg["ema_sweep"] == [pytest.approx(0.07)]
 
 
 def test_swa_start_fraction_and_epoch_and_seeds():
-    assert train_lib.parse_swa_start("0.75", 40) == 30
-    assert train_lib.parse_swa_start("1.0", 40) == 39
-    assert train_lib.parse_swa_start("12", 40) == 12
-    assert train_lib.parse_seeds(["0", "1", "2"]) == [0, 1, 2]
-    assert train_lib.parse_seeds(3) == [3]
+    assert train_flags.parse_swa_start("0.75", 40) == 30
+    assert train_flags.parse_swa_start("1.0", 40) == 39
+    assert train_flags.parse_swa_start("12", 40) == 12
+    assert train_flags.parse_seeds(["0", "1", "2"]) == [0, 1, 2]
+    assert train_flags.parse_seeds(3) == [3]
 
 
 # --- Schedules -----------------------------------------------------------------
 
 
 def test_learning_rate_schedules_follow_the_paper(tmp_path):
-    plain = train_lib.paper_schedule(0.1, 100, 0.01)
+    plain = recipes.paper_schedule(0.1, 100, 0.01)
     assert plain(0) == plain(50) == 0.1
     assert plain(70) == pytest.approx(0.1 * (1 - 0.99 * 0.5))
     assert plain(95) == pytest.approx(0.001)
-    swa = train_lib.paper_schedule(0.1, 60, 0.05 / 0.1)
+    swa = recipes.paper_schedule(0.1, 60, 0.05 / 0.1)
     assert swa(54) == pytest.approx(0.05) and swa(80) == pytest.approx(0.05)
     cfg = config(tmp_path, schedule="paper", lr=0.1, epochs=100, swa_lr=0.05)
-    plain, swa = train_lib.plain_schedule(cfg), train_lib.swa_schedule(cfg, swa_start=60)
+    plain, swa = recipes.plain_schedule(cfg), recipes.swa_schedule(cfg, swa_start=60)
     assert plain(95) == pytest.approx(0.001) and swa(54) == pytest.approx(0.05)
 
 
 def test_cosine_schedules_per_epoch_by_hand(tmp_path):
     # Plain: lr * (1 + cos(pi * e / E)) / 2 with lr=0.1, E=4.
     cfg = config(tmp_path, schedule="cosine", lr=0.1, epochs=4, swa_lr=0.02)
-    plain, swa = train_lib.plain_schedule(cfg), train_lib.swa_schedule(cfg, swa_start=2)
+    plain, swa = recipes.plain_schedule(cfg), recipes.swa_schedule(cfg, swa_start=2)
     half_sqrt2 = math.sqrt(2) / 2
     expected_plain = [0.1, 0.05 * (1 + half_sqrt2), 0.05, 0.05 * (1 - half_sqrt2)]
     assert [plain(e) for e in range(4)] == pytest.approx(expected_plain)
@@ -634,7 +640,7 @@ def test_cosine_schedules_per_epoch_by_hand(tmp_path):
     # swa_start (0.1, 0.02 + 0.08 * (1 + cos(pi / 2)) / 2 = 0.06), then 0.02.
     assert [swa(e) for e in range(4)] == pytest.approx([0.1, 0.06, 0.02, 0.02])
     # SWA from epoch 0: the SWA rate throughout.
-    swa_now = train_lib.swa_schedule(cfg, swa_start=0)
+    swa_now = recipes.swa_schedule(cfg, swa_start=0)
     assert [swa_now(e) for e in range(4)] == pytest.approx([0.02] * 4)
 
 
@@ -653,82 +659,82 @@ def finals(rows):
 
 
 def test_summary_table_is_mean_and_standard_deviation():
-    summary = train_lib.summarize(finals({"sgd": [0.90, 0.92, 0.94], "swa": [0.95, 0.95, 0.95]}))
+    summary = report.summarize(finals({"sgd": [0.90, 0.92, 0.94], "swa": [0.95, 0.95, 0.95]}))
     assert summary["sgd"]["accuracy"] == pytest.approx(0.92)
     assert summary["sgd"]["accuracy_std"] == pytest.approx(0.02)  # sample std
     assert summary["swa"]["accuracy_std"] == 0.0
     assert summary["sgd"]["nll_per_seed"] == pytest.approx([0.10, 0.08, 0.06])
     assert summary["sgd"]["ece"] == pytest.approx(0.04)
-    table = train_lib.format_table(summary)
+    table = report.format_table(summary)
     assert "| SGD (plain)" in table and "92.00 ± 2.00%" in table and "0.0800 ± 0.0200" in table
     assert "   0.0400 ± 0.0100 |\n" in table  # ECE, the last column
     # Another order and labels (the post-hoc EMA sweep), wider labels.
     labels = {"swa": "a label longer than twenty", "sgd": "SGD"}
-    lines = train_lib.format_table(summary, labels).splitlines()
+    lines = report.format_table(summary, labels).splitlines()
     assert lines[2].startswith("| a label longer than twenty |    95.00 ± 0.00% |")
     assert lines[3].startswith("| SGD ") and len({len(line) for line in lines}) == 1
-    one = train_lib.summarize(finals({"sgd": [0.9]}))
+    one = report.summarize(finals({"sgd": [0.9]}))
     assert one["sgd"]["accuracy_std"] is None
-    assert "90.00%" in train_lib.format_table(one) and "±" not in train_lib.format_table(one)
+    assert "90.00%" in report.format_table(one) and "±" not in report.format_table(one)
 
 
 def test_conclusion_says_whether_differences_exceed_the_spread():
     # Within: SWA +1 point, spread max(2, 1) = 2 points.
-    within = train_lib.conclusion(
-        train_lib.summarize(finals({"sgd": [0.90, 0.92, 0.94], "swa": [0.92, 0.93, 0.94]}))
+    within = report.conclusion(
+        report.summarize(finals({"sgd": [0.90, 0.92, 0.94], "swa": [0.92, 0.93, 0.94]}))
     )
     assert within.startswith("Over 3 seeds, no row differs from SGD (plain) by more than")
     assert "SWA: average (+1.00 points, spread 2.00)" in within
     # Beyond: +5 points against a spread of 1.
-    beyond = train_lib.conclusion(
-        train_lib.summarize(finals({"sgd": [0.89, 0.90, 0.91], "swa": [0.94, 0.95, 0.96]}))
+    beyond = report.conclusion(
+        report.summarize(finals({"sgd": [0.89, 0.90, 0.91], "swa": [0.94, 0.95, 0.96]}))
     )
     assert beyond.startswith("Over 3 seeds, every row differs from SGD (plain) by more than")
-    mixed = train_lib.conclusion(train_lib.summarize(finals({
+    mixed = report.conclusion(report.summarize(finals({
         "sgd": [0.89, 0.90, 0.91], "swa": [0.94, 0.95, 0.96], "ema": [0.90, 0.905, 0.91],
     })))
     assert "SWA: average (+5.00 points, spread 1.00) differs from SGD (plain)" in mixed
     assert mixed.endswith("EMA: average (+0.50 points, spread 1.00) does not.")
     # One seed: no spread, says so.
-    one = train_lib.conclusion(train_lib.summarize(finals({"sgd": [0.9], "ema": [0.95]})))
+    one = report.conclusion(report.summarize(finals({"sgd": [0.9], "ema": [0.95]})))
     assert one.startswith("One seed") and "--seeds=0,1,2" in one and "+5.00 points" in one
     # Without plain SGD, the SWA average is held against its own iterate.
-    swa_only = train_lib.conclusion(
-        train_lib.summarize(finals({"swa_iterate": [0.9, 0.91], "swa": [0.9, 0.91]}))
+    swa_only = report.conclusion(
+        report.summarize(finals({"swa_iterate": [0.9, 0.91], "swa": [0.9, 0.91]}))
     )
     assert "from SWA: final iterate" in swa_only
-    assert train_lib.conclusion(train_lib.summarize(finals({"ema": [0.9]}))).startswith("One row")
+    assert report.conclusion(report.summarize(finals({"ema": [0.9]}))).startswith("One row")
     # On a test set of 100 examples, one example (1 point) is the floor of
     # the spread: +0.67 points over a standard deviation of 0.58 is within.
-    tiny = train_lib.summarize(finals({"sgd": [0.98, 0.98, 0.99], "swa": [0.99, 0.99, 0.99]}))
-    assert train_lib.conclusion(tiny).startswith("Over 3 seeds, every row")
-    floored = train_lib.conclusion(tiny, resolution=1 / 100)
+    tiny = report.summarize(finals({"sgd": [0.98, 0.98, 0.99], "swa": [0.99, 0.99, 0.99]}))
+    assert report.conclusion(tiny).startswith("Over 3 seeds, every row")
+    floored = report.conclusion(tiny, resolution=1 / 100)
     assert floored.startswith("Over 3 seeds, no row differs")
     assert "(+0.67 points, spread 1.00)" in floored and "at least one test example, 1.00 points" in floored
     # The NLL: the same screen, in NLL units, without the one-example floor.
-    nll = train_lib.conclusion(train_lib.summarize(finals({
+    nll = report.conclusion(report.summarize(finals({
         "sgd": [0.89, 0.90, 0.91], "swa": [0.94, 0.95, 0.96], "ema": [0.90, 0.905, 0.91],
     })), resolution=1 / 100, metric="nll")
     assert nll.startswith("In test NLL, over 3 seeds, SWA: average (-0.0500, spread 0.0100) "
                           "differs from SGD (plain)")
     assert nll.endswith("EMA: average (-0.0050, spread 0.0100) does not.")
     assert "test example" not in nll  # the one-example floor is for accuracy
-    assert train_lib.conclusion(train_lib.summarize(finals({"sgd": [0.9], "ema": [0.95]})),
+    assert report.conclusion(report.summarize(finals({"sgd": [0.9], "ema": [0.95]})),
                                 metric="nll") is None
     # A difference below float32's resolution is no difference, not "-0.00".
-    tie = train_lib.conclusion(train_lib.summarize(finals({"sgd": [0.9], "ema": [0.9 - 1e-9]})))
+    tie = report.conclusion(report.summarize(finals({"sgd": [0.9], "ema": [0.9 - 1e-9]})))
     assert "EMA: average +0.00 points" in tie
     for sentence in (within, beyond, mixed, one, swa_only, floored, nll):
         assert sentence.count(". ") == 0 and sentence.endswith(".")  # one sentence
 
 
 def test_running_batch_norm_note_only_when_far_from_the_table():
-    summary = train_lib.summarize(finals({"sgd": [0.93], "swa_iterate": [0.91], "swa": [0.91]}))
-    note = train_lib.running_bn_note(
+    summary = report.summarize(finals({"sgd": [0.93], "swa_iterate": [0.91], "swa": [0.91]}))
+    note = report.running_bn_note(
         summary, {"sgd": {"accuracy": 0.10}, "swa_iterate": {"accuracy": 0.905}}
     )
     assert "SGD (plain) 10.00% (table: 93.00%)" in note and "iterate" not in note
-    assert train_lib.running_bn_note(summary, {"sgd": {"accuracy": 0.935}}) is None
+    assert report.running_bn_note(summary, {"sgd": {"accuracy": 0.935}}) is None
 
 
 def test_plot_legend_covers_no_curve():
@@ -736,8 +742,8 @@ def test_plot_legend_covers_no_curve():
     per_seed = {
         s: {"runs": {"sgd": {"history": history}, "swa": {"history": history}}} for s in (0, 1)
     }
-    summary = train_lib.summarize(finals({k: [0.95, 0.96] for k in train_lib.LABELS}))
-    fig = train_lib.figure(per_seed, summary, "title")
+    summary = report.summarize(finals({k: [0.95, 0.96] for k in scoring.LABELS}))
+    fig = plots.figure(per_seed, summary, "title")
     renderer = fig.canvas.get_renderer()
     ax = fig.axes[0]
     legend = ax.get_legend().get_window_extent(renderer)
@@ -746,13 +752,13 @@ def test_plot_legend_covers_no_curve():
 
 
 def test_model_names_of_the_flags_are_those_of_models():
-    assert train_lib.MODEL_NAMES == tuple(models_lib.MODELS)
+    assert train_flags.MODEL_NAMES == tuple(models_lib.MODELS)
 
 
 def test_max_sigma_rel_of_the_flags_is_the_library_s():
     from keras_swa import averaging
 
-    assert train_lib.MAX_SIGMA_REL == averaging.MAX_SIGMA_REL
+    assert train_flags.MAX_SIGMA_REL == averaging.MAX_SIGMA_REL
 
 
 class ReadKeys(dict):
@@ -774,20 +780,20 @@ def test_mode_flags_are_exactly_those_each_mode_reads(tmp_path, monkeypatch, cap
     # others do not must be in the table, with exactly the modes that read
     # it. `--swa_start` reaches the runs parsed, as `Plan.swa_start`: the
     # plan of a mode that does not use it has none.
-    for flag, modes in train_lib.MODE_FLAGS.items():
-        assert flag in train_lib.CONFIG_KEYS and set(modes) < set(train_lib.AVERAGING), flag
+    for flag, modes in train_flags.MODE_FLAGS.items():
+        assert flag in train_flags.CONFIG_KEYS and set(modes) < set(train_flags.AVERAGING), flag
     digits = data_lib.read("digits")
     tiny = data_lib.Arrays(digits.x_train[:64], digits.y_train[:64], digits.x_test[:32],
                            digits.y_test[:32], digits.num_classes)
     monkeypatch.setattr(data_lib, "read", lambda *args: tiny)
     read = {}
-    for mode in train_lib.AVERAGING:
+    for mode in train_flags.AVERAGING:
         plan = train_lib.prepare(config(
             tmp_path, averaging=mode, epochs=1, batch_size=32, swa_start="0",
             swag_samples=1, swag_bn_batches=1, ema_sweep=[0.05], ema_snapshots=1,
             output_dir=str(tmp_path / mode),
         ))
-        unused = {f for f, modes in train_lib.MODE_FLAGS.items() if mode not in modes}
+        unused = {f for f, modes in train_flags.MODE_FLAGS.items() if mode not in modes}
         plan.config = ReadKeys({k: v for k, v in plan.config.items() if k not in unused})
         if "swa_start" in unused:
             plan.swa_start = None
@@ -795,8 +801,8 @@ def test_mode_flags_are_exactly_those_each_mode_reads(tmp_path, monkeypatch, cap
         read[mode] = plan.config.read
     capsys.readouterr()
     some = set.union(*read.values()) - set.intersection(*read.values())
-    assert some <= set(train_lib.MODE_FLAGS), some - set(train_lib.MODE_FLAGS)
-    for flag, modes in train_lib.MODE_FLAGS.items():
+    assert some <= set(train_flags.MODE_FLAGS), some - set(train_flags.MODE_FLAGS)
+    for flag, modes in train_flags.MODE_FLAGS.items():
         if flag != "swa_start":
             assert {m for m in read if flag in read[m]} == set(modes), flag
 
@@ -811,37 +817,61 @@ def test_reliability_bins_give_the_library_s_ece():
     logits = rng.normal(size=(500, 10)) * 3
     probabilities = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
     labels = rng.integers(0, 10, size=500)
-    counts, confidence, accuracy = train_lib.calibration_bins(probabilities, labels)
+    counts, confidence, accuracy = scoring.calibration_bins(probabilities, labels)
     assert counts.sum() == 500 and (counts == 0).any()  # empty bins included
     filled = counts > 0
     assert np.isnan(accuracy[~filled]).all()
     ece = np.sum(counts[filled] / 500 * np.abs(accuracy[filled] - confidence[filled]))
-    metric = keras_swa.metrics.ExpectedCalibrationError(num_bins=train_lib.ECE_BINS)
+    metric = keras_swa.metrics.ExpectedCalibrationError(num_bins=scoring.ECE_BINS)
     metric.update_state(labels, probabilities.astype("float32"))
     assert ece == pytest.approx(float(metric.result()), abs=1e-5)
     assert ece == pytest.approx(numpy_scores(probabilities, labels)["ece"], abs=1e-12)
-    scores = train_lib.scores(probabilities, labels)
+    scores = scoring.scores(probabilities, labels)
     assert scores["ece"] == pytest.approx(ece, abs=1e-5)
     assert scores["nll"] == pytest.approx(numpy_scores(probabilities, labels)["nll"], rel=1e-6)
 
 
 def test_snapshot_spacing_ends_at_the_last_update():
     # 1800 updates, about 20 snapshots: every 90, the last at 1800.
-    assert train_lib.snapshot_every(1800, 20) == 90
+    assert runs.snapshot_every(1800, 20) == 90
     # 92 = 4 * 23: 23 snapshots every 4 (no divisor in [20, 22]).
-    assert train_lib.snapshot_every(92, 20) == 4
+    assert runs.snapshot_every(92, 20) == 4
     # A prime: no divisor up to 2 * 20; every 97 // 20 = 4 updates.
-    assert train_lib.snapshot_every(97, 20) == 4
+    assert runs.snapshot_every(97, 20) == 4
     # Fewer updates than snapshots wanted: every update.
-    assert train_lib.snapshot_every(7, 20) == 1
+    assert runs.snapshot_every(7, 20) == 1
 
 
 def test_stale_snapshots_are_cleared_and_nothing_else(tmp_path):
     for name in ("ema-0000000004.npz", "ema-0000000008.npz", "notes.txt", "ema-last.npz"):
         (tmp_path / name).write_text("")
-    assert train_lib.clear_snapshots(str(tmp_path)) == 2
+    assert runs.clear_snapshots(str(tmp_path)) == 2
     assert sorted(os.listdir(tmp_path)) == ["ema-last.npz", "notes.txt"]
-    assert train_lib.clear_snapshots(str(tmp_path / "missing")) == 0
+    assert runs.clear_snapshots(str(tmp_path / "missing")) == 0
+
+
+def test_examples_keep_functions_and_classes_short():
+    # One job per function and class (issue 22): no function over 100
+    # lines, no class over 250, docstrings included; the benchmark's main
+    # under 60.
+    import ast
+
+    folder = os.path.join(ROOT, "examples")
+    long = []
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".py"):
+            continue
+        with open(os.path.join(folder, name)) as f:
+            tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                lines = node.end_lineno - node.lineno + 1 + len(node.decorator_list)
+                limit = 250 if isinstance(node, ast.ClassDef) else 100
+                if name == "benchmark.py" and node.name == "main":
+                    limit = 59
+                if lines > limit:
+                    long.append(f"{name}:{node.name} ({lines} lines > {limit})")
+    assert not long, long
 
 
 def test_paper_models_build_with_their_sizes():
