@@ -43,7 +43,8 @@ def fit(model, dataset, config, schedule, extra_callbacks=()):
     import keras
 
     history = model.fit(
-        dataset.train,
+        # A pipeline of its own: every run sees the same order.
+        dataset.train_pipeline(),
         epochs=config["epochs"],
         shuffle=False,  # the pipeline shuffles
         validation_data=dataset.test,

@@ -156,6 +156,53 @@ def test_compare_on_digits_writes_table_sentence_metrics_and_curves(tmp_path, ca
     assert not (tmp_path / "out" / "posthoc_ema.png").exists()
 
 
+def test_compared_runs_see_the_same_data_order(tmp_path):
+    # Issue 24: the plain run and the SWA run of `compare` must see the same
+    # batches in the same order. Here they follow the same learning rates
+    # (2 epochs, SWA from epoch 1 at 0.025, the plain cosine's second
+    # epoch), from the same initial weights: with the same data order the
+    # SWA run's final iterate is the plain run's final model.
+    train_lib.train(config(tmp_path, epochs=2, batch_size=64, lr=0.05, swa_start="1",
+                           swa_lr=0.025, swag_samples=1, swag_bn_batches=1))
+    predictions = np.load(tmp_path / "out" / "predictions.npz")
+    np.testing.assert_allclose(predictions["swa_iterate_seed0"], predictions["sgd_seed0"],
+                               atol=1e-4)
+
+
+def test_training_order_is_a_function_of_seed_and_epoch():
+    # Two training pipelines of one seed give the same batches pass by
+    # pass (each pass a permutation of the examples, the passes in
+    # different orders); another seed another order. With augmentation
+    # (CIFAR) the crops and flips are the same too.
+    rng = np.random.default_rng(0)
+    n = 10
+    x = rng.normal(size=(n, 32, 32, 3)).astype("float32")
+    arrays = data_lib.Arrays(x, np.arange(n), x[:2], np.arange(2), 10)
+
+    def passes(name, seed, count=3):
+        pipeline = data_lib.pipelines(name, arrays, batch_size=4, seed=seed).train_pipeline()
+        return [[(bx.numpy(), by.numpy()) for bx, by in pipeline] for _ in range(count)]
+
+    first, second = passes("digits", 0), passes("digits", 0)
+    orders = [np.concatenate([by for _, by in epoch]) for epoch in first]
+    for k, order in enumerate(orders):
+        assert [len(by) for _, by in first[k]] == [4, 4, 2]
+        np.testing.assert_array_equal(order, data_lib.epoch_order(0, k, n))
+        np.testing.assert_array_equal(np.sort(order), np.arange(n))
+        for (ax, ay), (bx, by) in zip(first[k], second[k]):
+            np.testing.assert_array_equal(ay, by)
+            np.testing.assert_array_equal(ax, x[ay])  # not augmented
+    assert len({tuple(o) for o in orders}) == 3
+    other = np.concatenate([by for _, by in passes("digits", 1, 1)[0]])
+    assert not np.array_equal(other, orders[0])
+    augmented, again = passes("cifar10", 0, 2), passes("cifar10", 0, 2)
+    for epoch, epoch_again in zip(augmented, again):
+        for (ax, ay), (bx, by) in zip(epoch, epoch_again):
+            np.testing.assert_array_equal(ay, by)
+            np.testing.assert_array_equal(ax, bx)
+            assert ax.shape == (len(ay), 32, 32, 3) and not np.array_equal(ax, x[ay])
+
+
 def test_swag_mode_samples_a_posterior_with_spread(tmp_path, capsys):
     # Three epochs, SWA from epoch 1: two snapshots, so the samples differ
     # from the mean and SWAG-BMA from the SWA average.
@@ -235,7 +282,7 @@ def test_tfds_dataset_through_mock_data(tmp_path):
         with pytest.raises(data_lib.DataError, match="--download"):
             data_lib.check("cifar10")
         dataset = data_lib.load("cifar10", batch_size=8, download=True)
-        x, y = next(iter(dataset.train))
+        x, y = next(iter(dataset.train_pipeline()))
         assert x.shape == (8, 32, 32, 3) and x.dtype == "float32"
         assert dataset.num_classes == 10 and dataset.input_shape == (32, 32, 3)
         # Two seeds: the table is mean ± standard deviation.
@@ -430,6 +477,45 @@ def test_train_bad_flags_missing_data_and_output_dir_are_one_line(tmp_path):
     results = run_all([("examples.train", args, ROOT) for args, _ in cases])
     for result, (_, fragments) in zip(results, cases):
         assert_one_line_error(result, *fragments)
+
+
+def run_without(blocked, module, *args):
+    """Runs `python -m module args` with the imports of `blocked` failing,
+    as where the `examples` extra is not installed."""
+    code = (
+        "import runpy, sys\n"
+        f"for name in {list(blocked)!r}:\n"
+        "    sys.modules[name] = None  # `import name` raises ImportError\n"
+        f"sys.argv = [{module!r}, *{list(args)!r}]\n"
+        f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)\n"
+    )
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_binaries_without_the_examples_extra_say_what_to_install(tmp_path):
+    # Issue 24: without a package of the `examples` extra the binary ends in
+    # one line naming it and the install command, not a traceback, and
+    # before anything runs (Matplotlib, used only for the figures, is
+    # looked for first too). A valid short run otherwise.
+    from concurrent.futures import ThreadPoolExecutor
+
+    short = ["--averaging=sgd", "--epochs=1", "--batch_size=512",
+             f"--output_dir={tmp_path / 'out'}"]
+    cases = [((name,), "examples.train", short, package)
+             for name, package in [("absl", "absl-py"), ("tensorflow", "tensorflow"),
+                                   ("tensorflow_datasets", "tensorflow-datasets"),
+                                   ("sklearn", "scikit-learn"), ("matplotlib", "matplotlib")]]
+    cases.append((("sklearn", "matplotlib"), "examples.train", short,
+                  "scikit-learn, matplotlib are not installed"))
+    cases.append((("absl",), "examples.benchmark", ["--small"], "absl-py"))
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(lambda case: run_without(*case[:2], *case[2]), cases))
+    for result, (_, _, _, package) in zip(results, cases):
+        line = assert_one_line_error(result, package, 'pip install ".[examples]"')
+        assert "the `examples` extra" in line
+    assert not (tmp_path / "out").exists()
 
 
 def test_benchmark_bad_flags_and_output_are_one_line(tmp_path):
