@@ -59,6 +59,11 @@ if __package__ in (None, ""):  # run as a file: python path/to/examples/benchmar
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+if __name__ == "__main__":  # one line, not a traceback, without the extra
+    from examples import _requirements
+
+    _requirements.require("examples.benchmark", ("absl", "numpy", "keras"))
+
 from absl import flags  # noqa: E402
 
 from examples import _cli  # noqa: E402

@@ -83,6 +83,11 @@ if __package__ in (None, ""):  # run as a file: python path/to/examples/train.py
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+if __name__ == "__main__":  # one line, not a traceback, without the extra
+    from examples import _requirements
+
+    _requirements.require("examples.train")
+
 from examples import _cli  # noqa: E402
 from examples import data as data_lib  # noqa: E402
 from examples import train_flags  # noqa: E402
