@@ -109,7 +109,7 @@ class Dataset:
 def epoch_order(seed, epoch, size):
     """The order of the `size` training examples in epoch `epoch` (from 0)
     of a run with seed `seed`: a permutation, the same in every run."""
-    return np.random.default_rng([seed, epoch]).permutation(size)
+    return np.random.default_rng([seed, 0, epoch]).permutation(size)
 
 
 def check(name, data_dir=None, download=False):
@@ -255,6 +255,22 @@ def read(name, data_dir=None, download=False):
         arrays.x_train = ((arrays.x_train - mean) / std).astype("float32")
         arrays.x_test = ((arrays.x_test - mean) / std).astype("float32")
     return arrays
+
+
+def with_label_noise(arrays, fraction, seed):
+    """`arrays` with `round(fraction * n)` of its `n` training labels, drawn
+    by `seed`, each replaced by another class drawn uniformly (symmetric
+    label noise); the test labels are left alone. Returns the new `Arrays`
+    and the indices of the changed labels."""
+    rng = np.random.default_rng([seed, 1])  # apart from the orders, [seed, 0, epoch]
+    size = len(arrays.y_train)
+    changed = np.sort(rng.choice(size, size=int(round(fraction * size)), replace=False))
+    labels = arrays.y_train.copy()
+    # An offset in [1, num_classes): never the true class, the others alike.
+    offsets = rng.integers(1, arrays.num_classes, size=len(changed))
+    labels[changed] = (labels[changed] + offsets) % arrays.num_classes
+    noisy = dataclasses.replace(arrays, y_train=labels)
+    return noisy, changed
 
 
 def pipelines(name, arrays, batch_size=128, seed=0):

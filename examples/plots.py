@@ -40,16 +40,18 @@ def figure(per_seed, summary, title):
         _band(ax, curves, 1, label)
         lowest.append(min(min(c[len(c) // 4:]) for c in curves))
         history = first[name]["history"]
-        if name == "swa" and "val_swa_accuracy" in history:
+        if "val_swa_accuracy" in history:  # the SWA (or trajectory) run
             swa = [per_seed[s]["runs"][name]["history"]["val_swa_accuracy"] for s in seeds]
             start = len(history["val_accuracy"]) - len(swa[0]) + 1
-            _band(ax, swa, start, "SWA run: average (BN recomputed)", marker="o", markersize=3)
+            run = "SWA run: " if name == "swa" else ""
+            _band(ax, swa, start, f"{run}SWA average (BN recomputed)", marker="o",
+                  markersize=3)
     epochs = len(first[next(iter(first))]["history"]["val_accuracy"])
     markers = {"sgd": "s", "swa_iterate": "^", "swa": "*", "swag": "P", "ema": "D"}
-    for i, key in enumerate(k for k in markers if k in summary):
+    for i, key in enumerate(k for k in LABELS if k in summary):
         # Side by side after the last epoch, so that equal results stay visible.
         x = epochs + 0.5 + i * max(epochs, 4) / 40
-        ax.plot([x], [summary[key]["accuracy"] * 100], markers[key], markersize=9,
+        ax.plot([x], [summary[key]["accuracy"] * 100], markers.get(key, "X"), markersize=9,
                 linestyle="none", label=f"{LABELS[key]} (final, BN recomputed)")
         lowest.append(summary[key]["accuracy"])
     ax.set_xlabel("epoch")

@@ -3,13 +3,14 @@ under it, and the files it writes (`metrics.json`, `predictions.npz`)."""
 
 import statistics
 
+from examples import stats
 from examples.scoring import ECE_BINS
 from examples.scoring import LABELS
 from examples.scoring import METRICS
 
-# How `conclusion` shows a difference of each metric: factor, unit, format,
-# and the differences it counts as ties (accuracies are float32 metrics).
-UNITS = {"accuracy": (100, " points", ".2f", 1e-4), "nll": (1, "", ".4f", 1e-7)}
+# How a difference of each metric is shown: factor, unit, format.
+UNITS = {"accuracy": (100, " points", "+.2f"), "nll": (1, "", "+.4f"), "ece": (1, "", "+.4f")}
+METRIC_NAMES = {"accuracy": "accuracy", "nll": "NLL", "ece": "ECE"}
 
 
 def summarize(finals):
@@ -60,70 +61,96 @@ def _join(items):
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def conclusion(summary, resolution=0.0, metric="accuracy", labels=None):
-    """One sentence: whether each row's test `metric` (`"accuracy"` or
-    `"nll"`) differs from the baseline's (plain SGD; else the SWA final
-    iterate) by more than the seed-to-seed spread: the larger standard
-    deviation of the two rows, and at least `resolution` (for accuracy, one
-    test example, as a fraction: on a small test set a one-example
-    difference is the smallest there is).
+def baseline(summary):
+    """The row the others are held against: the SGD iterate, else the SWA
+    run's iterate; None when there is neither."""
+    for key in ("sgd", "swa_iterate"):
+        if key in summary:
+            return key
+    return None
 
-    A rough screen, not a significance test: with three seeds only a large
-    difference is worth reading. For `"nll"`, None when there is one row
-    or one seed (the accuracy sentence says so), and no `resolution`.
-    """
+
+def differences(summary, labels=None):
+    """Each row's paired difference to the baseline's (`stats.
+    paired_difference`), per metric: `{row: {metric: difference}}`, in the
+    order of `labels` (`LABELS` by default); empty without a baseline."""
     labels = LABELS if labels is None else labels
-    scale, unit, spec, tie = UNITS[metric]
-    accuracy = metric == "accuracy"
-    resolution = resolution if accuracy else 0.0
-    base = "sgd" if "sgd" in summary else ("swa_iterate" if "swa_iterate" in summary else None)
-    others = [k for k in labels if k in summary and k != base]
-    if base is None or not others:
-        return "One row only: nothing to compare (--averaging=compare trains them all)." \
-            if accuracy else None
-    n = len(summary[base][f"{metric}_per_seed"])
-    diffs = {k: (summary[k][metric] - summary[base][metric]) * scale for k in others}
-    diffs = {k: 0.0 if abs(d) <= tie else d for k, d in diffs.items()}  # no "-0.00"
-    listed = [f"{labels[k]} {diffs[k]:+{spec}}{unit}" for k in others]
-    if n == 1:
-        if not accuracy:
-            return None
-        return (
-            f"One seed, so no spread to hold the differences against "
-            f"({_join(listed)} against {labels[base]}): rerun with --seeds=0,1,2 "
-            f"before reading anything into them."
-        )
-    spread = {
-        k: max(summary[k][f"{metric}_std"], summary[base][f"{metric}_std"], resolution) * scale
-        for k in others
+    base = baseline(summary)
+    if base is None:
+        return {}
+    return {
+        row: {m: stats.paired_difference(summary[row][f"{m}_per_seed"],
+                                         summary[base][f"{m}_per_seed"], m)
+              for m in METRICS}
+        for row in labels if row in summary and row != base
     }
-    above = [k for k in others if abs(diffs[k]) > spread[k] + tie]
-    within = [k for k in others if k not in above]
-    rule = "the larger standard deviation of the two rows"
-    if resolution:
-        rule += f", at least one test example, {resolution * scale:{spec}}{unit}"
-    opening = f"Over {n} seeds" if accuracy else f"In test NLL, over {n} seeds"
 
-    def items(keys):
-        return [f"{labels[k]} ({diffs[k]:+{spec}}{unit}, spread {spread[k]:{spec}})"
-                for k in keys]
 
-    if not above:
+def _value(metric, value):
+    """A difference of `metric` as `UNITS` shows it; one that rounds to
+    zero is "+0.00", not "-0.00"."""
+    scale, unit, spec = UNITS[metric]
+    digits = int(spec.rsplit(".", 1)[1][:-1])
+    return f"{round(value * scale, digits) + 0.0:{spec}}"
+
+
+def format_differences(summary, diffs, labels=None):
+    """The Markdown table of `differences`: per row and metric the mean
+    difference, its 95% interval and the verdict ("better", "worse" or
+    "no significant difference"), under a line that says what it is."""
+    labels = LABELS if labels is None else labels
+    base, n = baseline(summary), len(summary[next(iter(summary))]["accuracy_per_seed"])
+    width = max([12, *(len(labels[r]) for r in diffs)])
+    lines = [
+        f"Paired difference to {labels[base]} (same seed: same initial weights and data "
+        f"order), mean and {stats.CONFIDENCE:.0%} t-interval over {n} seeds; accuracy in "
+        f"points:",
+        "",
+        f"| {'row':<{width}} | metric   | difference | {'95% interval':<20} | verdict |",
+        f"|{'-' * (width + 2)}|----------|-----------:|{'-' * 22}|---------|",
+    ]
+    for row, per_metric in diffs.items():
+        for metric, d in per_metric.items():
+            interval = f"[{_value(metric, d['low'])}, {_value(metric, d['high'])}]"
+            lines.append(
+                f"| {labels[row]:<{width}} | {METRIC_NAMES[metric]:<8} | "
+                f"{_value(metric, d['mean']):>10} | {interval:<20} | {d['verdict']} |"
+            )
+    return "\n".join(lines)
+
+
+def _join(items):
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def conclusion(summary, labels=None):
+    """One sentence on the rows against the baseline (`baseline`): with
+    several seeds, which differences the paired 95% t-intervals find
+    better, worse or not significant; with one seed, that there is no
+    interval to judge by."""
+    labels = LABELS if labels is None else labels
+    base, diffs = baseline(summary), differences(summary, labels)
+    if not diffs:
+        return ("One row only: nothing to compare (--averaging=compare or "
+                "trajectory trains several).")
+    n = len(summary[base]["accuracy_per_seed"])
+    if n == 1:
+        listed = [f"{labels[r]} {_value('accuracy', d['accuracy']['mean'])} points"
+                  for r, d in diffs.items()]
         return (
-            f"{opening}, no row differs from {labels[base]} by more than the "
-            f"seed-to-seed spread ({rule}): {_join(items(within))}."
+            f"One seed, so no interval to hold the differences against "
+            f"({_join(listed)} in accuracy against {labels[base]}): rerun with "
+            f"--seeds=0,1,2,3,4 before reading anything into them."
         )
-    if not within:
-        return (
-            f"{opening}, every row differs from {labels[base]} by more than "
-            f"the seed-to-seed spread ({rule}): {_join(items(above))}."
-        )
-    verb = "differs" if len(above) == 1 else "differ"
-    return (
-        f"{opening}, {_join(items(above))} {verb} from {labels[base]} by "
-        f"more than the seed-to-seed spread ({rule}); {_join(items(within))} "
-        f"{'does' if len(within) == 1 else 'do'} not."
-    )
+    verdicts = {"better": [], "worse": [], stats.NO_DIFFERENCE: []}
+    for row, per_metric in diffs.items():
+        for metric, d in per_metric.items():
+            unit = UNITS[metric][1]
+            verdicts[d["verdict"]].append(
+                f"{labels[row]} {METRIC_NAMES[metric]} ({_value(metric, d['mean'])}{unit})")
+    parts = [f"{verdict}: {_join(items)}" for verdict, items in verdicts.items() if items]
+    return (f"Over {n} seeds, against {labels[base]} (paired, "
+            f"{stats.CONFIDENCE:.0%} t-intervals): {'; '.join(parts)}.")
 
 
 def sweep_labels(config):
@@ -170,13 +197,23 @@ def describe(plan, summary):
     config, seeds = plan.config, plan.seeds
     over = (f"mean ± standard deviation over seeds {', '.join(map(str, seeds))}"
             if len(seeds) > 1 else f"seed {seeds[0]}")
+    recipe = f"--recipe={config['recipe']}: " if config["recipe"] else ""
     swa = f", SWA from epoch {plan.swa_start}" if "swa" in summary else ""
+    if "swa" in summary and config["averaging"] == "trajectory":
+        swa += " (same trajectory, same learning rate)"
+    elif "swa" in summary and config["swa_anneal_epochs"]:
+        swa += (f" (the callback anneals to {config['swa_lr']:g} over "
+                f"{config['swa_anneal_epochs']} epoch(s))")
+    noise = (f", {config['label_noise']:.0%} of the training labels replaced by another "
+             f"class (drawn per seed)" if config["label_noise"] else "")
+    l2 = f", coupled L2 {config['l2']:g}" if config["l2"] else ""
     text = (
-        f"{config['model']} on {config['dataset']} ({len(plan.arrays.x_test)} test "
-        f"images), {config['epochs']} epochs, {config['schedule']} schedule{swa}; "
-        f"{over}. Every row is evaluated with its BatchNorm statistics recomputed on "
-        f"the training set (keras_swa.update_bn). NLL: mean negative log-probability "
-        f"of the true class; ECE: expected calibration error, {ECE_BINS} bins."
+        f"{recipe}{config['model']} on {config['dataset']} ({len(plan.arrays.x_test)} test "
+        f"images{noise}), {config['epochs']} epochs, {config['schedule']} schedule from "
+        f"lr {config['lr']:g}{l2}{swa}; {over}. Every row is evaluated with its "
+        f"BatchNorm statistics recomputed on the training set (keras_swa.update_bn). "
+        f"NLL: mean negative log-probability of the true class; ECE: expected "
+        f"calibration error, {ECE_BINS} bins."
     )
     if "swag" in summary:
         text += (
@@ -213,11 +250,9 @@ def report_posthoc_ema(plan, per_seed, summary):
     first = per_seed[seeds[0]]["posthoc_ema"]
     sweep_summary = summarize([sweep_rows(per_seed[s]) for s in seeds])
     labels = sweep_labels(plan.config)
-    table = format_table({**sweep_summary, "sgd": summary["sgd"]}, labels)
     combined = {**sweep_summary, "sgd": summary["sgd"]}
-    resolution = 1 / len(plan.arrays.x_test)
-    sentences = [conclusion(combined, resolution, "accuracy", labels),
-                 conclusion(combined, 0.0, "nll", labels)]
+    diffs = differences(combined, labels)
+    sentence = conclusion(combined, labels)
     header = (
         f"Post-hoc EMA: one training run under PostHocEMA (sigma_rel "
         f"{', '.join(f'{s:g}' for s in plan.config['ema_sigma_rels'])}), "
@@ -227,9 +262,12 @@ def report_posthoc_ema(plan, per_seed, summary):
         f"({statistics.fmean(per_seed[s]['posthoc_ema']['sweep_seconds'] for s in seeds):.1f} s "
         f"for the sweep)."
     )
-    text = header + "\n\n" + table + "\n\n" + "\n\n".join(s for s in sentences if s)
-    return {"text": text, "summary": sweep_summary, "conclusions": sentences,
-            "labels": labels}
+    paragraphs = [header, format_table(combined, labels)]
+    if len(seeds) > 1:
+        paragraphs.append(format_differences(combined, diffs, labels))
+    text = "\n\n".join([*paragraphs, sentence])
+    return {"text": text, "summary": sweep_summary, "conclusion": sentence,
+            "differences": diffs, "labels": labels}
 
 
 def save_predictions(path, per_seed, labels):
@@ -254,16 +292,16 @@ def compose(plan, per_seed):
                                                 for s in seeds)}
                for k in per_seed[seeds[0]]["running_bn"]}
     header = describe(plan, summary)
-    resolution = 1 / len(plan.arrays.x_test)
-    sentence = conclusion(summary, resolution)
-    nll_sentence = conclusion(summary, 0.0, "nll")
+    diffs = differences(summary)
+    sentence = conclusion(summary)
     note = running_bn_note(summary, running)
     timing = bma_timing(plan, per_seed)
     posthoc = report_posthoc_ema(plan, per_seed, summary)
     if posthoc:  # its table has the plain row too
         paragraphs = [header, posthoc["text"], note]
     else:
-        paragraphs = [header, format_table(summary), sentence, nll_sentence, timing, note]
+        table = format_differences(summary, diffs) if diffs and len(seeds) > 1 else None
+        paragraphs = [header, format_table(summary), table, sentence, timing, note]
     print("\n" + "\n\n".join(p for p in paragraphs if p), flush=True)
     metrics = {
         "config": config,
@@ -271,8 +309,9 @@ def compose(plan, per_seed):
         "swa_start_epoch": plan.swa_start,
         "evaluation": header,
         "final": summary,
+        "baseline": baseline(summary),
+        "differences": diffs,
         "conclusion": sentence,
-        "conclusion_nll": nll_sentence,
         "running_bn_note": note,
         "swag_bma_timing": timing,
         "per_seed": {str(s): {k: v for k, v in per_seed[s].items() if k != "probabilities"}
@@ -282,8 +321,8 @@ def compose(plan, per_seed):
         metrics["posthoc_ema"] = {
             "sweep": posthoc["summary"],
             "labels": posthoc["labels"],
-            "conclusion": posthoc["conclusions"][0],
-            "conclusion_nll": posthoc["conclusions"][1],
+            "differences": posthoc["differences"],
+            "conclusion": posthoc["conclusion"],
         }
     return metrics, posthoc
 

@@ -15,12 +15,17 @@ from examples import scoring
 
 
 def build(config, dataset, optimizer, seed, metrics=()):
+    """The model of `--model` for `dataset`, its initial weights drawn from
+    `seed`, compiled with `optimizer`; with `--l2`, every trainable
+    variable carries the coupled L2 penalty."""
     import keras
 
     from examples import models as models_lib
 
     keras.utils.set_random_seed(seed)
     model = models_lib.get(config["model"], dataset.input_shape, dataset.num_classes)
+    if config["l2"]:
+        add_coupled_l2(model, config["l2"])
     model.compile(
         optimizer=optimizer,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -29,7 +34,19 @@ def build(config, dataset, optimizer, seed, metrics=()):
     return model
 
 
+def add_coupled_l2(model, l2):
+    """Adds `l2 / 2 * sum(w ** 2)` of every trainable variable `w` to the
+    loss: `l2 * w` joins its gradient, and with it the momentum, as
+    `torch.optim.SGD(weight_decay=l2)` does (Keras' `weight_decay` is
+    decoupled: `w -= lr * weight_decay * w`, outside the momentum)."""
+    import keras
+
+    for variable in model.trainable_variables:
+        variable.regularizer = keras.regularizers.L2(l2 / 2)
+
+
 def sgd(config):
+    """SGD with `--momentum` and the decoupled `--weight_decay`."""
     import keras
 
     return keras.optimizers.SGD(
@@ -40,6 +57,9 @@ def sgd(config):
 
 
 def fit(model, dataset, config, schedule, extra_callbacks=()):
+    """`model.fit` for `--epochs` under the per-epoch `schedule` (a
+    `LearningRateScheduler` ahead of `extra_callbacks`); returns the
+    history."""
     import keras
 
     history = model.fit(
@@ -62,18 +82,20 @@ def last_epoch(history):
     }
 
 
-def run_plain(config, dataset, schedule, seed, with_ema):
-    """Plain SGD; with `with_ema`, under the EMA wrapper, which averages the
-    same trajectory. Rows `sgd` (and `ema`)."""
+def ema(config):
+    """`--ema_decay` and `--ema_warmup`'s EMA wrapper around `sgd`."""
     import keras_swa
 
-    optimizer = sgd(config)
-    if with_ema:
-        optimizer = keras_swa.EMA(
-            optimizer, decay=config["ema_decay"], warmup=config["ema_warmup"]
-        )
-    model = build(config, dataset, optimizer, seed)
-    history = fit(model, dataset, config, schedule)
+    return keras_swa.EMA(sgd(config), decay=config["ema_decay"], warmup=config["ema_warmup"])
+
+
+def run_plain(config, dataset, seed, with_ema):
+    """Plain SGD under the plain schedule; with `with_ema`, under the EMA
+    wrapper, which averages the same trajectory. Rows `sgd` (and `ema`)."""
+    import keras_swa
+
+    model = build(config, dataset, ema(config) if with_ema else sgd(config), seed)
+    history = fit(model, dataset, config, recipes.plain_schedule(config))
     probabilities = {}
     if with_ema:
         with keras_swa.averaged_weights(model, bn_data=dataset.train_eval, verbose=0):
@@ -83,60 +105,110 @@ def run_plain(config, dataset, schedule, seed, with_ema):
             "running_bn": {"sgd": last_epoch(history)}}
 
 
-def run_swa(config, dataset, schedule, swa_start, seed, with_swag):
-    """SGD with the SWA callback, or with SWAG (the SWA callback that also
-    keeps the posterior). Rows `swa_iterate`, `swa` (and `swag`)."""
-    import keras
+def swa_callback(config, dataset, swa_start, with_swag, **arguments):
+    """The SWA callback (`SWAG` with `with_swag`, which also keeps the
+    posterior) averaging every epoch from `swa_start`, with BatchNorm
+    recomputed on the training set and evaluated on the test set per
+    epoch (the `val_swa_*` curves); `arguments` go to it too."""
     import keras_swa
 
-    class KeepIterate(keras.callbacks.Callback):
-        # Before the averager in the list, so it sees the final iterate
-        # before the average replaces it.
-        def on_train_end(self, logs=None):
-            self.final_weights = self.model.get_weights()
-
-    iterate = KeepIterate()
-    averager_arguments = dict(
+    arguments.update(
         start_epoch=swa_start,
         bn_data=dataset.train_eval,
         validation_data=dataset.test,
         verbose=int(config["verbose"] == 1),
     )
     if with_swag:
-        averager = keras_swa.SWAG(max_rank=config["swag_rank"], **averager_arguments)
-    else:
-        averager = keras_swa.StochasticWeightAveraging(**averager_arguments)
-    model = build(config, dataset, sgd(config), seed)
-    history = fit(model, dataset, config, schedule, [iterate, averager])
-    # The callback left the average, with recomputed BatchNorm, in the model.
+        return keras_swa.SWAG(max_rank=config["swag_rank"], **arguments)
+    return keras_swa.StochasticWeightAveraging(**arguments)
+
+
+def keep_iterate():
+    """A callback that keeps the weights of the last iterate when `fit`
+    ends, in `final_weights`: before the SWA callback in the list, it sees
+    them before the average replaces them."""
+    import keras
+
+    class KeepIterate(keras.callbacks.Callback):
+        def on_train_end(self, logs=None):
+            self.final_weights = self.model.get_weights()
+
+    return KeepIterate()
+
+
+def average_rows(config, dataset, model, averager, seed):
+    """Rows `swa` and, for a SWAG `averager`, `swag` of a model that holds
+    the SWA average after `fit` (with recomputed BatchNorm); and the SWAG
+    numbers for metrics.json."""
+    import keras
+    import keras_swa
+
     probabilities = {"swa": scoring.test_probabilities(model, dataset)}
-    extra = {}
-    if with_swag:
-        start = time.perf_counter()
-        probabilities["swag"] = keras_swa.predict_bma(
-            model,
-            dataset.test,
-            source=averager,
-            num_samples=config["swag_samples"],
-            scale=config["swag_scale"],
-            seed=seed,
-            bn_data=dataset.train_eval,
-            bn_steps=config["swag_bn_batches"],
-            from_logits=True,
-        )
-        seconds = time.perf_counter() - start
-        samples = config["swag_samples"] if config["swag_scale"] > 0 else 1
-        extra["swag"] = {
-            "rank": averager.rank,
-            "n_averaged": int(keras.ops.convert_to_numpy(averager.n_averaged)),
-            "samples": samples,
-            "bma_seconds": seconds,
-            "bma_seconds_per_sample": seconds / samples,
-        }
+    if not isinstance(averager, keras_swa.SWAG):
+        return probabilities, {}
+    start = time.perf_counter()
+    probabilities["swag"] = keras_swa.predict_bma(
+        model,
+        dataset.test,
+        source=averager,
+        num_samples=config["swag_samples"],
+        scale=config["swag_scale"],
+        seed=seed,
+        bn_data=dataset.train_eval,
+        bn_steps=config["swag_bn_batches"],
+        from_logits=True,
+    )
+    seconds = time.perf_counter() - start
+    samples = config["swag_samples"] if config["swag_scale"] > 0 else 1
+    return probabilities, {"swag": {
+        "rank": averager.rank,
+        "n_averaged": int(keras.ops.convert_to_numpy(averager.n_averaged)),
+        "samples": samples,
+        "bma_seconds": seconds,
+        "bma_seconds_per_sample": seconds / samples,
+    }}
+
+
+def run_swa(config, dataset, swa_start, seed, with_swag):
+    """SGD under the SWA schedule with the SWA callback, or with SWAG (the
+    SWA callback that also keeps the posterior). Rows `swa_iterate`, `swa`
+    (and `swag`)."""
+    anneal = config["swa_anneal_epochs"]
+    # With an anneal, the callback takes the rate from the plain schedule
+    # at `swa_start` to `--swa_lr`; without, the schedule gets there itself.
+    rate = dict(swa_lr=config["swa_lr"], anneal_epochs=anneal) if anneal else {}
+    averager = swa_callback(config, dataset, swa_start, with_swag, **rate)
+    iterate = keep_iterate()
+    model = build(config, dataset, sgd(config), seed)
+    history = fit(model, dataset, config, recipes.swa_schedule(config, swa_start),
+                  [iterate, averager])
+    # The callback left the average, with recomputed BatchNorm, in the model.
+    probabilities, extra = average_rows(config, dataset, model, averager, seed)
     model.set_weights(iterate.final_weights)
     probabilities["swa_iterate"] = scoring.evaluate_bn_recomputed(model, dataset)
     return {"history": history, "probabilities": probabilities, "extra": extra,
             "running_bn": {"swa_iterate": last_epoch(history)}}
+
+
+def run_trajectory(config, dataset, swa_start, seed):
+    """One SGD run under the plain schedule carrying every averager: the
+    EMA wrapper, and the SWAG callback (SWA's average and SWAG's
+    posterior) averaging every epoch from `swa_start` without touching the
+    learning rate. Neither changes the trajectory, so every row averages
+    the same weights: `sgd` (the final iterate), `swa`, `swag` and `ema`."""
+    import keras_swa
+
+    averager = swa_callback(config, dataset, swa_start, True, allow_averaging_optimizer=True)
+    iterate = keep_iterate()
+    model = build(config, dataset, ema(config), seed)
+    history = fit(model, dataset, config, recipes.plain_schedule(config), [iterate, averager])
+    probabilities, extra = average_rows(config, dataset, model, averager, seed)
+    model.set_weights(iterate.final_weights)
+    with keras_swa.averaged_weights(model, bn_data=dataset.train_eval, verbose=0):
+        probabilities["ema"] = scoring.test_probabilities(model, dataset)
+    probabilities["sgd"] = scoring.evaluate_bn_recomputed(model, dataset)
+    return {"history": history, "probabilities": probabilities, "extra": extra,
+            "running_bn": {"sgd": last_epoch(history)}}
 
 
 def snapshot_every(total_updates, wanted):
@@ -165,7 +237,7 @@ def clear_snapshots(directory):
     return len(stale)
 
 
-def run_posthoc_ema(config, dataset, schedule, seed, directory):
+def run_posthoc_ema(config, dataset, seed, directory):
     """Plain SGD under PostHocEMA with EMASnapshots writing to `directory`;
     after training, `sweep_ema` over `--ema_sweep`. Row `sgd` and the
     sweep, in `extra["posthoc_ema"]`."""
@@ -179,7 +251,7 @@ def run_posthoc_ema(config, dataset, schedule, seed, directory):
     optimizer = keras_swa.PostHocEMA(sgd(config), sigma_rels=tuple(config["ema_sigma_rels"]))
     ece = keras_swa.metrics.ExpectedCalibrationError(num_bins=scoring.ECE_BINS, from_logits=True)
     model = build(config, dataset, optimizer, seed, metrics=[ece])
-    history = fit(model, dataset, config, schedule,
+    history = fit(model, dataset, config, recipes.plain_schedule(config),
                   [keras_swa.EMASnapshots(directory, every_n_steps=every)])
     start = time.perf_counter()
     table = keras_swa.sweep_ema(model, directory, config["ema_sweep"], dataset.test,
@@ -204,44 +276,45 @@ def run_posthoc_ema(config, dataset, schedule, seed, directory):
             "running_bn": {"sgd": last_epoch(history)}}
 
 
-RUN_TITLES = {
-    "sgd": "SGD",
-    "sgd_ema": "SGD + EMA",
-    "swa": "SGD + SWA callback",
-    "swag": "SGD + SWAG callback",
-    "posthoc_ema": "SGD + PostHocEMA",
+# The kinds of run: title and function `(config, dataset, swa_start, seed,
+# output_dir) -> run`.
+RUN_KINDS = {
+    "sgd": ("SGD", lambda c, d, a, s, o: run_plain(c, d, s, with_ema=False)),
+    "sgd_ema": ("SGD + EMA", lambda c, d, a, s, o: run_plain(c, d, s, with_ema=True)),
+    "swa": ("SGD + SWA callback", lambda c, d, a, s, o: run_swa(c, d, a, s, with_swag=False)),
+    "swag": ("SGD + SWAG callback", lambda c, d, a, s, o: run_swa(c, d, a, s, with_swag=True)),
+    "posthoc_ema": ("SGD + PostHocEMA", lambda c, d, a, s, o: run_posthoc_ema(
+        c, d, s, os.path.join(o, "ema_snapshots", f"seed_{s}"))),
+    "trajectory": ("SGD + EMA + SWAG callback, one trajectory",
+                   lambda c, d, a, s, o: run_trajectory(c, d, a, s)),
+}
+# The runs each `--averaging` mode trains, in order: run name -> kind.
+# Schedule-free (issue 23) joins here: a kind "schedule_free" in RUN_KINDS
+# whose run returns the rows `sf_y` and `sf_x` (scoring.LABELS has their
+# place), named in the modes that train it, e.g. "trajectory":
+# {"sgd": "trajectory", "sf": "schedule_free"} for the demo's table.
+MODE_RUNS = {
+    "compare": {"sgd": "sgd_ema", "swa": "swag"},
+    "sgd": {"sgd": "sgd"},
+    "ema": {"sgd": "sgd_ema"},
+    "swa": {"swa": "swa"},
+    "swag": {"swa": "swag"},
+    "posthoc_ema": {"sgd": "posthoc_ema"},
+    "trajectory": {"sgd": "trajectory"},
 }
 
 
 def train_seed(config, dataset, labels, swa_start, seed, output_dir):
     """The runs of `--averaging` for one seed: their histories, and per row
     the test probabilities and scores."""
-    averaging = config["averaging"]
-    # Run name -> kind of run.
-    wanted = {
-        "compare": {"sgd": "sgd_ema", "swa": "swag"},
-        "sgd": {"sgd": "sgd"},
-        "ema": {"sgd": "sgd_ema"},
-        "swa": {"swa": "swa"},
-        "swag": {"swa": "swag"},
-        "posthoc_ema": {"sgd": "posthoc_ema"},
-    }[averaging]
     runs, seconds = {}, {}
-    for name, kind in wanted.items():
-        print(f"\n== seed {seed}: {RUN_TITLES[kind]}, {config['model']} on "
+    for name, kind in MODE_RUNS[config["averaging"]].items():
+        title, run = RUN_KINDS[kind]
+        print(f"\n== seed {seed}: {title}, {config['model']} on "
               f"{config['dataset']}, {config['epochs']} epochs, {config['schedule']} "
               "schedule ==", flush=True)
         start = time.time()
-        if kind in ("swa", "swag"):
-            runs[name] = run_swa(config, dataset, recipes.swa_schedule(config, swa_start),
-                                 swa_start, seed, with_swag=kind == "swag")
-        elif kind == "posthoc_ema":
-            directory = os.path.join(output_dir, "ema_snapshots", f"seed_{seed}")
-            runs[name] = run_posthoc_ema(config, dataset, recipes.plain_schedule(config), seed,
-                                         directory)
-        else:
-            runs[name] = run_plain(config, dataset, recipes.plain_schedule(config), seed,
-                                   with_ema=kind == "sgd_ema")
+        runs[name] = run(config, dataset, swa_start, seed, output_dir)
         seconds[name] = time.time() - start
     probabilities = {k: v for run in runs.values() for k, v in run["probabilities"].items()}
     probabilities = {k: probabilities[k] for k in scoring.LABELS if k in probabilities}
@@ -255,4 +328,3 @@ def train_seed(config, dataset, labels, swa_start, seed, output_dir):
         **extra,
         "probabilities": probabilities,
     }
-

@@ -9,8 +9,11 @@ A row is one model the table reports (plain SGD, the SWA average, ...):
 # diagram (the usual 15 of Guo et al., 2017).
 ECE_BINS = 15
 
+# Schedule-free (issue 23) adds its rows here, after EMA: "sf_y":
+# "Schedule-free: y" (the weights it trains at) and "sf_x": "Schedule-free:
+# x" (its average), from a run kind of `runs.RUN_KINDS`.
 LABELS = {
-    "sgd": "SGD (plain)",
+    "sgd": "SGD iterate",
     "swa_iterate": "SWA: final iterate",
     "swa": "SWA: average",
     "swag": "SWAG-BMA",

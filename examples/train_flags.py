@@ -10,18 +10,25 @@ import math
 
 from absl import flags
 
+from examples import recipes
+
 # The keys of `models.MODELS` (a test keeps them in step), here so that the
 # flags are checked without importing Keras.
 MODEL_NAMES = ("small_cnn", "vgg16_bn", "preresnet110", "preresnet164", "wrn28_10")
-SCHEDULES = ("cosine", "paper")
-AVERAGING = ("compare", "sgd", "swa", "swag", "ema", "posthoc_ema")
+SCHEDULES = ("cosine", "paper", "constant")
+AVERAGING = ("compare", "sgd", "swa", "swag", "ema", "posthoc_ema", "trajectory")
 # keras_swa.averaging.MAX_SIGMA_REL (a test keeps them in step), here so
 # that the flags are checked without importing Keras: the widest
 # power-function EMA profile.
 MAX_SIGMA_REL = 0.28
-# Confidence bins of the expected calibration error and the reliability
 
 FLAGS = flags.FLAGS
+flags.DEFINE_enum("recipe", None, tuple(recipes.RECIPES),
+                  "A setting fixed in advance: 'demo' (every averager on one constant-rate "
+                  "SGD run with 20% label noise, digits; make demo) or 'paper' (the SWA "
+                  "recipe of torch.optim.swa_utils: coupled L2, cosine, SWA from 75% at "
+                  "0.01 after a one-epoch anneal; e.g. --dataset=fashion_mnist "
+                  "--data_dir=DIR). Flags given beside it override its values.")
 flags.DEFINE_string("dataset", "digits", "'digits' (offline) or a tensorflow-datasets name.")
 flags.DEFINE_string("data_dir", None,
                     "tensorflow-datasets data, or the IDX files of (fashion_)mnist "
@@ -33,23 +40,34 @@ flags.DEFINE_enum("model", "small_cnn", MODEL_NAMES, "The network.")
 flags.DEFINE_integer("epochs", 40, "Training budget in epochs, the same for every run.")
 flags.DEFINE_integer("batch_size", 32, "Batch size.")
 flags.DEFINE_enum("schedule", "cosine", SCHEDULES,
-                  "Learning-rate recipe: 'cosine' (any budget) or 'paper' (the SWA paper's, "
-                  "for 150-225-epoch budgets). See the module docstring.")
+                  "Learning-rate schedule: 'cosine' (any budget), 'paper' (the SWA paper's, "
+                  "for 150-225-epoch budgets) or 'constant'. See the module docstring.")
 flags.DEFINE_float("lr", 0.05, "Initial learning rate.")
 flags.DEFINE_float("momentum", 0.9, "SGD momentum.")
-flags.DEFINE_float("weight_decay", 5e-4, "Decoupled weight decay of SGD.")
+flags.DEFINE_float("weight_decay", 5e-4, "Decoupled weight decay of SGD (Keras').")
+flags.DEFINE_float("l2", 0.0,
+                   "Coupled L2, as torch.optim.SGD's weight_decay: l2 * w added to the "
+                   "gradient of every parameter (through the momentum).")
+flags.DEFINE_float("label_noise", 0.0,
+                   "Share of the training labels replaced by another class, drawn per "
+                   "seed (symmetric noise); the test labels stay clean.")
 flags.DEFINE_string("swa_start", None,
                     "First averaged epoch: an integer epoch, or a fraction of --epochs. "
                     "Default: 0.75 with --schedule=cosine, 0.5 with --schedule=paper.")
 flags.DEFINE_float("swa_lr", 0.01, "Learning rate of the SWA phase.")
+flags.DEFINE_integer("swa_anneal_epochs", 0,
+                     "0: the SWA run's schedule reaches --swa_lr at --swa_start. N > 0: it "
+                     "follows the plain schedule, and the SWA callback anneals from there "
+                     "to --swa_lr over N epochs (torch's SWALR).")
 flags.DEFINE_float("ema_decay", 0.998, "Decay of the EMA average.")
 flags.DEFINE_bool("ema_warmup", True,
                   "Ramp the EMA decay up as min(decay, (1 + n) / (10 + n)), so that the "
                   "initial weights do not linger in short runs.")
 flags.DEFINE_enum("averaging", "compare", AVERAGING,
-                  "Which runs to train: 'compare' (all but posthoc_ema), 'sgd', 'swa', "
-                  "'swag' (the SWA run with SWAG), 'ema' or 'posthoc_ema' (see the "
-                  "module docstring).")
+                  "Which runs to train: 'compare' (the plain/EMA run and the SWA/SWAG "
+                  "run), 'sgd', 'swa', 'swag' (the SWA run with SWAG), 'ema', "
+                  "'posthoc_ema' or 'trajectory' (one plain run carrying SWA, SWAG and "
+                  "EMA); see the module docstring.")
 flags.DEFINE_integer("swag_rank", 20, "Deviation columns SWAG keeps (its max_rank).")
 flags.DEFINE_integer("swag_samples", 30, "Weight samples of the SWAG-BMA prediction.")
 flags.DEFINE_float("swag_scale", 0.5,
@@ -73,13 +91,14 @@ flags.DEFINE_list("seeds", ["0"],
 flags.DEFINE_string("output_dir", "runs/latest", "Where metrics.json and curves.png go.")
 flags.DEFINE_integer("verbose", 2, "Keras verbosity: 0 silent, 1 progress bar, 2 one line per epoch.")
 
-CONFIG_KEYS = ("dataset", "data_dir", "download", "model", "epochs", "batch_size",
-               "schedule", "lr", "momentum", "weight_decay", "swa_start", "swa_lr",
-               "ema_decay", "ema_warmup", "averaging", "swag_rank", "swag_samples",
+CONFIG_KEYS = ("recipe", "dataset", "data_dir", "download", "model", "epochs", "batch_size",
+               "schedule", "lr", "momentum", "weight_decay", "l2", "label_noise",
+               "swa_start", "swa_lr", "swa_anneal_epochs", "ema_decay", "ema_warmup", "averaging", "swag_rank", "swag_samples",
                "swag_scale", "swag_bn_batches", "ema_sigma_rels", "ema_sweep",
                "ema_snapshots", "seeds", "output_dir", "verbose")
 # Defaults of the keys a caller of `train` may leave out.
-DEFAULTS = {"schedule": "cosine", "ema_warmup": True, "seeds": [0], "swa_start": None,
+DEFAULTS = {"recipe": None, "schedule": "cosine", "l2": 0.0, "label_noise": 0.0,
+            "swa_anneal_epochs": 0, "ema_warmup": True, "seeds": [0], "swa_start": None,
             "swag_rank": 20, "swag_samples": 30, "swag_scale": 0.5, "swag_bn_batches": 50,
             "ema_sigma_rels": [0.05, 0.10],
             "ema_sweep": [0.02, 0.03, 0.05, 0.07, 0.10, 0.13, 0.16, 0.20],
@@ -89,16 +108,18 @@ DEFAULTS = {"schedule": "cosine", "ema_warmup": True, "seeds": [0], "swa_start":
 # the command line to another mode, the flag is refused rather than ignored.
 # The other flags do not depend on the mode.
 MODE_FLAGS = {
-    **dict.fromkeys(("swa_start", "swa_lr"), ("compare", "swa", "swag")),
-    **dict.fromkeys(("ema_decay", "ema_warmup"), ("compare", "ema")),
+    "swa_start": ("compare", "swa", "swag", "trajectory"),
+    **dict.fromkeys(("swa_lr", "swa_anneal_epochs"), ("compare", "swa", "swag")),
+    **dict.fromkeys(("ema_decay", "ema_warmup"), ("compare", "ema", "trajectory")),
     **dict.fromkeys(("swag_rank", "swag_samples", "swag_scale", "swag_bn_batches"),
-                    ("compare", "swag")),
+                    ("compare", "swag", "trajectory")),
     **dict.fromkeys(("ema_sigma_rels", "ema_sweep", "ema_snapshots"), ("posthoc_ema",)),
 }
 # The default `--swa_start` of each schedule. Cosine: measured on digits at
 # 10 and 20 epochs (docs/examples.md), 0.75 beats 0.5 (the SWA run anneals
 # over more epochs before averaging); paper: about the paper's 126 of 225.
-SWA_START = {"cosine": "0.75", "paper": "0.5"}
+# Constant: half of the budget (the SWA paper's start).
+SWA_START = {"cosine": "0.75", "paper": "0.5", "constant": "0.5"}
 
 
 def parse_swa_start(text, epochs):
@@ -176,6 +197,9 @@ def validate(config):
         ("swa_lr", config["swa_lr"] > 0, "a float > 0"),
         ("momentum", 0 <= config["momentum"] < 1, "a float in [0, 1)"),
         ("weight_decay", config["weight_decay"] >= 0, "a float >= 0"),
+        ("l2", config["l2"] >= 0, "a float >= 0"),
+        ("label_noise", 0 <= config["label_noise"] < 1, "a float in [0, 1)"),
+        ("swa_anneal_epochs", config["swa_anneal_epochs"] >= 0, "an integer >= 0"),
         ("ema_decay", 0 <= config["ema_decay"] < 1, "a float in [0, 1)"),
         ("verbose", config["verbose"] in (0, 1, 2), "0, 1 or 2"),
         ("swag_rank", config["swag_rank"] >= 0, "an integer >= 0"),
@@ -199,17 +223,21 @@ def validate(config):
     return parse_swa_start(str(swa_start), config["epochs"]), parse_seeds(config["seeds"])
 
 
-def check_mode_flags(averaging, given):
+def check_mode_flags(averaging, given, recipe=None):
     """Raises a ValueError if a flag of `given` (the names of the flags on
     the command line, whatever their values: a default never is) is one
-    `--averaging=averaging` does not use, by `MODE_FLAGS`."""
+    `--averaging=averaging` does not use, by `MODE_FLAGS`; `recipe` names
+    the `--recipe` that chose `averaging`, if one did."""
+    chosen = ""
+    if recipe and "averaging" not in given:
+        chosen = f" (set by --recipe={recipe})"
     for name in given:
         modes = MODE_FLAGS.get(name)
         if modes and averaging not in modes:
             users = modes[0] if len(modes) == 1 else f"{', '.join(modes[:-1])} or {modes[-1]}"
             raise ValueError(
                 f"--{name} is used only with --averaging={users}, not "
-                f"--averaging={averaging}: drop it or change --averaging."
+                f"--averaging={averaging}{chosen}: drop it or change --averaging."
             )
 
 
