@@ -59,6 +59,11 @@ if __package__ in (None, ""):  # run as a file: python path/to/examples/benchmar
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+if __name__ == "__main__":  # one line, not a traceback, without the extra
+    from examples import _requirements
+
+    _requirements.require("examples.benchmark", ("absl", "numpy", "keras"))
+
 from absl import flags  # noqa: E402
 
 from examples import _cli  # noqa: E402
@@ -411,6 +416,158 @@ def bn_variants(batches, batch_size, image_size, strategy=None):
     return variants
 
 
+def model_size(small):
+    """The width, depth and input features of the timed dense model."""
+    return (512, 3, 512) if small else (2048, 3, 1024)
+
+
+def measure(small, rounds, steps, batch_size, bn_batches, strategy=None):
+    """Times every row; returns a dict of the results (see `checks`)."""
+    import numpy as np
+
+    width, depth, features = model_size(small)
+    model_fn = lambda: build_model(width, depth, features)  # noqa: E731
+    model = model_fn()
+    variables = model.trainable_variables
+    n_weights = int(sum(np.prod(v.shape) for v in variables))
+    weight_bytes = int(sum(np.prod(v.shape) * np.dtype(v.dtype).itemsize for v in variables))
+
+    variants, optimizers = update_variants(model)
+    # The copy bandwidth, timed interleaved with the updates.
+    variants[COPY], copy_bytes = copy_variant(n_weights)
+    updates, updates_median = time_interleaved(variants, rounds, steps)
+    copies = {COPY: updates.pop(COPY)}
+    copies_median = {COPY: updates_median.pop(COPY)}
+    bandwidth = copy_bytes / copies[COPY]  # bytes per second
+    # One `fit` call of `steps` steps per round; per step.
+    fits, fits_median = time_interleaved(
+        fit_variants(model_fn, batch_size, steps), rounds, 1
+    )
+    bn, bn_median = time_interleaved(
+        bn_variants(bn_batches, 32, 16 if small else 32, strategy), rounds, 1
+    )
+    swa = optimizers["swa_every_step"]
+    own = swa.variables[: len(swa.variables) - len(swa.inner_optimizer.variables)]
+    bn_name = f"({bn_batches} batches)"
+    return {
+        "updates": updates,
+        "fits": {name: seconds / steps for name, seconds in fits.items()},
+        "bn": bn,
+        "rows": {
+            **{f"update/{k}": v for k, v in updates.items()},
+            **copies,
+            **{name: seconds / steps for name, seconds in fits.items()},
+            **{f"bn/{k} {bn_name}": v for k, v in bn.items()},
+        },
+        "medians": {
+            **{f"update/{k}": v for k, v in updates_median.items()},
+            **copies_median,
+            **{name: seconds / steps for name, seconds in fits_median.items()},
+            **{f"bn/{k} {bn_name}": v for k, v in bn_median.items()},
+        },
+        "n_weights": n_weights,
+        "weight_bytes": weight_bytes,
+        "copy_bytes": copy_bytes,
+        "bandwidth": bandwidth,
+        "bandwidth_floor": 3 * weight_bytes / bandwidth,  # seconds
+        "own_bytes": int(sum(np.prod(v.shape) * np.dtype(v.dtype).itemsize for v in own)),
+    }
+
+
+def checks(results, replicas=None):
+    """The measures of DESIGN.md: `(name, ratio, target)` triples (target
+    None: a measure without target)."""
+    updates, fits, bn = results["updates"], results["fits"], results["bn"]
+    # What a snapshot adds to an update.
+    snapshot_extra = updates["swa_every_step"] - updates["bare"]
+    rows = [
+        ("SWA non-snapshot update / bare update", updates["swa_no_snapshot"] / updates["bare"], 1.05),
+        ("fit step: SWA (no snapshot) / bare", fits["fit_swa_no_snapshot"] / fits["fit_bare"], 1.01),
+        ("fit step: SWA every 10 / bare", fits["fit_swa_every_10"] / fits["fit_bare"], 1.02),
+        (
+            "SWA snapshot extra / bandwidth floor (3 x weight bytes / copy bandwidth)",
+            snapshot_extra / results["bandwidth_floor"],
+            1.3,
+        ),
+        ("SWA snapshot extra / raw pass", snapshot_extra / updates["raw_pass"], 1.0),
+        ("EMA every step / Keras use_ema", updates["ema_every_step"] / updates["keras_use_ema"], 1.0),
+        ("update_bn / training-mode forward pass", bn["update_bn"] / bn["forward_training_mode"], 1.2),
+        ("extra memory of SWA / trainable weights",
+         results["own_bytes"] / results["weight_bytes"], 1.0 + 1e-4),
+    ]
+    if replicas is not None:
+        # No target: what a data-parallel pass gains depends on the devices
+        # (CPU logical devices share the same cores).
+        rows.append((f"update_bn: {replicas} replicas / one device",
+                     bn[f"update_bn_{replicas}_replicas"] / bn["update_bn"], None))
+    return rows
+
+
+def print_report(results, rows, rounds, steps):
+    """Prints the timings, the copy bandwidth and the measures as tables."""
+    import keras
+
+    print(
+        f"\nkeras_swa benchmark: backend={keras.backend.backend()}, "
+        f"keras={keras.__version__}, weights={results['n_weights']:,}, "
+        f"rounds={rounds}, steps={steps}, "
+        f"machine={platform.machine()} {os.cpu_count()} cores"
+    )
+    print(
+        f"Each time is the minimum over {rounds} interleaved rounds (not "
+        f"the median: on a busy machine a run lands in one of several speed "
+        f"modes, and the minimum compares like with like)."
+    )
+    print(f"\n| {'row':<38} | {'ms (min)':>9} | {'ms (median)':>11} |")
+    print(f"|{'-' * 40}|{'-' * 11}|{'-' * 13}|")
+    for name, seconds in results["rows"].items():
+        median = results["medians"][name]
+        print(f"| {name:<38} | {seconds * 1e3:9.3f} | {median * 1e3:11.3f} |")
+    copy_bytes, weight_bytes = results["copy_bytes"], results["weight_bytes"]
+    print(
+        f"\nCopy bandwidth: {results['bandwidth'] / 1e9:.2f} GB/s ({COPY}: a compiled "
+        f"copy of {copy_bytes / 2e6:.1f} MB of float32, counted as {copy_bytes / 1e6:.1f} MB "
+        f"read + written). Bandwidth floor of a snapshot: 3 x {weight_bytes / 1e6:.1f} MB "
+        f"of weights / copy bandwidth = {results['bandwidth_floor'] * 1e3:.3f} ms."
+    )
+    width = max(42, *(len(name) for name, _, _ in rows))
+    print(f"\n| {'measure (of the minima)':<{width}} | {'ratio':>6} | {'target':>7} | ok |")
+    print(f"|{'-' * (width + 2)}|{'-' * 8}|{'-' * 9}|----|")
+    for name, ratio, target in rows:
+        if target is None:
+            print(f"| {name:<{width}} | {ratio:6.3f} | {'-':>7} | -  |")
+            continue
+        ok = "yes" if ratio <= target else "NO"
+        print(f"| {name:<{width}} | {ratio:6.3f} | <= {target:4.2f} | {ok:<3}|")
+
+
+def write_json(path, results, rows, rounds, steps):
+    """Writes the results and the measures as JSON to `path`."""
+    import keras
+
+    report = {
+        "backend": keras.backend.backend(),
+        "keras": keras.__version__,
+        "weights": results["n_weights"],
+        "rounds": rounds,
+        "steps": steps,
+        "statistic": "minimum over interleaved rounds",
+        "weight_bytes": results["weight_bytes"],
+        "copy_bytes": results["copy_bytes"],
+        "copy_bandwidth_gb_per_s": results["bandwidth"] / 1e9,
+        "bandwidth_floor_seconds": results["bandwidth_floor"],
+        "seconds": results["rows"],
+        "median_seconds": results["medians"],
+        "checks": [
+            {"measure": n, "ratio": float(r), "target": t,
+             "ok": None if t is None else bool(r <= t)}
+            for n, r, t in rows
+        ],
+    }
+    with open(os.path.expanduser(path), "w") as f:
+        json.dump(report, f, indent=2)
+
+
 def main(argv):
     del argv  # checked by _cli.run
     try:
@@ -419,7 +576,6 @@ def main(argv):
         raise _cli.UsageError(str(e)) from None
 
     import keras
-    import numpy as np
 
     strategy = None
     if FLAGS.bn_replicas > 1:
@@ -430,142 +586,13 @@ def main(argv):
             )
         strategy = replica_strategy(FLAGS.bn_replicas)
     keras.utils.set_random_seed(0)
-    if FLAGS.small:
-        width, depth, features = 512, 3, 512
-    else:
-        width, depth, features = 2048, 3, 1024
-    model_fn = lambda: build_model(width, depth, features)  # noqa: E731
-    model = model_fn()
-    n_weights = int(sum(np.prod(v.shape) for v in model.trainable_variables))
-    weight_bytes = int(
-        sum(np.prod(v.shape) * np.dtype(v.dtype).itemsize for v in model.trainable_variables)
-    )
-
-    variants, optimizers = update_variants(model)
-    # The copy bandwidth, timed interleaved with the updates.
-    variants[COPY], copy_bytes = copy_variant(n_weights)
-    updates, updates_median = time_interleaved(variants, FLAGS.rounds, FLAGS.steps)
-    copies = {COPY: updates.pop(COPY)}
-    copies_median = {COPY: updates_median.pop(COPY)}
-    bandwidth = copy_bytes / copies[COPY]  # bytes per second
-    bandwidth_floor = 3 * weight_bytes / bandwidth  # seconds
-    # One `fit` call of `steps` steps per round; per step.
-    fits, fits_median = time_interleaved(
-        fit_variants(model_fn, FLAGS.batch_size, FLAGS.steps), FLAGS.rounds, 1
-    )
-    fits = {name: seconds / FLAGS.steps for name, seconds in fits.items()}
-    fits_median = {name: seconds / FLAGS.steps for name, seconds in fits_median.items()}
-    bn, bn_median = time_interleaved(
-        bn_variants(FLAGS.bn_batches, 32, 16 if FLAGS.small else 32, strategy),
-        FLAGS.rounds,
-        1,
-    )
-
-    swa = optimizers["swa_every_step"]
-    own_bytes = sum(
-        np.prod(v.shape) * np.dtype(v.dtype).itemsize
-        for v in swa.variables[: len(swa.variables) - len(swa.inner_optimizer.variables)]
-    )
-    # What a snapshot adds to an update.
-    snapshot_extra = updates["swa_every_step"] - updates["bare"]
-    checks = [
-        ("SWA non-snapshot update / bare update", updates["swa_no_snapshot"] / updates["bare"], 1.05),
-        ("fit step: SWA (no snapshot) / bare", fits["fit_swa_no_snapshot"] / fits["fit_bare"], 1.01),
-        ("fit step: SWA every 10 / bare", fits["fit_swa_every_10"] / fits["fit_bare"], 1.02),
-        (
-            "SWA snapshot extra / bandwidth floor (3 x weight bytes / copy bandwidth)",
-            snapshot_extra / bandwidth_floor,
-            1.3,
-        ),
-        ("SWA snapshot extra / raw pass", snapshot_extra / updates["raw_pass"], 1.0),
-        ("EMA every step / Keras use_ema", updates["ema_every_step"] / updates["keras_use_ema"], 1.0),
-        ("update_bn / training-mode forward pass", bn["update_bn"] / bn["forward_training_mode"], 1.2),
-        ("extra memory of SWA / trainable weights", own_bytes / weight_bytes, 1.0 + 1e-4),
-    ]
-    if strategy is not None:
-        # No target: what a data-parallel pass gains depends on the devices
-        # (CPU logical devices share the same cores).
-        replicas = strategy.num_replicas_in_sync
-        checks.append(
-            (
-                f"update_bn: {replicas} replicas / one device",
-                bn[f"update_bn_{replicas}_replicas"] / bn["update_bn"],
-                None,
-            )
-        )
-
-    print(
-        f"\nkeras_swa benchmark: backend={keras.backend.backend()}, "
-        f"keras={keras.__version__}, weights={n_weights:,}, "
-        f"rounds={FLAGS.rounds}, steps={FLAGS.steps}, "
-        f"machine={platform.machine()} {os.cpu_count()} cores"
-    )
-    print(
-        f"Each time is the minimum over {FLAGS.rounds} interleaved rounds (not "
-        f"the median: on a busy machine a run lands in one of several speed "
-        f"modes, and the minimum compares like with like)."
-    )
-    print(f"\n| {'row':<38} | {'ms (min)':>9} | {'ms (median)':>11} |")
-    print(f"|{'-' * 40}|{'-' * 11}|{'-' * 13}|")
-    rows = {
-        **{f"update/{k}": v for k, v in updates.items()},
-        **copies,
-        **fits,
-        **{f"bn/{k} ({FLAGS.bn_batches} batches)": v for k, v in bn.items()},
-    }
-    medians = {
-        **{f"update/{k}": v for k, v in updates_median.items()},
-        **copies_median,
-        **fits_median,
-        **{f"bn/{k} ({FLAGS.bn_batches} batches)": v for k, v in bn_median.items()},
-    }
-    for name, seconds in rows.items():
-        print(f"| {name:<38} | {seconds * 1e3:9.3f} | {medians[name] * 1e3:11.3f} |")
-    print(
-        f"\nCopy bandwidth: {bandwidth / 1e9:.2f} GB/s ({COPY}: a compiled copy of "
-        f"{copy_bytes / 2e6:.1f} MB of float32, counted as {copy_bytes / 1e6:.1f} MB "
-        f"read + written). Bandwidth floor of a snapshot: 3 x {weight_bytes / 1e6:.1f} MB "
-        f"of weights / copy bandwidth = {bandwidth_floor * 1e3:.3f} ms."
-    )
-    width = max(42, *(len(name) for name, _, _ in checks))
-    print(f"\n| {'measure (of the minima)':<{width}} | {'ratio':>6} | {'target':>7} | ok |")
-    print(f"|{'-' * (width + 2)}|{'-' * 8}|{'-' * 9}|----|")
-    for name, ratio, target in checks:
-        if target is None:
-            print(f"| {name:<{width}} | {ratio:6.3f} | {'-':>7} | -  |")
-            continue
-        ok = "yes" if ratio <= target else "NO"
-        print(f"| {name:<{width}} | {ratio:6.3f} | <= {target:4.2f} | {ok:<3}|")
-
+    results = measure(FLAGS.small, FLAGS.rounds, FLAGS.steps, FLAGS.batch_size,
+                      FLAGS.bn_batches, strategy)
+    replicas = strategy.num_replicas_in_sync if strategy is not None else None
+    rows = checks(results, replicas)
+    print_report(results, rows, FLAGS.rounds, FLAGS.steps)
     if FLAGS.output:
-        with open(os.path.expanduser(FLAGS.output), "w") as f:
-            json.dump(
-                {
-                    "backend": keras.backend.backend(),
-                    "keras": keras.__version__,
-                    "weights": n_weights,
-                    "rounds": FLAGS.rounds,
-                    "steps": FLAGS.steps,
-                    "statistic": "minimum over interleaved rounds",
-                    "weight_bytes": weight_bytes,
-                    "copy_bytes": copy_bytes,
-                    "copy_bandwidth_gb_per_s": bandwidth / 1e9,
-                    "bandwidth_floor_seconds": bandwidth_floor,
-                    "seconds": rows,
-                    "median_seconds": medians,
-                    "checks": [
-                        {
-                            "measure": n,
-                            "ratio": float(r),
-                            "target": t,
-                            "ok": None if t is None else bool(r <= t),
-                        }
-                        for n, r, t in checks
-                    ],
-                },
-                f,
-                indent=2,
-            )
+        write_json(FLAGS.output, results, rows, FLAGS.rounds, FLAGS.steps)
 
 
 if __name__ == "__main__":

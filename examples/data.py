@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import gzip
+import math
 import os
 import typing
 import zlib
@@ -67,7 +68,10 @@ class Dataset:
 
     Attributes:
         name: The dataset name.
-        train: Shuffled, augmented, batched training `tf.data.Dataset`.
+        arrays: The split in memory (`Arrays`).
+        batch_size: Batch size of every pipeline.
+        seed: Seed of the training order and augmentation.
+        augment: Whether the training pipeline augments (CIFAR).
         train_eval: The training set without shuffling or augmentation, for
             recomputing BatchNorm statistics.
         test: Batched test `tf.data.Dataset`.
@@ -77,12 +81,35 @@ class Dataset:
     """
 
     name: str
-    train: tf.data.Dataset
+    arrays: Arrays
+    batch_size: int
+    seed: int
+    augment: bool
     train_eval: tf.data.Dataset
     test: tf.data.Dataset
     input_shape: tuple
     num_classes: int
     train_size: int
+
+    def train_pipeline(self):
+        """A new shuffled (and, for CIFAR, augmented) training pipeline.
+
+        Its `k`-th pass (epoch `k` of a `fit`) visits the examples in the
+        order `epoch_order(seed, k, train_size)` and augments each by a
+        seed drawn from `(seed, k, index)`: a function of the seed and the
+        epoch alone. So every run that trains on a pipeline of its own sees
+        the same batches in the same order, whatever ran before it (a
+        `tf.data` shuffle would continue its sequence of orders from one
+        `fit` to the next).
+        """
+        return _train_pipeline(self.arrays.x_train, self.arrays.y_train, self.batch_size,
+                               self.seed, self.augment)
+
+
+def epoch_order(seed, epoch, size):
+    """The order of the `size` training examples in epoch `epoch` (from 0)
+    of a run with seed `seed`: a permutation, the same in every run."""
+    return np.random.default_rng([seed, 0, epoch]).permutation(size)
 
 
 def check(name, data_dir=None, download=False):
@@ -121,26 +148,8 @@ def check(name, data_dir=None, download=False):
             f"; or put the four IDX files of {name} "
             f"({', '.join(IDX_FILES.values())}) in --data_dir"
         )
-        if data_dir and os.path.isdir(data_dir):
-            present = [f for f in IDX_FILES.values() if _is_file(data_dir, f)]
-            if len(present) == len(IDX_FILES):
-                if download:
-                    # The IDX files are read; tensorflow-datasets, and so
-                    # its download, is not used.
-                    raise DataError(
-                        f"--download is not needed: --data_dir={data_dir} holds "
-                        f"the four IDX files of {name}, which are read from "
-                        f"there: drop --download (or pass a --data_dir without "
-                        f"them to have tensorflow-datasets fetch {name})."
-                    )
-                return "idx"
-            if present:
-                missing = [f for f in IDX_FILES.values() if f not in present]
-                raise DataError(
-                    f"--data_dir={data_dir} lacks {', '.join(missing)} (it "
-                    f"holds {', '.join(present)}): put all four IDX files of "
-                    f"{name} there."
-                )
+        if data_dir and os.path.isdir(data_dir) and _check_idx(name, data_dir, download):
+            return "idx"
     try:
         import tensorflow_datasets as tfds
     except ImportError:
@@ -187,6 +196,31 @@ def check(name, data_dir=None, download=False):
     )
 
 
+def _check_idx(name, data_dir, download):
+    """Whether `data_dir` holds the four IDX files of `name`; raises
+    `DataError` for some of them only, or for `download` with all four."""
+    present = [f for f in IDX_FILES.values() if _is_file(data_dir, f)]
+    if len(present) == len(IDX_FILES):
+        if download:
+            # The IDX files are read; tensorflow-datasets, and so its
+            # download, is not used.
+            raise DataError(
+                f"--download is not needed: --data_dir={data_dir} holds "
+                f"the four IDX files of {name}, which are read from "
+                f"there: drop --download (or pass a --data_dir without "
+                f"them to have tensorflow-datasets fetch {name})."
+            )
+        return True
+    if present:
+        missing = [f for f in IDX_FILES.values() if f not in present]
+        raise DataError(
+            f"--data_dir={data_dir} lacks {', '.join(missing)} (it "
+            f"holds {', '.join(present)}): put all four IDX files of "
+            f"{name} there."
+        )
+    return False
+
+
 def _quietly(fn):
     """`fn()` with absl's log lines below ERROR muted: tensorflow-datasets
     warns about the very folder whose absence `check` then explains."""
@@ -223,33 +257,75 @@ def read(name, data_dir=None, download=False):
     return arrays
 
 
+def with_label_noise(arrays, fraction, seed):
+    """`arrays` with `round(fraction * n)` of its `n` training labels, drawn
+    by `seed`, each replaced by another class drawn uniformly (symmetric
+    label noise); the test labels are left alone. Returns the new `Arrays`
+    and the indices of the changed labels."""
+    rng = np.random.default_rng([seed, 1])  # apart from the orders, [seed, 0, epoch]
+    size = len(arrays.y_train)
+    changed = np.sort(rng.choice(size, size=int(round(fraction * size)), replace=False))
+    labels = arrays.y_train.copy()
+    # An offset in [1, num_classes): never the true class, the others alike.
+    offsets = rng.integers(1, arrays.num_classes, size=len(changed))
+    labels[changed] = (labels[changed] + offsets) % arrays.num_classes
+    noisy = dataclasses.replace(arrays, y_train=labels)
+    return noisy, changed
+
+
 def pipelines(name, arrays, batch_size=128, seed=0):
-    """The `Dataset` of `arrays`: shuffled (by `seed`) and, for CIFAR,
-    augmented training batches, and the unshuffled train and test batches."""
+    """The `Dataset` of `arrays`: the unshuffled train and test batches,
+    and `train_pipeline()` for shuffled (by `seed`) and, for CIFAR,
+    augmented training batches."""
     import tensorflow as tf
 
-    augment_train = name.startswith("cifar")
-
-    def pipeline(x, y, train, augment):
+    def batches(x, y):
         ds = tf.data.Dataset.from_tensor_slices((x, y))
-        if train:
-            ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-        if augment:
-            ds = ds.map(
-                lambda image, label: (_augment_cifar(image, seed), label),
-                num_parallel_calls=tf.data.AUTOTUNE,
-            )
         return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
     return Dataset(
         name=name,
-        train=pipeline(arrays.x_train, arrays.y_train, train=True, augment=augment_train),
-        train_eval=pipeline(arrays.x_train, arrays.y_train, train=False, augment=False),
-        test=pipeline(arrays.x_test, arrays.y_test, train=False, augment=False),
+        arrays=arrays,
+        batch_size=batch_size,
+        seed=seed,
+        augment=name.startswith("cifar"),
+        train_eval=batches(arrays.x_train, arrays.y_train),
+        test=batches(arrays.x_test, arrays.y_test),
         input_shape=tuple(arrays.x_train.shape[1:]),
         num_classes=arrays.num_classes,
         train_size=len(arrays.x_train),
     )
+
+
+def _train_pipeline(x, y, batch_size, seed, augment):
+    """The training batches of `Dataset.train_pipeline`: a generator of
+    index batches, one pass per epoch (counted by the pipeline), gathered
+    from the arrays inside `tf.data`."""
+    import itertools
+
+    import tensorflow as tf
+
+    size = len(x)
+    passes = itertools.count()
+
+    def indices():
+        epoch = next(passes)
+        order = epoch_order(seed, epoch, size)
+        for start in range(0, size, batch_size):
+            yield order[start : start + batch_size], epoch
+
+    signature = (tf.TensorSpec([None], tf.int64), tf.TensorSpec([], tf.int64))
+    ds = tf.data.Dataset.from_generator(indices, output_signature=signature)
+    ds = ds.apply(tf.data.experimental.assert_cardinality(math.ceil(size / batch_size)))
+    images, labels = tf.constant(x), tf.constant(y)
+
+    def gather(index, epoch):
+        batch = tf.gather(images, index)
+        if augment:
+            batch = _augment_cifar(batch, seed, epoch * size + index)
+        return batch, tf.gather(labels, index)
+
+    return ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
 def load(name, batch_size=128, data_dir=None, seed=0, download=False):
@@ -274,14 +350,20 @@ def load(name, batch_size=128, data_dir=None, seed=0, download=False):
     return pipelines(name, read(name, data_dir, download), batch_size, seed)
 
 
-def _augment_cifar(image, seed):
+def _augment_cifar(images, seed, keys):
+    """The standard CIFAR augmentation of a batch: 4-pixel padding, random
+    32x32 crop, random horizontal flip; image `i` drawn from the stateless
+    seed `(seed, keys[i])`, so that the same key gives the same crop."""
     import tensorflow as tf
 
-    # The standard CIFAR augmentation: 4-pixel padding, random 32x32 crop,
-    # random horizontal flip.
-    image = tf.image.pad_to_bounding_box(image, 4, 4, 40, 40)
-    image = tf.image.random_crop(image, (32, 32, 3), seed=seed)
-    return tf.image.random_flip_left_right(image, seed=seed)
+    def one(args):
+        image, key = args
+        pair = tf.stack([tf.constant(seed, tf.int64), key])
+        image = tf.image.pad_to_bounding_box(image, 4, 4, 40, 40)
+        image = tf.image.stateless_random_crop(image, (32, 32, 3), seed=pair)
+        return tf.image.stateless_random_flip_left_right(image, seed=pair + 1)
+
+    return tf.map_fn(one, (images, keys), fn_output_signature=images.dtype)
 
 
 def _digits():

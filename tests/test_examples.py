@@ -18,15 +18,22 @@ import pytest
 
 from examples import data as data_lib
 from examples import models as models_lib
+from examples import plots
+from examples import recipes
+from examples import report
+from examples import runs
+from examples import scoring
+from examples import stats
 from examples import train as train_lib
+from examples import train_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def config(tmp_path, **overrides):
-    """Every setting of the binary, tiny; with `train_lib.DEFAULTS` for the
+    """Every setting of the binary, tiny; with `train_flags.DEFAULTS` for the
     ones a caller may leave out."""
-    base = {**train_lib.DEFAULTS, **dict(
+    base = {**train_flags.DEFAULTS, **dict(
         dataset="digits", data_dir=None, download=False, model="small_cnn",
         epochs=3, batch_size=128, schedule="cosine", lr=0.05, momentum=0.9,
         weight_decay=5e-4, swa_start="1", swa_lr=0.01, ema_decay=0.9,
@@ -119,9 +126,9 @@ def test_compare_on_digits_writes_table_sentence_metrics_and_curves(tmp_path, ca
     metrics = train_lib.train(config(tmp_path, epochs=2, batch_size=256))
 
     out = capsys.readouterr().out
-    for label in train_lib.LABELS.values():
+    for label in scoring.LABELS.values():
         assert label in out
-    assert "One seed, so no spread" in out and "recomputed on the training set" in out
+    assert "One seed, so no interval" in out and "recomputed on the training set" in out
     assert "test accuracy |" in out and "test NLL |" in out and "test ECE |" in out
     assert "keras_swa.predict_bma:" in out and "s per sample (3 samples" in out
     with open(tmp_path / "out" / "metrics.json") as f:
@@ -148,6 +155,202 @@ def test_compare_on_digits_writes_table_sentence_metrics_and_curves(tmp_path, ca
     assert_png(tmp_path / "out" / "curves.png")
     assert_png(tmp_path / "out" / "calibration.png")
     assert not (tmp_path / "out" / "posthoc_ema.png").exists()
+
+
+def test_compared_runs_see_the_same_data_order(tmp_path):
+    # Issue 24: the plain run and the SWA run of `compare` must see the same
+    # batches in the same order. Here they follow the same learning rates
+    # (2 epochs, SWA from epoch 1 at 0.025, the plain cosine's second
+    # epoch), from the same initial weights: with the same data order the
+    # SWA run's final iterate is the plain run's final model.
+    train_lib.train(config(tmp_path, epochs=2, batch_size=64, lr=0.05, swa_start="1",
+                           swa_lr=0.025, swag_samples=1, swag_bn_batches=1))
+    predictions = np.load(tmp_path / "out" / "predictions.npz")
+    np.testing.assert_allclose(predictions["swa_iterate_seed0"], predictions["sgd_seed0"],
+                               atol=1e-4)
+
+
+def test_training_order_is_a_function_of_seed_and_epoch():
+    # Two training pipelines of one seed give the same batches pass by
+    # pass (each pass a permutation of the examples, the passes in
+    # different orders); another seed another order. With augmentation
+    # (CIFAR) the crops and flips are the same too.
+    rng = np.random.default_rng(0)
+    n = 10
+    x = rng.normal(size=(n, 32, 32, 3)).astype("float32")
+    arrays = data_lib.Arrays(x, np.arange(n), x[:2], np.arange(2), 10)
+
+    def passes(name, seed, count=3):
+        pipeline = data_lib.pipelines(name, arrays, batch_size=4, seed=seed).train_pipeline()
+        return [[(bx.numpy(), by.numpy()) for bx, by in pipeline] for _ in range(count)]
+
+    first, second = passes("digits", 0), passes("digits", 0)
+    orders = [np.concatenate([by for _, by in epoch]) for epoch in first]
+    for k, order in enumerate(orders):
+        assert [len(by) for _, by in first[k]] == [4, 4, 2]
+        np.testing.assert_array_equal(order, data_lib.epoch_order(0, k, n))
+        np.testing.assert_array_equal(np.sort(order), np.arange(n))
+        for (ax, ay), (bx, by) in zip(first[k], second[k]):
+            np.testing.assert_array_equal(ay, by)
+            np.testing.assert_array_equal(ax, x[ay])  # not augmented
+    assert len({tuple(o) for o in orders}) == 3
+    other = np.concatenate([by for _, by in passes("digits", 1, 1)[0]])
+    assert not np.array_equal(other, orders[0])
+    augmented, again = passes("cifar10", 0, 2), passes("cifar10", 0, 2)
+    for epoch, epoch_again in zip(augmented, again):
+        for (ax, ay), (bx, by) in zip(epoch, epoch_again):
+            np.testing.assert_array_equal(ay, by)
+            np.testing.assert_array_equal(ax, bx)
+            assert ax.shape == (len(ay), 32, 32, 3) and not np.array_equal(ax, x[ay])
+
+
+def test_trajectory_mode_averages_one_run_and_gives_paired_intervals(tmp_path, capsys):
+    # The demo's mode: one run per seed carries EMA, SWA and SWAG at a
+    # constant rate, on labels with 20% noise; two seeds give intervals,
+    # checked against NumPy scores of predictions.npz (t(0.975, 1) = 12.7062).
+    metrics = train_lib.train(config(
+        tmp_path, averaging="trajectory", schedule="constant", lr=0.05, label_noise=0.2,
+        epochs=3, swa_start="1", batch_size=128, seeds=[0, 1], swag_samples=2,
+        swag_bn_batches=2,
+    ))
+    out = capsys.readouterr().out
+    assert set(metrics["final"]) == {"sgd", "swa", "swag", "ema"}
+    assert "SGD + EMA + SWAG callback, one trajectory" in out
+    assert "20% of the training labels replaced by another class" in out
+    assert "Paired difference to SGD iterate (same seed" in out
+    with open(tmp_path / "out" / "metrics.json") as f:
+        saved = json.load(f)
+    for seed in ("0", "1"):
+        per_seed = saved["per_seed"][seed]
+        assert set(per_seed["runs"]) == {"sgd"}  # one run
+        history = per_seed["runs"]["sgd"]["history"]
+        # The SWA callback leaves the constant rate alone.
+        assert history["learning_rate"] == pytest.approx([0.05] * 3)
+        assert len(history["val_swa_accuracy"]) == 2  # epochs 1 and 2
+        assert per_seed["swag"]["n_averaged"] == 2
+        assert per_seed["noisy_labels"] == round(0.2 * 1437)
+    predictions = assert_scores_match_predictions(tmp_path / "out", saved)
+    labels = predictions["labels"]
+    assert saved["baseline"] == "sgd" and set(saved["differences"]) == {"swa", "swag", "ema"}
+    for row, per_metric in saved["differences"].items():
+        for metric, difference in per_metric.items():
+            d = [numpy_scores(predictions[f"{row}_seed{s}"], labels)[metric]
+                 - numpy_scores(predictions[f"sgd_seed{s}"], labels)[metric] for s in (0, 1)]
+            half = 12.7062 * np.std(d, ddof=1) / np.sqrt(2)
+            assert difference["mean"] == pytest.approx(np.mean(d), abs=1e-5)
+            assert difference["low"] == pytest.approx(np.mean(d) - half, abs=1e-4)
+            assert difference["high"] == pytest.approx(np.mean(d) + half, abs=1e-4)
+            assert difference["verdict"] in ("better", "worse", "no significant difference")
+            assert f"| {difference['verdict']} |" in out
+    assert saved["conclusion"].startswith("Over 2 seeds, against SGD iterate (paired")
+    assert_png(tmp_path / "out" / "curves.png")
+
+
+def test_label_noise_replaces_a_share_of_the_training_labels():
+    arrays = data_lib.read("digits")
+    original = arrays.y_train.copy()
+    noisy, changed = data_lib.with_label_noise(arrays, 0.2, seed=3)
+    assert len(changed) == round(0.2 * len(original))
+    # Exactly the chosen labels differ: each moved to another class.
+    np.testing.assert_array_equal(np.flatnonzero(noisy.y_train != original), changed)
+    np.testing.assert_array_equal(arrays.y_train, original)  # a copy
+    np.testing.assert_array_equal(noisy.y_test, arrays.y_test)  # test labels clean
+    np.testing.assert_array_equal(noisy.x_train, arrays.x_train)
+    # Every wrong class is drawn: the 287 new labels spread over all ten.
+    assert len(np.unique(noisy.y_train[changed])) == 10
+    again, _ = data_lib.with_label_noise(arrays, 0.2, seed=3)
+    np.testing.assert_array_equal(again.y_train, noisy.y_train)
+    other, other_changed = data_lib.with_label_noise(arrays, 0.2, seed=4)
+    assert not np.array_equal(other_changed, changed)
+    assert len(data_lib.with_label_noise(arrays, 0.0, seed=3)[1]) == 0
+
+
+def test_coupled_l2_is_torch_s_weight_decay():
+    # Two full-batch SGD steps (momentum 0.9) of a linear model under MSE,
+    # with the coupled L2 of the paper recipe, against NumPy's torch.optim.
+    # SGD(weight_decay=l2): g = dL/dw + l2 * w; buf = 0.9 * buf + g; w -= lr * buf.
+    import keras
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, 3)).astype("float32")
+    y = rng.normal(size=(8, 2)).astype("float32")
+    kernel = rng.normal(size=(3, 2)).astype("float32")
+    bias = rng.normal(size=(2,)).astype("float32")
+    lr, l2 = 0.1, 0.05
+
+    def keras_steps(l2):
+        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        model.set_weights([kernel, bias])
+        if l2:
+            runs.add_coupled_l2(model, l2)
+        model.compile(optimizer=keras.optimizers.SGD(lr, momentum=0.9), loss="mse")
+        model.fit(x, y, batch_size=8, epochs=2, verbose=0, shuffle=False)
+        return model.get_weights()
+
+    def numpy_steps(l2):
+        w, b = kernel.astype("float64"), bias.astype("float64")
+        buffers = None
+        for _ in range(2):
+            error = 2 * (x @ w + b - y) / y.size
+            grads = [x.T @ error + l2 * w, error.sum(axis=0) + l2 * b]
+            buffers = grads if buffers is None else [0.9 * m + g for m, g in zip(buffers, grads)]
+            w, b = w - lr * buffers[0], b - lr * buffers[1]
+        return [w, b]
+
+    for value in (0.0, l2):
+        for got, expected in zip(keras_steps(value), numpy_steps(value)):
+            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_recipes_set_their_values_but_not_the_flags_given():
+    cfg = {**train_flags.DEFAULTS, "recipe": "paper", "epochs": 40, "lr": 0.1, "l2": 0.0}
+    out = recipes.apply_recipe(cfg, given=["lr"])
+    assert out["lr"] == 0.1  # given: kept
+    assert out["epochs"] == 12 and out["l2"] == 5e-4 and out["weight_decay"] == 0.0
+    assert out["swa_anneal_epochs"] == 1 and out["swa_lr"] == 0.01 and out["swa_start"] == "0.75"
+    assert cfg["epochs"] == 40  # a new dict
+    assert recipes.apply_recipe({**cfg, "recipe": None}, ()) == {**cfg, "recipe": None}
+    with pytest.raises(ValueError, match="--recipe must be one of demo, paper"):
+        recipes.apply_recipe({**cfg, "recipe": "nope"}, ())
+    for name, preset in recipes.RECIPES.items():
+        assert set(preset) <= set(train_flags.CONFIG_KEYS), name
+        # A recipe sets only flags its mode uses (else its own flags are refused).
+        for flag in preset:
+            if flag in train_flags.MODE_FLAGS:
+                assert preset["averaging"] in train_flags.MODE_FLAGS[flag], (name, flag)
+    assert recipes.RECIPES["demo"]["averaging"] == "trajectory"
+
+
+def test_paper_recipe_on_fashion_mnist_idx_files(tmp_path):
+    # One command, on generated IDX files, shortened to 4 epochs (SWA from
+    # epoch 2). The plain run follows the cosine over the 4 epochs; the SWA
+    # run the same cosine until epoch 2, whose rate the SWA callback keeps
+    # for that epoch before reaching 0.01 (a one-epoch anneal, as SWALR).
+    folder = tmp_path / "fashion"
+    folder.mkdir()
+    write_mnist(folder, n_train=64, n_test=16)
+    out = tmp_path / "out"
+    result = run_binary(
+        "examples.train", "--recipe=paper", "--dataset=fashion_mnist", f"--data_dir={folder}",
+        "--epochs=4", "--swa_start=2", "--batch_size=32", "--swag_samples=2",
+        "--swag_bn_batches=1", "--verbose=0", f"--output_dir={out}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "--recipe=paper: small_cnn on fashion_mnist (16 test images)" in result.stdout
+    assert "coupled L2 0.0005" in result.stdout
+    assert "the callback anneals to 0.01 over 1 epoch(s)" in result.stdout
+    saved = json.loads((out / "metrics.json").read_text())
+    config = saved["config"]
+    assert (config["l2"], config["weight_decay"], config["momentum"]) == (5e-4, 0.0, 0.9)
+    assert (config["schedule"], config["swa_lr"], config["swa_anneal_epochs"]) == ("cosine", 0.01, 1)
+    assert (config["epochs"], config["batch_size"], config["lr"]) == (4, 32, 0.05)
+    assert set(saved["final"]) == {"sgd", "swa_iterate", "swa", "swag", "ema"}
+    cosine = [0.05 * (1 + math.cos(math.pi * e / 4)) / 2 for e in range(4)]
+    runs_ = saved["per_seed"]["0"]["runs"]
+    assert runs_["sgd"]["history"]["learning_rate"] == pytest.approx(cosine, rel=1e-6)
+    assert runs_["swa"]["history"]["learning_rate"] == pytest.approx(cosine[:3] + [0.01], rel=1e-6)
+    for name in ("curves.png", "calibration.png"):
+        assert_png(out / name)
 
 
 def test_swag_mode_samples_a_posterior_with_spread(tmp_path, capsys):
@@ -217,7 +420,7 @@ def test_train_binary_end_to_end_from_another_folder(tmp_path):
         "--batch_size=256", "--schedule=paper", "--output_dir=run", cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "SGD (plain)" in result.stdout and "paper schedule" in result.stdout
+    assert "SGD iterate" in result.stdout and "paper schedule" in result.stdout
     assert (tmp_path / "run" / "metrics.json").exists()
     assert (tmp_path / "run" / "curves.png").exists()
 
@@ -229,7 +432,7 @@ def test_tfds_dataset_through_mock_data(tmp_path):
         with pytest.raises(data_lib.DataError, match="--download"):
             data_lib.check("cifar10")
         dataset = data_lib.load("cifar10", batch_size=8, download=True)
-        x, y = next(iter(dataset.train))
+        x, y = next(iter(dataset.train_pipeline()))
         assert x.shape == (8, 32, 32, 3) and x.dtype == "float32"
         assert dataset.num_classes == 10 and dataset.input_shape == (32, 32, 3)
         # Two seeds: the table is mean ± standard deviation.
@@ -388,6 +591,15 @@ def test_train_bad_flags_missing_data_and_output_dir_are_one_line(tmp_path):
         (["--schedule=linear"], ["--schedule=linear", "cosine|paper"]),
         (["--verbose=3"], ["--verbose"]),
         (["--averaging=bma"], ["--averaging", "posthoc_ema"]),
+        (["--recipe=fast"], ["--recipe=fast", "demo|paper"]),
+        (["--label_noise=1"], ["--label_noise must be a float in [0, 1), got 1.0"]),
+        (["--l2=-0.1"], ["--l2 must be a float >= 0, got -0.1"]),
+        (["--swa_anneal_epochs=-1"], ["--swa_anneal_epochs must be an integer >= 0"]),
+        # A recipe's mode refuses the flags it does not use, and says who chose it.
+        (["--recipe=demo", "--swa_lr=0.02"],
+         ["--swa_lr is used only with --averaging=compare, swa or swag, not "
+          "--averaging=trajectory (set by --recipe=demo)"]),
+        (["--recipe=demo", "--epochs=0"], ["--epochs must be an integer >= 1, got 0"]),
         (["--swag_samples=0"], ["--swag_samples must be an integer >= 1, got 0"]),
         (["--swag_scale=-0.5"], ["--swag_scale must be a float >= 0, got -0.5"]),
         (["--swag_rank=-1"], ["--swag_rank must be an integer >= 0, got -1"]),
@@ -401,7 +613,8 @@ def test_train_bad_flags_missing_data_and_output_dir_are_one_line(tmp_path):
         (["--averaging=posthoc_ema", "--ema_sweep=wide"], ["--ema_sweep must be", "'wide'"]),
         # A flag the mode does not use is refused, not ignored.
         (["--averaging=sgd", "--swag_samples=5"],
-         ["--swag_samples is used only with --averaging=compare or swag, not --averaging=sgd"]),
+         ["--swag_samples is used only with --averaging=compare, swag or trajectory, not "
+          "--averaging=sgd"]),
         (["--ema_sweep=0.1"], ["--ema_sweep is used only with --averaging=posthoc_ema"]),
         (["--no_such_flag"], ["no_such_flag"]),
         (["epochs=3"], ["unexpected arguments", "--name=value"]),
@@ -426,6 +639,45 @@ def test_train_bad_flags_missing_data_and_output_dir_are_one_line(tmp_path):
         assert_one_line_error(result, *fragments)
 
 
+def run_without(blocked, module, *args):
+    """Runs `python -m module args` with the imports of `blocked` failing,
+    as where the `examples` extra is not installed."""
+    code = (
+        "import runpy, sys\n"
+        f"for name in {list(blocked)!r}:\n"
+        "    sys.modules[name] = None  # `import name` raises ImportError\n"
+        f"sys.argv = [{module!r}, *{list(args)!r}]\n"
+        f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)\n"
+    )
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_binaries_without_the_examples_extra_say_what_to_install(tmp_path):
+    # Issue 24: without a package of the `examples` extra the binary ends in
+    # one line naming it and the install command, not a traceback, and
+    # before anything runs (Matplotlib, used only for the figures, is
+    # looked for first too). A valid short run otherwise.
+    from concurrent.futures import ThreadPoolExecutor
+
+    short = ["--averaging=sgd", "--epochs=1", "--batch_size=512",
+             f"--output_dir={tmp_path / 'out'}"]
+    cases = [((name,), "examples.train", short, package)
+             for name, package in [("absl", "absl-py"), ("tensorflow", "tensorflow"),
+                                   ("tensorflow_datasets", "tensorflow-datasets"),
+                                   ("sklearn", "scikit-learn"), ("matplotlib", "matplotlib")]]
+    cases.append((("sklearn", "matplotlib"), "examples.train", short,
+                  "scikit-learn, matplotlib are not installed"))
+    cases.append((("absl",), "examples.benchmark", ["--small"], "absl-py"))
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(lambda case: run_without(*case[:2], *case[2]), cases))
+    for result, (_, _, _, package) in zip(results, cases):
+        line = assert_one_line_error(result, package, 'pip install ".[examples]"')
+        assert "the `examples` extra" in line
+    assert not (tmp_path / "out").exists()
+
+
 def test_benchmark_bad_flags_and_output_are_one_line(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
@@ -445,10 +697,11 @@ def test_benchmark_bad_flags_and_output_are_one_line(tmp_path):
         assert_one_line_error(result, *fragments)
 
 
-# A value for each flag of `train_lib.MODE_FLAGS`, none its default (a flag
+# A value for each flag of `train_flags.MODE_FLAGS`, none its default (a flag
 # of the table without one here is a KeyError of the tests).
 MODE_FLAG_VALUES = {
-    "swa_start": "1", "swa_lr": "0.02", "ema_decay": "0.99", "ema_warmup": "false",
+    "swa_start": "1", "swa_lr": "0.02", "swa_anneal_epochs": "1", "ema_decay": "0.99",
+    "ema_warmup": "false",
     "swag_rank": "5", "swag_samples": "5", "swag_scale": "0.3", "swag_bn_batches": "5",
     "ema_sigma_rels": "0.05", "ema_sweep": "0.05", "ema_snapshots": "5",
 }
@@ -465,24 +718,29 @@ def test_train_flags_of_another_mode_are_refused_not_ignored():
         (["--averaging=sgd", "--swa_lr=0.02"],
          ["--swa_lr is used only with --averaging=compare, swa or swag, not --averaging=sgd:"]),
         (["--averaging=ema", "--swa_start=1"],
-         ["--swa_start is used only with --averaging=compare, swa or swag, not --averaging=ema"]),
+         ["--swa_start is used only with --averaging=compare, swa, swag or trajectory, not "
+          "--averaging=ema"]),
         (["--averaging=posthoc_ema", "--swa_lr=0.01"], ["--swa_lr", "not --averaging=posthoc_ema"]),
         (["--averaging=swa", "--ema_decay=0.99"],
-         ["--ema_decay is used only with --averaging=compare or ema, not --averaging=swa"]),
+         ["--ema_decay is used only with --averaging=compare, ema or trajectory, not "
+          "--averaging=swa"]),
         (["--averaging=swag", "--noema_warmup"], ["--ema_warmup", "not --averaging=swag"]),
         (["--averaging=posthoc_ema", "--swag_scale=0.3"],
-         ["--swag_scale is used only with --averaging=compare or swag"]),
+         ["--swag_scale is used only with --averaging=compare, swag or trajectory"]),
         (["--ema_snapshots=5"],  # compare, the default mode
          ["--ema_snapshots is used only with --averaging=posthoc_ema, not --averaging=compare"]),
+        (["--averaging=trajectory", "--swa_anneal_epochs=1"],
+         ["--swa_anneal_epochs is used only with --averaging=compare, swa or swag, not "
+          "--averaging=trajectory: drop it"]),
     ]
     epochs = "--epochs must be an integer >= 1, got 0."
     # The defaults of every mode, and every flag a mode uses, given.
-    accepted = [[f"--averaging={mode}"] for mode in train_lib.AVERAGING]
+    accepted = [[f"--averaging={mode}"] for mode in train_flags.AVERAGING]
     accepted += [
         [f"--averaging={mode}"] + [f"--{flag}={MODE_FLAG_VALUES[flag]}"
-                                   for flag, modes in train_lib.MODE_FLAGS.items()
+                                   for flag, modes in train_flags.MODE_FLAGS.items()
                                    if mode in modes]
-        for mode in train_lib.AVERAGING
+        for mode in train_flags.AVERAGING
     ]
     cases = [(args + ["--epochs=0"], fragments) for args, fragments in refused]
     cases += [(args + ["--epochs=0"], [epochs]) for args in accepted]
@@ -590,43 +848,43 @@ def test_corrupt_idx_file_is_named(tmp_path):
 )
 def test_bad_settings_are_rejected_with_the_flag_named(tmp_path, overrides, match):
     with pytest.raises(ValueError, match=match):
-        train_lib.validate(config(tmp_path, **overrides))
+        train_flags.validate(config(tmp_path, **overrides))
 
 
 def test_sigma_rel_lists_are_parsed_as_floats(tmp_path):
     cfg = config(tmp_path, ema_sigma_rels=["0.05", "0.1"], ema_sweep=np.float32(0.07))
-    train_lib.validate(cfg)
+    train_flags.validate(cfg)
     assert cfg["ema_sigma_rels"] == [0.05, 0.1]
     assert cfg["ema_sweep"] == [pytest.approx(0.07)]
 
 
 def test_swa_start_fraction_and_epoch_and_seeds():
-    assert train_lib.parse_swa_start("0.75", 40) == 30
-    assert train_lib.parse_swa_start("1.0", 40) == 39
-    assert train_lib.parse_swa_start("12", 40) == 12
-    assert train_lib.parse_seeds(["0", "1", "2"]) == [0, 1, 2]
-    assert train_lib.parse_seeds(3) == [3]
+    assert train_flags.parse_swa_start("0.75", 40) == 30
+    assert train_flags.parse_swa_start("1.0", 40) == 39
+    assert train_flags.parse_swa_start("12", 40) == 12
+    assert train_flags.parse_seeds(["0", "1", "2"]) == [0, 1, 2]
+    assert train_flags.parse_seeds(3) == [3]
 
 
 # --- Schedules -----------------------------------------------------------------
 
 
 def test_learning_rate_schedules_follow_the_paper(tmp_path):
-    plain = train_lib.paper_schedule(0.1, 100, 0.01)
+    plain = recipes.paper_schedule(0.1, 100, 0.01)
     assert plain(0) == plain(50) == 0.1
     assert plain(70) == pytest.approx(0.1 * (1 - 0.99 * 0.5))
     assert plain(95) == pytest.approx(0.001)
-    swa = train_lib.paper_schedule(0.1, 60, 0.05 / 0.1)
+    swa = recipes.paper_schedule(0.1, 60, 0.05 / 0.1)
     assert swa(54) == pytest.approx(0.05) and swa(80) == pytest.approx(0.05)
     cfg = config(tmp_path, schedule="paper", lr=0.1, epochs=100, swa_lr=0.05)
-    plain, swa = train_lib.plain_schedule(cfg), train_lib.swa_schedule(cfg, swa_start=60)
+    plain, swa = recipes.plain_schedule(cfg), recipes.swa_schedule(cfg, swa_start=60)
     assert plain(95) == pytest.approx(0.001) and swa(54) == pytest.approx(0.05)
 
 
 def test_cosine_schedules_per_epoch_by_hand(tmp_path):
     # Plain: lr * (1 + cos(pi * e / E)) / 2 with lr=0.1, E=4.
     cfg = config(tmp_path, schedule="cosine", lr=0.1, epochs=4, swa_lr=0.02)
-    plain, swa = train_lib.plain_schedule(cfg), train_lib.swa_schedule(cfg, swa_start=2)
+    plain, swa = recipes.plain_schedule(cfg), recipes.swa_schedule(cfg, swa_start=2)
     half_sqrt2 = math.sqrt(2) / 2
     expected_plain = [0.1, 0.05 * (1 + half_sqrt2), 0.05, 0.05 * (1 - half_sqrt2)]
     assert [plain(e) for e in range(4)] == pytest.approx(expected_plain)
@@ -634,7 +892,7 @@ def test_cosine_schedules_per_epoch_by_hand(tmp_path):
     # swa_start (0.1, 0.02 + 0.08 * (1 + cos(pi / 2)) / 2 = 0.06), then 0.02.
     assert [swa(e) for e in range(4)] == pytest.approx([0.1, 0.06, 0.02, 0.02])
     # SWA from epoch 0: the SWA rate throughout.
-    swa_now = train_lib.swa_schedule(cfg, swa_start=0)
+    swa_now = recipes.swa_schedule(cfg, swa_start=0)
     assert [swa_now(e) for e in range(4)] == pytest.approx([0.02] * 4)
 
 
@@ -653,91 +911,101 @@ def finals(rows):
 
 
 def test_summary_table_is_mean_and_standard_deviation():
-    summary = train_lib.summarize(finals({"sgd": [0.90, 0.92, 0.94], "swa": [0.95, 0.95, 0.95]}))
+    summary = report.summarize(finals({"sgd": [0.90, 0.92, 0.94], "swa": [0.95, 0.95, 0.95]}))
     assert summary["sgd"]["accuracy"] == pytest.approx(0.92)
     assert summary["sgd"]["accuracy_std"] == pytest.approx(0.02)  # sample std
     assert summary["swa"]["accuracy_std"] == 0.0
     assert summary["sgd"]["nll_per_seed"] == pytest.approx([0.10, 0.08, 0.06])
     assert summary["sgd"]["ece"] == pytest.approx(0.04)
-    table = train_lib.format_table(summary)
-    assert "| SGD (plain)" in table and "92.00 ± 2.00%" in table and "0.0800 ± 0.0200" in table
+    table = report.format_table(summary)
+    assert "| SGD iterate" in table and "92.00 ± 2.00%" in table and "0.0800 ± 0.0200" in table
     assert "   0.0400 ± 0.0100 |\n" in table  # ECE, the last column
     # Another order and labels (the post-hoc EMA sweep), wider labels.
     labels = {"swa": "a label longer than twenty", "sgd": "SGD"}
-    lines = train_lib.format_table(summary, labels).splitlines()
+    lines = report.format_table(summary, labels).splitlines()
     assert lines[2].startswith("| a label longer than twenty |    95.00 ± 0.00% |")
     assert lines[3].startswith("| SGD ") and len({len(line) for line in lines}) == 1
-    one = train_lib.summarize(finals({"sgd": [0.9]}))
+    one = report.summarize(finals({"sgd": [0.9]}))
     assert one["sgd"]["accuracy_std"] is None
-    assert "90.00%" in train_lib.format_table(one) and "±" not in train_lib.format_table(one)
+    assert "90.00%" in report.format_table(one) and "±" not in report.format_table(one)
 
 
-def test_conclusion_says_whether_differences_exceed_the_spread():
-    # Within: SWA +1 point, spread max(2, 1) = 2 points.
-    within = train_lib.conclusion(
-        train_lib.summarize(finals({"sgd": [0.90, 0.92, 0.94], "swa": [0.92, 0.93, 0.94]}))
-    )
-    assert within.startswith("Over 3 seeds, no row differs from SGD (plain) by more than")
-    assert "SWA: average (+1.00 points, spread 2.00)" in within
-    # Beyond: +5 points against a spread of 1.
-    beyond = train_lib.conclusion(
-        train_lib.summarize(finals({"sgd": [0.89, 0.90, 0.91], "swa": [0.94, 0.95, 0.96]}))
-    )
-    assert beyond.startswith("Over 3 seeds, every row differs from SGD (plain) by more than")
-    mixed = train_lib.conclusion(train_lib.summarize(finals({
-        "sgd": [0.89, 0.90, 0.91], "swa": [0.94, 0.95, 0.96], "ema": [0.90, 0.905, 0.91],
-    })))
-    assert "SWA: average (+5.00 points, spread 1.00) differs from SGD (plain)" in mixed
-    assert mixed.endswith("EMA: average (+0.50 points, spread 1.00) does not.")
-    # One seed: no spread, says so.
-    one = train_lib.conclusion(train_lib.summarize(finals({"sgd": [0.9], "ema": [0.95]})))
-    assert one.startswith("One seed") and "--seeds=0,1,2" in one and "+5.00 points" in one
-    # Without plain SGD, the SWA average is held against its own iterate.
-    swa_only = train_lib.conclusion(
-        train_lib.summarize(finals({"swa_iterate": [0.9, 0.91], "swa": [0.9, 0.91]}))
-    )
-    assert "from SWA: final iterate" in swa_only
-    assert train_lib.conclusion(train_lib.summarize(finals({"ema": [0.9]}))).startswith("One row")
-    # On a test set of 100 examples, one example (1 point) is the floor of
-    # the spread: +0.67 points over a standard deviation of 0.58 is within.
-    tiny = train_lib.summarize(finals({"sgd": [0.98, 0.98, 0.99], "swa": [0.99, 0.99, 0.99]}))
-    assert train_lib.conclusion(tiny).startswith("Over 3 seeds, every row")
-    floored = train_lib.conclusion(tiny, resolution=1 / 100)
-    assert floored.startswith("Over 3 seeds, no row differs")
-    assert "(+0.67 points, spread 1.00)" in floored and "at least one test example, 1.00 points" in floored
-    # The NLL: the same screen, in NLL units, without the one-example floor.
-    nll = train_lib.conclusion(train_lib.summarize(finals({
-        "sgd": [0.89, 0.90, 0.91], "swa": [0.94, 0.95, 0.96], "ema": [0.90, 0.905, 0.91],
-    })), resolution=1 / 100, metric="nll")
-    assert nll.startswith("In test NLL, over 3 seeds, SWA: average (-0.0500, spread 0.0100) "
-                          "differs from SGD (plain)")
-    assert nll.endswith("EMA: average (-0.0050, spread 0.0100) does not.")
-    assert "test example" not in nll  # the one-example floor is for accuracy
-    assert train_lib.conclusion(train_lib.summarize(finals({"sgd": [0.9], "ema": [0.95]})),
-                                metric="nll") is None
-    # A difference below float32's resolution is no difference, not "-0.00".
-    tie = train_lib.conclusion(train_lib.summarize(finals({"sgd": [0.9], "ema": [0.9 - 1e-9]})))
-    assert "EMA: average +0.00 points" in tie
-    for sentence in (within, beyond, mixed, one, swa_only, floored, nll):
-        assert sentence.count(". ") == 0 and sentence.endswith(".")  # one sentence
+def test_paired_differences_have_t_intervals_by_hand():
+    # n = 5 seeds: t(0.975, 4) = 2.776445; differences 1, 2, 3, 4, 5 points
+    # (mean 3, sample sd sqrt(2.5)): 3 +- 2.776445 * sqrt(2.5 / 5).
+    base = [0.90, 0.90, 0.90, 0.90, 0.90]
+    better = [0.91, 0.92, 0.93, 0.94, 0.95]
+    d = stats.paired_difference(better, base, "accuracy")
+    half = 2.776445 * math.sqrt(2.5 / 5) / 100
+    assert d["mean"] == pytest.approx(0.03) and d["n"] == 5
+    assert (d["low"], d["high"]) == pytest.approx((0.03 - half, 0.03 + half), rel=1e-5)
+    assert d["verdict"] == "better"
+    # Lower is better for NLL and ECE: the same differences are worse there.
+    assert stats.paired_difference(better, base, "nll")["verdict"] == "worse"
+    # An interval that holds 0, and ties, are no significant difference.
+    mixed = stats.paired_difference([0.91, 0.89, 0.92, 0.88, 0.90], base, "ece")
+    assert mixed["low"] < 0 < mixed["high"] and mixed["verdict"] == "no significant difference"
+    assert stats.paired_difference(base, base, "accuracy")["verdict"] == "no significant difference"
+    # A constant nonzero difference has a zero-width interval: significant.
+    assert stats.paired_difference([0.91] * 5, base, "accuracy")["verdict"] == "better"
+    one = stats.paired_difference([0.95], [0.9], "accuracy")
+    assert one["low"] is None and one["verdict"] is None
+    with pytest.raises(ValueError, match="as many seeds"):
+        stats.paired_difference([0.9, 0.9], [0.9], "accuracy")
+
+
+def test_report_prints_each_difference_with_its_interval_and_verdict():
+    summary = report.summarize(finals({
+        "sgd": [0.89, 0.90, 0.91], "swa": [0.94, 0.95, 0.97], "ema": [0.90, 0.89, 0.91],
+    }))
+    diffs = report.differences(summary)
+    assert list(diffs) == ["swa", "ema"] and set(diffs["swa"]) == {"accuracy", "nll", "ece"}
+    table = report.format_differences(summary, diffs).splitlines()
+    assert table[0].startswith("Paired difference to SGD iterate (same seed")
+    assert "95% t-interval over 3 seeds" in table[0]
+    # SWA +5.33 points (5, 5, 6), t(0.975, 2) = 4.302653, sd 0.577: +-1.43.
+    (swa_accuracy,) = [line for line in table if "SWA: average" in line and "accuracy" in line]
+    assert "+5.33" in swa_accuracy and "[+3.90, +6.77]" in swa_accuracy
+    assert swa_accuracy.endswith("| better |")
+    (swa_nll,) = [line for line in table if "SWA: average" in line and "NLL" in line]
+    assert "-0.0533" in swa_nll and swa_nll.endswith("| better |")  # NLL = 1 - accuracy
+    ema = [line for line in table if "EMA: average" in line]
+    assert len(ema) == 3 and all(line.endswith("| no significant difference |") for line in ema)
+    assert len({len(line) for line in table[2:4]}) == 1  # the header lines align
+    sentence = report.conclusion(summary)
+    assert sentence.startswith("Over 3 seeds, against SGD iterate (paired, 95% t-intervals): ")
+    assert "better: SWA: average accuracy (+5.33 points), SWA: average NLL (-0.0533)" in sentence
+    assert sentence.endswith("no significant difference: EMA: average accuracy (+0.00 points), "
+                             "EMA: average NLL (+0.0000) and EMA: average ECE (+0.0000).")
+    # One seed: no interval, says so.
+    one = report.conclusion(report.summarize(finals({"sgd": [0.9], "ema": [0.95]})))
+    assert one.startswith("One seed") and "--seeds=0,1,2,3,4" in one and "+5.00 points" in one
+    # Without plain SGD, the rows are held against the SWA run's iterate.
+    swa_only = report.summarize(finals({"swa_iterate": [0.9, 0.91], "swa": [0.9, 0.91]}))
+    assert report.baseline(swa_only) == "swa_iterate"
+    assert "against SWA: final iterate" in report.conclusion(swa_only)
+    assert report.conclusion(report.summarize(finals({"ema": [0.9]}))).startswith("One row")
+    for text in (sentence, one):
+        assert text.count(". ") == 0 and text.endswith(".")  # one sentence
 
 
 def test_running_batch_norm_note_only_when_far_from_the_table():
-    summary = train_lib.summarize(finals({"sgd": [0.93], "swa_iterate": [0.91], "swa": [0.91]}))
-    note = train_lib.running_bn_note(
+    summary = report.summarize(finals({"sgd": [0.93], "swa_iterate": [0.91], "swa": [0.91]}))
+    note = report.running_bn_note(
         summary, {"sgd": {"accuracy": 0.10}, "swa_iterate": {"accuracy": 0.905}}
     )
-    assert "SGD (plain) 10.00% (table: 93.00%)" in note and "iterate" not in note
-    assert train_lib.running_bn_note(summary, {"sgd": {"accuracy": 0.935}}) is None
+    assert "SGD iterate 10.00% (table: 93.00%)" in note and "SWA: final" not in note
+    assert report.running_bn_note(summary, {"sgd": {"accuracy": 0.935}}) is None
 
 
 def test_plot_legend_covers_no_curve():
-    history = {"val_accuracy": [0.5, 0.8, 0.9, 0.95], "val_swa_accuracy": [0.93, 0.96]}
+    plain = {"val_accuracy": [0.5, 0.8, 0.9, 0.95]}
+    history = {**plain, "val_swa_accuracy": [0.93, 0.96]}
     per_seed = {
-        s: {"runs": {"sgd": {"history": history}, "swa": {"history": history}}} for s in (0, 1)
+        s: {"runs": {"sgd": {"history": plain}, "swa": {"history": history}}} for s in (0, 1)
     }
-    summary = train_lib.summarize(finals({k: [0.95, 0.96] for k in train_lib.LABELS}))
-    fig = train_lib.figure(per_seed, summary, "title")
+    summary = report.summarize(finals({k: [0.95, 0.96] for k in scoring.LABELS}))
+    fig = plots.figure(per_seed, summary, "title")
     renderer = fig.canvas.get_renderer()
     ax = fig.axes[0]
     legend = ax.get_legend().get_window_extent(renderer)
@@ -746,13 +1014,13 @@ def test_plot_legend_covers_no_curve():
 
 
 def test_model_names_of_the_flags_are_those_of_models():
-    assert train_lib.MODEL_NAMES == tuple(models_lib.MODELS)
+    assert train_flags.MODEL_NAMES == tuple(models_lib.MODELS)
 
 
 def test_max_sigma_rel_of_the_flags_is_the_library_s():
     from keras_swa import averaging
 
-    assert train_lib.MAX_SIGMA_REL == averaging.MAX_SIGMA_REL
+    assert train_flags.MAX_SIGMA_REL == averaging.MAX_SIGMA_REL
 
 
 class ReadKeys(dict):
@@ -774,20 +1042,20 @@ def test_mode_flags_are_exactly_those_each_mode_reads(tmp_path, monkeypatch, cap
     # others do not must be in the table, with exactly the modes that read
     # it. `--swa_start` reaches the runs parsed, as `Plan.swa_start`: the
     # plan of a mode that does not use it has none.
-    for flag, modes in train_lib.MODE_FLAGS.items():
-        assert flag in train_lib.CONFIG_KEYS and set(modes) < set(train_lib.AVERAGING), flag
+    for flag, modes in train_flags.MODE_FLAGS.items():
+        assert flag in train_flags.CONFIG_KEYS and set(modes) < set(train_flags.AVERAGING), flag
     digits = data_lib.read("digits")
     tiny = data_lib.Arrays(digits.x_train[:64], digits.y_train[:64], digits.x_test[:32],
                            digits.y_test[:32], digits.num_classes)
     monkeypatch.setattr(data_lib, "read", lambda *args: tiny)
     read = {}
-    for mode in train_lib.AVERAGING:
+    for mode in train_flags.AVERAGING:
         plan = train_lib.prepare(config(
             tmp_path, averaging=mode, epochs=1, batch_size=32, swa_start="0",
             swag_samples=1, swag_bn_batches=1, ema_sweep=[0.05], ema_snapshots=1,
             output_dir=str(tmp_path / mode),
         ))
-        unused = {f for f, modes in train_lib.MODE_FLAGS.items() if mode not in modes}
+        unused = {f for f, modes in train_flags.MODE_FLAGS.items() if mode not in modes}
         plan.config = ReadKeys({k: v for k, v in plan.config.items() if k not in unused})
         if "swa_start" in unused:
             plan.swa_start = None
@@ -795,8 +1063,8 @@ def test_mode_flags_are_exactly_those_each_mode_reads(tmp_path, monkeypatch, cap
         read[mode] = plan.config.read
     capsys.readouterr()
     some = set.union(*read.values()) - set.intersection(*read.values())
-    assert some <= set(train_lib.MODE_FLAGS), some - set(train_lib.MODE_FLAGS)
-    for flag, modes in train_lib.MODE_FLAGS.items():
+    assert some <= set(train_flags.MODE_FLAGS), some - set(train_flags.MODE_FLAGS)
+    for flag, modes in train_flags.MODE_FLAGS.items():
         if flag != "swa_start":
             assert {m for m in read if flag in read[m]} == set(modes), flag
 
@@ -811,37 +1079,61 @@ def test_reliability_bins_give_the_library_s_ece():
     logits = rng.normal(size=(500, 10)) * 3
     probabilities = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
     labels = rng.integers(0, 10, size=500)
-    counts, confidence, accuracy = train_lib.calibration_bins(probabilities, labels)
+    counts, confidence, accuracy = scoring.calibration_bins(probabilities, labels)
     assert counts.sum() == 500 and (counts == 0).any()  # empty bins included
     filled = counts > 0
     assert np.isnan(accuracy[~filled]).all()
     ece = np.sum(counts[filled] / 500 * np.abs(accuracy[filled] - confidence[filled]))
-    metric = keras_swa.metrics.ExpectedCalibrationError(num_bins=train_lib.ECE_BINS)
+    metric = keras_swa.metrics.ExpectedCalibrationError(num_bins=scoring.ECE_BINS)
     metric.update_state(labels, probabilities.astype("float32"))
     assert ece == pytest.approx(float(metric.result()), abs=1e-5)
     assert ece == pytest.approx(numpy_scores(probabilities, labels)["ece"], abs=1e-12)
-    scores = train_lib.scores(probabilities, labels)
+    scores = scoring.scores(probabilities, labels)
     assert scores["ece"] == pytest.approx(ece, abs=1e-5)
     assert scores["nll"] == pytest.approx(numpy_scores(probabilities, labels)["nll"], rel=1e-6)
 
 
 def test_snapshot_spacing_ends_at_the_last_update():
     # 1800 updates, about 20 snapshots: every 90, the last at 1800.
-    assert train_lib.snapshot_every(1800, 20) == 90
+    assert runs.snapshot_every(1800, 20) == 90
     # 92 = 4 * 23: 23 snapshots every 4 (no divisor in [20, 22]).
-    assert train_lib.snapshot_every(92, 20) == 4
+    assert runs.snapshot_every(92, 20) == 4
     # A prime: no divisor up to 2 * 20; every 97 // 20 = 4 updates.
-    assert train_lib.snapshot_every(97, 20) == 4
+    assert runs.snapshot_every(97, 20) == 4
     # Fewer updates than snapshots wanted: every update.
-    assert train_lib.snapshot_every(7, 20) == 1
+    assert runs.snapshot_every(7, 20) == 1
 
 
 def test_stale_snapshots_are_cleared_and_nothing_else(tmp_path):
     for name in ("ema-0000000004.npz", "ema-0000000008.npz", "notes.txt", "ema-last.npz"):
         (tmp_path / name).write_text("")
-    assert train_lib.clear_snapshots(str(tmp_path)) == 2
+    assert runs.clear_snapshots(str(tmp_path)) == 2
     assert sorted(os.listdir(tmp_path)) == ["ema-last.npz", "notes.txt"]
-    assert train_lib.clear_snapshots(str(tmp_path / "missing")) == 0
+    assert runs.clear_snapshots(str(tmp_path / "missing")) == 0
+
+
+def test_examples_keep_functions_and_classes_short():
+    # One job per function and class (issue 22): no function over 100
+    # lines, no class over 250, docstrings included; the benchmark's main
+    # under 60.
+    import ast
+
+    folder = os.path.join(ROOT, "examples")
+    long = []
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".py"):
+            continue
+        with open(os.path.join(folder, name)) as f:
+            tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                lines = node.end_lineno - node.lineno + 1 + len(node.decorator_list)
+                limit = 250 if isinstance(node, ast.ClassDef) else 100
+                if name == "benchmark.py" and node.name == "main":
+                    limit = 59
+                if lines > limit:
+                    long.append(f"{name}:{node.name} ({lines} lines > {limit})")
+    assert not long, long
 
 
 def test_paper_models_build_with_their_sizes():
