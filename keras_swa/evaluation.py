@@ -13,6 +13,7 @@ import contextlib
 import keras
 
 from keras_swa import _callback_order
+from keras_swa import schedule_free
 from keras_swa import weights
 
 
@@ -72,7 +73,8 @@ def _resolve(model, source):
         source = model.optimizer
     if isinstance(source, keras.optimizers.LossScaleOptimizer):
         source = source.inner_optimizer
-    return source
+    # Keras' ScheduleFreeAdamW holds its average x implicitly.
+    return schedule_free.source_of(source, model)
 
 
 def _default_prefix(source) -> str:

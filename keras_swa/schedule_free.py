@@ -22,6 +22,8 @@ from keras_swa import engine
 from keras_swa import optimizers
 from keras_swa._backend import assign as assign_lib
 from keras_swa._backend import distribute
+from keras_swa._backend import trace
+from keras_swa._backend import variable_value as _value
 
 # `keras.optimizers.ScheduleFreeAdamW` is new in Keras 3.15.
 _KERAS_SCHEDULE_FREE = getattr(keras.optimizers, "ScheduleFreeAdamW", None)
@@ -71,18 +73,6 @@ def _check_inner(inner_optimizer):
                 stacklevel=3,
             )
     return inner_optimizer
-
-
-def _copy_of(variable):
-    """An initializer that copies `variable`'s current value: z starts at
-    the initial weights also when Keras builds the optimizer inside a traced
-    train step (TensorFlow `fit`), where an assignment in `build` would be
-    traced and dropped, but an initial value is computed eagerly."""
-
-    def initializer(shape, dtype=None):
-        return ops.copy(ops.cast(variable.value, dtype))
-
-    return initializer
 
 
 def _average(y, z, beta):
@@ -205,16 +195,20 @@ class ScheduleFree(keras.optimizers.Optimizer):
             if self._overwrite_variable_with_gradient(variable)
             else self.add_variable(
                 shape=tuple(variable.shape),
-                initializer=_copy_of(variable),
                 dtype=engine.average_dtype(variable.dtype),
                 name=f"{engine.variable_name(variable)}_z",
                 layout=getattr(variable, "_layout", None),
             )
             for variable in var_list
         ]
-        for z, variable in zip(self._z, var_list):
-            if z is not None:
-                z.constraint = getattr(variable, "constraint", None)
+        # z starts at the initial weights, also where Keras builds the
+        # optimizer while tracing the train step (TensorFlow `fit`), which
+        # would drop a traced copy.
+        with trace.outside_trace():
+            for z, variable in zip(self._z, var_list):
+                if z is not None:
+                    z.assign(ops.copy(ops.cast(_value(variable), z.dtype)))
+                    z.constraint = getattr(variable, "constraint", None)
         _exclude_from_weight_decay(self.inner_optimizer, var_list, self._z)
         self.inner_optimizer.build(self._base_variables(var_list))
         super().build(var_list)
@@ -440,3 +434,179 @@ def assign_averages(pairs, owner: str) -> None:
         # A copy: on JAX a variable must not share another's buffer, which
         # `fit` donates.
         variable.assign(ops.copy(ops.cast(value, variable.dtype)))
+
+
+class _Count:
+    """A count read from an optimizer, with the `numpy()` of a variable."""
+
+    def __init__(self, value):
+        self._value = value
+
+    def numpy(self):
+        if isinstance(self._value, keras.Variable):
+            # `Variable.numpy()`: `ops.convert_to_numpy` of a TensorFlow
+            # variable warns under NumPy 2.
+            return np.asarray(self._value.numpy())
+        return np.asarray(ops.convert_to_numpy(self._value))
+
+
+class KerasScheduleFreeSource:
+    """Keras' own `keras.optimizers.ScheduleFreeAdamW` as a source of
+    averages: its `x`.
+
+    Keras keeps `z` in the optimizer's `momentum` slots and `y` in the model,
+    and never evaluates at `x`; this source writes
+    `x = (y - (1 - beta_1) momentum) / beta_1` into the model. Every
+    `source=` of keras_swa makes one from the optimizer (also the default
+    `model.optimizer`), through `keras_swa.schedule_free.source_of`.
+
+    Keras 3.15 loses the initial copy of the weights under TensorFlow `fit`
+    (the optimizer is built inside the traced train step, where the copy
+    into the `momentum` slots is dropped: training starts from zeros). Made
+    for a model that is about to train so, or whose slots are all zero while
+    its weights are not, the source warns and names the workaround.
+
+    Args:
+        optimizer: A `keras.optimizers.ScheduleFreeAdamW`.
+        model: The `keras.Model` it trains, or `None`. Defaults to `None`.
+
+    Example:
+
+    >>> model.compile(optimizer=keras.optimizers.ScheduleFreeAdamW(1e-3),
+    ...               loss="mse")  # doctest: +SKIP
+    >>> model.optimizer.build(model.trainable_variables)  # doctest: +SKIP
+    >>> model.fit(x, y, epochs=10)  # doctest: +SKIP
+    >>> keras_swa.assign_average(model, bn_data=x)  # x, BN recomputed there
+    """
+
+    log_name = "sf"
+
+    def __init__(self, optimizer, model=None):
+        self.optimizer = optimizer
+        beta_1 = optimizer.beta_1
+        beta_1 = beta_1() if callable(beta_1) else beta_1
+        beta_1 = float(ops.convert_to_numpy(beta_1))
+        if not 0.0 < beta_1 <= 1.0:
+            raise ValueError(
+                "A `ScheduleFreeAdamW` with beta_1 outside (0, 1] holds no "
+                "recoverable average x = (y - (1 - beta_1) z) / beta_1. "
+                f"Received: beta_1={beta_1}"
+            )
+        self.beta_1 = beta_1
+        _check_initial_copy(optimizer, model)
+
+    @property
+    def n_averaged(self):
+        """The updates made so far (each one averaged into `x`)."""
+        return _Count(self.optimizer.iterations)
+
+    def _slots(self):
+        # Keras exposes no public map from a variable to its slots.
+        return {
+            id(variable): momentum
+            for variable, momentum in zip(
+                self.optimizer._trainable_variables, self.optimizer._momentums
+            )
+            if momentum is not None
+        }
+
+    def assign_average_vars(self, var_list) -> None:
+        """Writes `x` into the given model variables (the others, such as
+        BatchNorm statistics, are left as they are).
+
+        Raises:
+            ValueError: if no update has been made yet, or `x` is not
+                finite; the variables are then left untouched.
+        """
+        if not self.optimizer.built or int(self.n_averaged.numpy()) == 0:
+            raise ValueError(
+                "The ScheduleFreeAdamW has made no update yet, so there is "
+                f"no average to assign; nothing was changed. {self._schedule()}"
+            )
+        slots = self._slots()
+        assign_averages(
+            [
+                (v, _average(v.value, _widened(slots[id(v)]), self.beta_1))
+                for v in var_list
+                if id(v) in slots
+            ],
+            "ScheduleFreeAdamW",
+        )
+
+    def _schedule(self):
+        return (
+            "Keras' ScheduleFreeAdamW averages from its first update on; "
+            f"{int(self.n_averaged.numpy())} update(s) have run so far."
+        )
+
+    def __repr__(self):
+        return f"<KerasScheduleFreeSource of {self.optimizer.name}>"
+
+
+def _all_zero(variables) -> bool:
+    return not any(
+        bool(ops.convert_to_numpy(ops.any(ops.not_equal(_value(v), 0))))
+        for v in variables
+    )
+
+
+def _widened(variable):
+    return ops.cast(variable.value, engine.average_dtype(variable.dtype))
+
+
+_LOST_COPY_WORKAROUND = (
+    "Build the optimizer before `fit`, after `compile`: "
+    "`model.optimizer.build(model.trainable_variables)` (or use "
+    "`keras_swa.ScheduleFree(keras.optimizers.Adam(beta_1=0.0))`, which "
+    "keeps its copy on every backend)."
+)
+
+
+def _check_initial_copy(optimizer, model):
+    """Warns where Keras' ScheduleFreeAdamW lost, or is about to lose, its
+    copy of the initial weights (a Keras 3.15 defect)."""
+    if not optimizer.built:
+        if model is not None and trace.builds_optimizer_in_trace(model):
+            warnings.warn(
+                "Keras' ScheduleFreeAdamW is not built yet, and TensorFlow "
+                "`fit` will build it inside its traced train step, where "
+                "Keras drops the copy of the initial weights into its "
+                "`momentum` slots: training would start from zero weights "
+                f"(a Keras 3.15 defect). {_LOST_COPY_WORKAROUND}",
+                stacklevel=4,
+            )
+        return
+    slots = optimizer._momentums
+    variables = optimizer._trainable_variables
+    if _all_zero([m for m in slots if m is not None]) and not _all_zero(
+        variables
+    ):
+        warnings.warn(
+            "The `momentum` slots of Keras' ScheduleFreeAdamW are all zero "
+            "while the weights are not: it lost its copy of the initial "
+            "weights (a Keras 3.15 defect when TensorFlow `fit` builds it), "
+            "and its first update starts from zero weights. "
+            f"{_LOST_COPY_WORKAROUND}",
+            stacklevel=4,
+        )
+
+
+def source_of(source, model=None):
+    """`source` as keras_swa reads averages from it.
+
+    Keras' `keras.optimizers.ScheduleFreeAdamW` becomes a
+    `KerasScheduleFreeSource` (its `x`); anything else is returned as it is.
+
+    Args:
+        source: A `source=` argument, resolved (`model.optimizer` for
+            `None`, the inner optimizer of a `LossScaleOptimizer`).
+        model: The model it belongs to, or `None`. Defaults to `None`.
+
+    Returns:
+        The source to read averages from.
+    """
+    if _KERAS_SCHEDULE_FREE is not None and isinstance(
+        source, _KERAS_SCHEDULE_FREE
+    ):
+        return KerasScheduleFreeSource(source, model)
+    return source
