@@ -538,3 +538,52 @@ def test_keras_defect_old_x_from_the_new_momentum_on_tensorflow_and_torch():
     assert matches(True) == KERAS_RECOVERS_X_FROM_NEW_Z, (
         KERAS_DEFECT_FIXED.format(version=keras.__version__, backend=BACKEND)
     )
+
+
+# ---------------------------------------------------------------------------
+# tf.distribute: MirroredStrategy on the two logical CPUs of conftest.py. A
+# model without synchronized BatchNormalization: its collective operations
+# would clash with those of tests/test_distribute.py's strategy in the same
+# process.
+
+
+@pytest.mark.tensorflow_only
+def test_mirrored_strategy_equals_one_device():
+    import tensorflow as tf
+
+    if len(tf.config.list_logical_devices("CPU")) < 2:
+        pytest.skip("needs the two logical CPU devices of conftest.py")
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    x, y = _data(16)
+
+    def trained(scope, initial=None):
+        keras.utils.set_random_seed(9)
+        with scope:
+            model = _linear_model()
+            if initial is not None:
+                model.set_weights(initial)
+            opt = keras_swa.ScheduleFree(
+                keras.optimizers.SGD(_schedule()), momentum=BETA
+            )
+            model.compile(optimizer=opt, loss="mse")
+        dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+        model.fit(dataset, epochs=3, verbose=0)
+        keras_swa.assign_average(model)
+        return model, opt
+
+    keras.utils.set_random_seed(9)
+    single_initial = _linear_model().get_weights()
+    single, single_opt = trained(contextlib.nullcontext(), single_initial)
+    mirrored, mirrored_opt = trained(strategy.scope(), single_initial)
+    assert int(mirrored_opt.n_averaged.numpy()) == 6
+    for expected, variable in zip(
+        single_opt.z_variables + single.variables,
+        mirrored_opt.z_variables + mirrored.variables,
+    ):
+        replicas = strategy.experimental_local_results(variable.value)
+        assert len(replicas) == 2
+        for replica in replicas:
+            np.testing.assert_allclose(
+                np.asarray(replica), expected.numpy(), rtol=1e-5, atol=1e-6,
+                err_msg=variable.path,
+            )
