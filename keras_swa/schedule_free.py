@@ -256,21 +256,40 @@ class ScheduleFree(keras.optimizers.Optimizer):
                 f"{unknown[0].path!r}: build it, or call `apply` the first "
                 "time, with all the variables it will update."
             )
-        zs = [z_by_variable[id(v)] for v in trainable_variables]
-        pairs = [(v, z) for v, z in zip(trainable_variables, zs) if z is not None]
+        z_list = [z_by_variable[id(v)] for v in trainable_variables]
+        pairs = [
+            (v, z) for v, z in zip(trainable_variables, z_list) if z is not None
+        ]
         update = self._is_update_step()
+        ys, zs = [y for y, _ in pairs], [z for _, z in pairs]
+        beta, power = self.momentum, self.weight_lr_power
         # Read before the update: the rate this update runs with.
         lr = ops.cast(self.inner_optimizer.learning_rate, "float32")
-        # y <- x before the base step overwrites the z that x is made of.
-        assign_lib.assign_where(update, self._before_step(pairs, lr))
+        assign_lib.assign_where(update, [
+            (self._lr_max, ops.maximum, [self._lr_max, lr]),
+            (self._weight_sum, lambda s, m: s + ops.power(m, power),
+             [self._weight_sum, self._lr_max]),
+            (self._n_averaged, lambda n: n + 1, [self._n_averaged]),
+        ])
+        # y <- x = y - (1 - beta) / beta (z - y), before the base step
+        # overwrites the z that x is recovered with.
+        assign_lib.lerp_where(update, ys, zs, lambda: (beta - 1.0) / beta)
         self.inner_optimizer.apply(
             [
                 g if g is None or z is None else ops.cast(g, z.dtype)
-                for g, z in zip(grads, zs)
+                for g, z in zip(grads, z_list)
             ],
-            [v if z is None else z for v, z in zip(trainable_variables, zs)],
+            [v if z is None else z for v, z in zip(trainable_variables, z_list)],
         )
-        assign_lib.assign_where(update, self._after_step(pairs))
+        # x <- x + c (z - x); y <- (1 - beta) z + beta x: together, y <- x +
+        # (1 - beta (1 - c)) (z - x).
+        assign_lib.lerp_where(
+            update, ys, zs,
+            lambda m, s: 1.0 - beta * (
+                1.0 - _interpolation_weight(m, s, power)
+            ),
+            [self._lr_max, self._weight_sum],
+        )
 
     def _is_update_step(self):
         steps = self.inner_optimizer.gradient_accumulation_steps
@@ -280,32 +299,6 @@ class ScheduleFree(keras.optimizers.Optimizer):
         # Keras' own test, on its private micro-step counter (the public
         # `iterations` tells only afterwards).
         return ops.equal((self.inner_optimizer._iterations + 1) % steps, 0)
-
-    def _before_step(self, pairs, lr):
-        beta, power = self.momentum, self.weight_lr_power
-        return [
-            (self._lr_max, ops.maximum, [self._lr_max, lr]),
-            (self._weight_sum, lambda s, m: s + ops.power(m, power),
-             [self._weight_sum, self._lr_max]),
-            (self._n_averaged, lambda n: n + 1, [self._n_averaged]),
-        ] + [
-            (y, lambda y, z: _average(y, z, beta), [y, z]) for y, z in pairs
-        ]
-
-    def _after_step(self, pairs):
-        beta, power = self.momentum, self.weight_lr_power
-
-        def new_y(x, z, lr_max, weight_sum):
-            # x <- (1 - c) x + c z;  y <- (1 - beta) z + beta x
-            c = ops.cast(
-                _interpolation_weight(lr_max, weight_sum, power), z.dtype
-            )
-            x = ops.cast(x, z.dtype)
-            return (1.0 - beta) * z + beta * (x + c * (z - x))
-
-        return [
-            (y, new_y, [y, z, self._lr_max, self._weight_sum]) for y, z in pairs
-        ]
 
     def assign_average_vars(self, var_list) -> None:
         """Writes the average `x` into the given model variables.

@@ -2,7 +2,8 @@
 
 For optimizer wrappers that rewrite the model's weights around the inner
 optimizer's update (`keras_swa.ScheduleFree`): a list of updates
-`target <- fn(*args)`, run in order where a condition holds.
+`target <- fn(*args)`, run in order where a condition holds, and
+interpolations of many variables towards others, fused on PyTorch.
 """
 
 import keras
@@ -50,6 +51,61 @@ def assign_where(condition, updates) -> None:
     if condition is True or bool(condition):
         for target, fn, args in updates:
             target.assign(_computed(target, fn, [_read(a) for a in args]))
+
+
+def lerp_where(condition, targets, ends, weight, weight_args=()) -> None:
+    """Where `condition` holds: `target <- target + t (end - target)` for
+    each pair, with `t = weight(*values of weight_args)` (any real `t`:
+    extrapolations too).
+
+    Computed in the dtype of `end` (float32 for a bfloat16 target of a
+    float32 end), written in the target's. As `assign_where`, but on
+    PyTorch one multi-tensor `lerp` for all pairs of a dtype instead of a
+    few kernels per variable.
+
+    Args:
+        condition: As in `assign_where`.
+        targets: List of `keras.Variable`s.
+        ends: List of `keras.Variable`s of the same shapes.
+        weight: Function of as many scalars as `weight_args`, returning `t`.
+        weight_args: List of scalar variables or tensors. Defaults to `()`.
+    """
+    if keras.backend.backend() == "torch":
+        if condition is True or bool(condition):
+            t = float(weight(*[_read(a) for a in weight_args]))
+            _torch_lerp(targets, ends, t)
+        return
+
+    def lerp(target, end, *scalars):
+        target = ops.cast(target, end.dtype)
+        t = ops.cast(weight(*scalars), end.dtype)
+        return target + t * (end - target)
+
+    assign_where(
+        condition,
+        [
+            (target, lerp, [target, end, *weight_args])
+            for target, end in zip(targets, ends)
+        ],
+    )
+
+
+def _torch_lerp(targets, ends, t):
+    import torch
+
+    same = [(a, b) for a, b in zip(targets, ends) if a.dtype == b.dtype]
+    with torch.no_grad():
+        # `_foreach_lerp_` is the multi-tensor kernel torch.optim itself
+        # uses (no public equivalent).
+        for dtype in {a.value.dtype for a, _ in same}:
+            group = [(a, b) for a, b in same if a.value.dtype == dtype]
+            torch._foreach_lerp_(
+                [a.value for a, _ in group], [b.value for _, b in group], t
+            )
+        for target, end in zip(targets, ends):
+            if target.dtype != end.dtype:
+                wide = target.value.to(end.value.dtype)
+                target.assign(torch.lerp(wide, end.value, t))
 
 
 def _read(arg):
