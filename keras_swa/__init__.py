@@ -17,6 +17,7 @@ from keras_swa.optimizers import SWA
 from keras_swa.posthoc_ema import EMASnapshots
 from keras_swa.posthoc_ema import reconstruct_ema
 from keras_swa.posthoc_ema import sweep_ema
+from keras_swa.schedule_free import ScheduleFree
 from keras_swa.schedules import SWALearningRate
 from keras_swa.swag import SWAG
 from keras_swa.weights import assign_average

@@ -15,6 +15,7 @@ import keras
 from keras_swa import _callback_order
 from keras_swa import _data
 from keras_swa import _validation
+from keras_swa import schedule_free
 from keras_swa import weights
 
 
@@ -93,26 +94,24 @@ def evaluate_average(
 
 
 def _resolve(model, source):
+    name = "source"
     if source is None:
         source = model.optimizer
-        if isinstance(source, keras.optimizers.LossScaleOptimizer):
-            source = source.inner_optimizer
-        return _validation.average_source(
-            "source (defaulting to model.optimizer)", source
-        )
+        name = "source (defaulting to model.optimizer)"
     if isinstance(source, keras.optimizers.LossScaleOptimizer):
         source = source.inner_optimizer
-    return source
+    # Keras' ScheduleFreeAdamW holds its average x implicitly.
+    source = schedule_free.source_of(source, model)
+    return _validation.average_source(name, source)
 
 
 def _check_source(source):
     """Checks a `source=` argument when the callback is created."""
     if source is None:
         return
-    inner = source
-    if isinstance(inner, keras.optimizers.LossScaleOptimizer):
-        inner = inner.inner_optimizer
-    _validation.average_source("source", inner)
+    if isinstance(source, keras.optimizers.LossScaleOptimizer):
+        source = source.inner_optimizer
+    _validation.average_source("source", schedule_free.source_of(source))
 
 
 def _default_prefix(source) -> str:

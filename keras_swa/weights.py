@@ -12,6 +12,7 @@ import keras
 from keras_swa import _data
 from keras_swa import _validation
 from keras_swa import batch_norm
+from keras_swa import schedule_free
 from keras_swa._backend import distribute
 
 
@@ -28,6 +29,8 @@ def _resolve_source(model, source):
     # LossScaleOptimizer; the averages live in the wrapper inside it.
     if isinstance(source, keras.optimizers.LossScaleOptimizer):
         source = source.inner_optimizer
+    # Keras' ScheduleFreeAdamW holds its average x implicitly.
+    source = schedule_free.source_of(source, model)
     if not hasattr(source, "n_averaged") or not callable(
         getattr(source, "assign_average_vars", None)
     ):
