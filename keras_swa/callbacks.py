@@ -54,6 +54,25 @@ def _optimizer_chain(optimizer):
     return chain
 
 
+def _learning_rate_value(optimizer):
+    """The optimizer's current learning rate, as a Python float."""
+    rate = optimizer.learning_rate
+    if isinstance(rate, keras.Variable):
+        # `ops.convert_to_numpy` of a TensorFlow variable warns under NumPy 2.
+        rate = rate.numpy()
+    return float(np.asarray(keras.ops.convert_to_numpy(rate)))
+
+
+def _schedule_step(optimizer):
+    """The step Keras evaluates the optimizer's learning-rate schedule at."""
+    if optimizer.gradient_accumulation_steps:
+        # The micro-step count: `iterations` counts updates under gradient
+        # accumulation (floor-divided), and Keras gives the schedule the
+        # private `_iterations` (no public accessor for it).
+        return int(np.asarray(optimizer._iterations.numpy()))
+    return int(np.asarray(optimizer.iterations.numpy()))
+
+
 def _schedule_of(optimizer):
     # Keras' `learning_rate` property evaluates a schedule at the current
     # step; the schedule object itself is only held in `_learning_rate`
@@ -85,8 +104,28 @@ class StochasticWeightAveraging(keras.callbacks.Callback, engine.Averager):
     `start_epoch` runs at `lr0` and epoch `start_epoch + a` reaches `swa_lr`,
     as `torch.optim.swa_utils.SWALR` stepped once per epoch. The rate set is
     that of the innermost optimizer (inside a `LossScaleOptimizer` or a
-    `keras_swa` wrapper); it must be a float, not a schedule: for a
-    per-step SWA schedule use `keras_swa.SWALearningRate`.
+    `keras_swa` wrapper). It is set when the epoch begins (the callbacks
+    after this one see it in their `on_epoch_begin`) and again at its first
+    batch, so that a `LearningRateScheduler` before or after this callback
+    does not override it (one after it anneals `lr0` from its own rate for
+    epoch `start_epoch`).
+
+    A `LearningRateSchedule` runs unchanged until the first update of epoch
+    `start_epoch` of this `fit`, counted from the optimizer's step when the
+    fit begins (a second `fit`, an `initial_epoch` and a resume with
+    `BackupAndRestore` all place it right); from there the same annealing
+    runs per update, over the updates of `anneal_epochs` epochs (a
+    `keras_swa.SWALearningRate` in the train step; the schedule comes back
+    at the end of `fit`). It needs the steps per epoch; with
+    `gradient_accumulation_steps` it counts real updates. A phase that
+    would have begun before the optimizer's first update (an
+    `initial_epoch` past `start_epoch` with a fresh optimizer) begins there.
+
+    Custom training loops: the callback works in a
+    `keras.callbacks.CallbackList` without `epochs` (and `steps`) when
+    `start_epoch` is an integer (a fraction is refused); it cannot tell the
+    last epoch at its end then, so it folds that epoch in at
+    `on_train_end` (not evaluated with `validation_data`).
 
     Resuming: with `backup_dir`, the callback writes its state to
     `backup_dir/stochastic_weight_averaging.npz` after every epoch and reads
@@ -94,7 +133,8 @@ class StochasticWeightAveraging(keras.callbacks.Callback, engine.Averager):
     `keras.callbacks.BackupAndRestore` (which restores the weights and the
     epoch) ends with the same average as an uninterrupted one. The two
     callbacks may come in either order. The file is deleted when `fit`
-    completes.
+    completes, unless a snapshot was skipped as non-finite in this fit or
+    the one it resumes (then it is kept, with a warning).
 
     Callback order: the `val_swa_*` entries are added to the epoch `logs`,
     so callbacks after this one (and Keras' own `History` and progress bar)
@@ -233,8 +273,8 @@ class StochasticWeightAveraging(keras.callbacks.Callback, engine.Averager):
         )
 
     def on_train_begin(self, logs=None):
-        epochs = self.params["epochs"]
-        self._start = self._resolve_start_epoch(epochs)
+        # A custom training loop's `CallbackList` may give no params.
+        self._start = self._resolve_start_epoch(self._param("epochs"))
         self._check_optimizer()
         _callback_order.check_nothing_restores_after(self)
         if self.validation_data is not None:
@@ -243,13 +283,20 @@ class StochasticWeightAveraging(keras.callbacks.Callback, engine.Averager):
         self._n_averaged.assign(0)
         self._diverged = False
         self._lr0 = None
+        self._lr0_provisional = False
         self._rate_epoch = None
+        self._unfolded_epoch = None
         self._resumed_after_epoch = None
+        self._phase_start = None
+        self._base_schedule = None
+        self._pending_schedule = None
         if self.backup_dir is not None:
             self._restore_backup()
-        self._base_schedule = None
         if self.swa_lr is not None:
-            self._take_over_schedule()
+            self._find_schedule()
+
+    def _param(self, name):
+        return (self.params or {}).get(name)
 
     def _new_averages(self, name):
         """Zero averages of the model's trainable variables, counted by
@@ -285,6 +332,8 @@ class StochasticWeightAveraging(keras.callbacks.Callback, engine.Averager):
     def on_epoch_begin(self, epoch, logs=None):
         if self._resumed_after_epoch is not None:
             self._check_resumed_epoch(epoch)
+        if self._pending_schedule is not None:
+            self._take_over_schedule(epoch)
         if epoch < self._start:
             return
         if epoch == self._start and self.verbose:
@@ -293,27 +342,47 @@ class StochasticWeightAveraging(keras.callbacks.Callback, engine.Averager):
                 "averaging at the end of this epoch."
             )
         if self.swa_lr is not None and self._base_schedule is None:
-            # Set at the first batch, after every callback's
-            # `on_epoch_begin`: a `LearningRateScheduler` later in the list
-            # would otherwise override the SWA rate.
-            self._rate_epoch = epoch
+            self._set_epoch_rate(epoch)
+
+    def _set_epoch_rate(self, epoch):
+        """Sets the SWA rate of `epoch` now, so that the callbacks after
+        this one see it in their `on_epoch_begin`, and again at the first
+        batch, after every callback's `on_epoch_begin`: a
+        `LearningRateScheduler` later in the list would override it."""
+        optimizer = _optimizer_chain(self.model.optimizer)[-1]
+        if self._lr0 is None:
+            self._lr0 = _learning_rate_value(optimizer)
+            # Until the first batch shows whether a later callback set
+            # this epoch's rate: the phase then anneals from that one.
+            self._lr0_provisional = True
+        self._rate_epoch = epoch
+        optimizer.learning_rate = self._annealed_learning_rate(
+            epoch - self._start
+        )
+        if self._lr0_provisional:
+            self._rate_set = _learning_rate_value(optimizer)
 
     def on_train_batch_begin(self, batch, logs=None):
         if self._rate_epoch is None:
             return
         optimizer = _optimizer_chain(self.model.optimizer)[-1]
-        if self._lr0 is None:
-            self._lr0 = float(optimizer.learning_rate.numpy())
+        if self._lr0_provisional:
+            self._lr0_provisional = False
+            rate = _learning_rate_value(optimizer)
+            if rate != self._rate_set:
+                self._lr0 = rate
         optimizer.learning_rate = self._annealed_learning_rate(
             self._rate_epoch - self._start
         )
         self._rate_epoch = None
 
     def on_epoch_end(self, epoch, logs=None):
-        last_epoch = epoch == self.params["epochs"] - 1
+        epochs = self._param("epochs")
+        last_epoch = epochs is not None and epoch == epochs - 1
         on_period = bool(
             averaging.is_snapshot_step(epoch, self._start, self.average_period)
         )
+        self._unfolded_epoch = None
         if epoch >= self._start and (
             on_period or last_epoch or self.model.stop_training
         ):
@@ -326,10 +395,17 @@ class StochasticWeightAveraging(keras.callbacks.Callback, engine.Averager):
                 # The same `logs` dict goes to the callbacks after this one,
                 # History and the progress bar among them.
                 logs.update(self._evaluate_average())
+        elif epoch >= self._start:
+            self._unfolded_epoch = epoch
         if self.backup_dir is not None:
             self._write_backup(epoch)
 
     def on_train_end(self, logs=None):
+        if self._unfolded_epoch is not None:
+            # Without `epochs` in the params (a custom training loop), the
+            # last epoch is only known as such now.
+            self._fold_in(self._unfolded_epoch)
+            self._unfolded_epoch = None
         self._give_back_schedule()
         if not self._diverged and not self._averages.variables_finite():
             self._diverged = True
@@ -382,6 +458,17 @@ class StochasticWeightAveraging(keras.callbacks.Callback, engine.Averager):
     def _resolve_start_epoch(self, epochs):
         if isinstance(self.start_epoch, numbers.Integral):
             start = int(self.start_epoch)
+            if epochs is None:
+                return start
+        elif epochs is None:
+            raise ValueError(
+                "`start_epoch` is a fraction of `epochs` "
+                f"(start_epoch={self.start_epoch}), but the training "
+                "parameters hold no `epochs` (a custom training loop whose "
+                "`keras.callbacks.CallbackList` was not given `epochs=`). "
+                "Pass `epochs=` to the CallbackList, or give an integer "
+                "`start_epoch`."
+            )
         else:
             # The decimal the user wrote, not its binary float: 0.29 * 100
             # is 28.999999999999996 in floats.
@@ -411,34 +498,28 @@ class StochasticWeightAveraging(keras.callbacks.Callback, engine.Averager):
                 "them, or pass `allow_averaging_optimizer=True` to keep both."
             )
 
-    def _take_over_schedule(self):
+    def _find_schedule(self):
         """With a `LearningRateSchedule`, the SWA phase joins the schedule.
 
-        The schedule runs unchanged until the first step of `start_epoch`;
-        from there `keras_swa.SWALearningRate` anneals from its value to
-        `swa_lr` over `anneal_epochs` epochs of steps, inside the compiled
-        train step. The train function is traced anew for it, and for the
-        original schedule, which comes back at the end of `fit`.
+        Checked when `fit` begins; the phase is placed at the first epoch
+        (`_take_over_schedule`), once `BackupAndRestore` has restored the
+        optimizer's step and the epoch is known.
         """
         optimizer = _optimizer_chain(self.model.optimizer)[-1]
         schedule = _schedule_of(optimizer)
         if schedule is None:
             return
-        steps = self.params.get("steps")
+        steps = self._param("steps")
         if not steps:
             raise ValueError(
                 "StochasticWeightAveraging needs the number of steps per "
                 "epoch to hand a `LearningRateSchedule` over to `swa_lr`, "
                 "and `fit` does not know it for this data: pass "
-                "`steps_per_epoch` to `fit`."
+                "`steps_per_epoch` to `fit` (or `steps=` to the "
+                "`keras.callbacks.CallbackList` of a custom training loop)."
             )
-        phase = dict(
-            swa_start=self._start * steps,
-            swa_lr=self.swa_lr,
-            anneal_steps=self.anneal_epochs * steps,
-            anneal_strategy=self.anneal_strategy,
-        )
         if isinstance(schedule, schedules.SWALearningRate):
+            phase = self._schedule_phase(optimizer, steps)
             ours = schedule.cycle_length is None and all(
                 getattr(schedule, key) == value
                 for key, value in phase.items()
@@ -451,10 +532,51 @@ class StochasticWeightAveraging(keras.callbacks.Callback, engine.Averager):
                     "second one. Pass `swa_lr=None` to the callback, or "
                     "compile with the base schedule."
                 )
-            # Saved in the middle of a fit with this callback: resume it.
+            # Saved in the middle of a fit with this callback: placed anew.
             schedule = schedule.base
+        self._pending_schedule = schedule
+
+    def _schedule_phase(self, optimizer, steps):
+        """The arguments of the SWA phase but its start, in updates."""
+        accumulation = optimizer.gradient_accumulation_steps or None
+        return dict(
+            swa_lr=self.swa_lr,
+            # The updates of `anneal_epochs` epochs (rounded up where an
+            # accumulated update spans two epochs).
+            anneal_steps=-(-self.anneal_epochs * steps // (accumulation or 1)),
+            anneal_strategy=self.anneal_strategy,
+            gradient_accumulation_steps=accumulation,
+        )
+
+    def _take_over_schedule(self, epoch):
+        """Places the SWA phase where epoch `start_epoch` of this fit begins.
+
+        `epoch` is the first epoch of this fit. The schedule runs unchanged
+        until the first update of epoch `start_epoch`, counted from the
+        optimizer's step now (so a second `fit`, an `initial_epoch` and a
+        resume all place it right); from there `keras_swa.SWALearningRate`
+        anneals from its value to `swa_lr` over `anneal_epochs` epochs of
+        updates, inside the compiled train step. A phase that would have
+        begun before the optimizer's first update (an `initial_epoch` past
+        `start_epoch` with a fresh optimizer) begins at its first update.
+        The train function is traced anew for it, and for the original
+        schedule, which comes back at the end of `fit`.
+        """
+        schedule, self._pending_schedule = self._pending_schedule, None
+        optimizer = _optimizer_chain(self.model.optimizer)[-1]
+        steps = self._param("steps")
+        phase = self._schedule_phase(optimizer, steps)
+        if self._phase_start is None:
+            # A resumed fit reuses the backup's: the step now may be in
+            # the middle of an epoch (`BackupAndRestore(save_freq=n)`).
+            first = _schedule_step(optimizer) + (self._start - epoch) * steps
+            accumulation = phase["gradient_accumulation_steps"] or 1
+            # The update whose rate is evaluated first in that epoch.
+            self._phase_start = max(0, first // accumulation)
         self._base_schedule = schedule
-        optimizer.learning_rate = schedules.SWALearningRate(schedule, **phase)
+        optimizer.learning_rate = schedules.SWALearningRate(
+            schedule, swa_start=self._phase_start, **phase
+        )
         self.model.make_train_function(force=True)
 
     def _give_back_schedule(self):
@@ -521,6 +643,10 @@ class StochasticWeightAveraging(keras.callbacks.Callback, engine.Averager):
             "start_epoch": np.int64(self._start),
             "average_period": np.int64(self.average_period),
             "lr0": np.float64(np.nan if self._lr0 is None else self._lr0),
+            "diverged": np.bool_(self._diverged),
+            "swa_start_step": np.int64(
+                -1 if self._phase_start is None else self._phase_start
+            ),
             **self._state(),
         }
         os.makedirs(self.backup_dir, exist_ok=True)
@@ -559,4 +685,8 @@ class StochasticWeightAveraging(keras.callbacks.Callback, engine.Averager):
         self._set_state(state, path)
         lr0 = float(state["lr0"])
         self._lr0 = None if math.isnan(lr0) else lr0
+        # Backups of earlier versions have neither key.
+        self._diverged = bool(state.get("diverged", False))
+        phase_start = int(state.get("swa_start_step", -1))
+        self._phase_start = None if phase_start < 0 else phase_start
         self._resumed_after_epoch = int(state["epoch"])

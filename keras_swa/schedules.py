@@ -72,7 +72,15 @@ class SWALearningRate(keras.optimizers.schedules.LearningRateSchedule):
       `keras_swa.SWA(inner, start_averaging=swa_start + c - 1,
       average_period=c)`.
 
-    The step is the optimizer's update count, as for any Keras schedule.
+    The step is the one Keras evaluates a schedule at: the optimizer's
+    update count, or with `gradient_accumulation_steps=A` on the optimizer,
+    its micro-step count (`A` per update; the update `u` is evaluated at
+    micro-step `u * A + A - 1`). `base` gets that step as Keras gives it.
+    The SWA phase counts real updates, as `keras_swa.SWA`'s snapshots do:
+    give the schedule the optimizer's `gradient_accumulation_steps` too, and
+    `swa_start`, `anneal_steps` and `cycle_length` are updates (the update
+    `u` is `step // A`, and `lr0` is the rate `base` gives the update
+    `swa_start`, at micro-step `swa_start * A + A - 1`).
 
     Args:
         base: Float >= 0 or a `keras.optimizers.schedules.LearningRateSchedule`,
@@ -86,6 +94,9 @@ class SWALearningRate(keras.optimizers.schedules.LearningRateSchedule):
             Defaults to `"cos"`.
         cycle_length: `None` for the constant phase, or an integer >= 1,
             the steps in one cycle of the cyclical phase. Defaults to `None`.
+        gradient_accumulation_steps: `None`, or the optimizer's
+            `gradient_accumulation_steps` (an integer >= 1), so that the SWA
+            phase counts real updates, not micro-steps. Defaults to `None`.
 
     Example:
 
@@ -106,6 +117,15 @@ class SWALearningRate(keras.optimizers.schedules.LearningRateSchedule):
     >>> optimizer = keras_swa.SWA(keras.optimizers.SGD(lr),
     ...                           start_averaging=3000 + 400 - 1,
     ...                           average_period=400)
+
+    With gradient accumulation, the phase still begins at update 3000:
+
+    >>> lr = keras_swa.SWALearningRate(
+    ...     base=0.05, swa_start=3000, swa_lr=0.001,
+    ...     gradient_accumulation_steps=4)
+    >>> optimizer = keras_swa.SWA(
+    ...     keras.optimizers.SGD(lr, gradient_accumulation_steps=4),
+    ...     start_averaging=3000, average_period=100)
     """
 
     def __init__(
@@ -116,6 +136,7 @@ class SWALearningRate(keras.optimizers.schedules.LearningRateSchedule):
         anneal_steps=0,
         anneal_strategy="cos",
         cycle_length=None,
+        gradient_accumulation_steps=None,
     ):
         super().__init__()
         if not isinstance(base, _Schedule):
@@ -133,6 +154,10 @@ class SWALearningRate(keras.optimizers.schedules.LearningRateSchedule):
         cycle_length = _validation.integer(
             "cycle_length", cycle_length, 1, optional=True
         )
+        gradient_accumulation_steps = _validation.integer(
+            "gradient_accumulation_steps", gradient_accumulation_steps, 1,
+            optional=True,
+        )
         if cycle_length is not None:
             if anneal_steps:
                 raise ValueError(
@@ -147,6 +172,7 @@ class SWALearningRate(keras.optimizers.schedules.LearningRateSchedule):
         self.anneal_steps = anneal_steps
         self.anneal_strategy = anneal_strategy
         self.cycle_length = cycle_length
+        self.gradient_accumulation_steps = gradient_accumulation_steps
 
     def _base_value(self, step):
         if isinstance(self.base, _Schedule):
@@ -157,12 +183,17 @@ class SWALearningRate(keras.optimizers.schedules.LearningRateSchedule):
         step = ops.convert_to_tensor(step)
         base = self._base_value(step)
         dtype = base.dtype
-        lr0 = ops.cast(
-            self._base_value(ops.cast(self.swa_start, step.dtype)), dtype
-        )
+        accumulation = self.gradient_accumulation_steps or 1
+        # The micro-step where Keras evaluates the rate of update
+        # `swa_start` (the update itself without accumulation).
+        first = self.swa_start * accumulation + accumulation - 1
+        lr0 = ops.cast(self._base_value(ops.cast(first, step.dtype)), dtype)
+        update = step
+        if accumulation > 1:
+            update = ops.floor_divide(step, accumulation)
         # Integer arithmetic for the offset keeps `k mod c` exact at large
         # step counts, where a float32 step would round.
-        k = ops.subtract(step, ops.cast(self.swa_start, step.dtype))
+        k = ops.subtract(update, ops.cast(self.swa_start, step.dtype))
         alpha = ops.cast(self._swa_weight(k), dtype)
         # In this form `alpha == 1` gives `swa_lr` exactly, not up to a
         # float32 rounding of `lr0 + (swa_lr - lr0)`.
@@ -199,6 +230,7 @@ class SWALearningRate(keras.optimizers.schedules.LearningRateSchedule):
             "anneal_steps": self.anneal_steps,
             "anneal_strategy": self.anneal_strategy,
             "cycle_length": self.cycle_length,
+            "gradient_accumulation_steps": self.gradient_accumulation_steps,
         }
 
     @classmethod

@@ -4,21 +4,23 @@ fitted to the SGD iterates of the SWA phase."""
 import math
 import os
 import random
+import warnings
 
 import keras
 import numpy as np
 from keras import ops
 
 from keras_swa import _validation
-from keras_swa import averaging
 from keras_swa import callbacks
 from keras_swa._backend import random as backend_random
 
 # The floor of the diagonal variance (as the reference code,
-# wjmaddox/swa_gaussian): `sq_mean - mean**2` can round below zero.
+# wjmaddox/swa_gaussian): a sample takes its square root.
 VARIANCE_FLOOR = 1e-30
 
-_SECOND_MOMENT = "swag_second_moment_"
+_VARIANCE = "swag_variance_"
+# The key of the raw second moment `sq_mean` in backups of earlier versions.
+_OLD_SECOND_MOMENT = "swag_second_moment_"
 _MAX_RANK = "swag_max_rank"
 
 
@@ -35,26 +37,31 @@ class SWAG(callbacks.StochasticWeightAveraging):
     snapshot `w`:
 
     - `mean`, the running mean of `w` (the SWA average, `average_variables`);
-    - `sq_mean`, the running mean of `w**2` (`second_moment_variables`);
+    - `var`, the variance of the snapshots, `mean((w - mean)**2)`
+      (`variance_variables`), by Welford's update of centred deviations:
+      the paper's `sq_mean - mean**2` cancels where the spread is small
+      against the weights (float32 weights `1 +- 3e-4` lose it all);
     - the deviation `w - mean` (with `mean` already updated for `w`) as a
       column of `D`, keeping the last `max_rank` columns
       (`deviation_variables`).
 
     The posterior is the Gaussian of mean `mean` and covariance
-    `scale * (diag(var) + D D^T / (K - 1))`, with
-    `var = max(sq_mean - mean**2, 1e-30)`, `K` the columns held (`rank`) and
-    `scale` 0.5 by default (the paper's); `sample` draws from it, `keras_swa.sampled_weights` swaps a sample into
+    `scale * (diag(max(var, 1e-30)) + D D^T / (K - 1))`, with `K` the
+    columns held (`rank`) and `scale` 0.5 by default (the paper's);
+    `sample` draws from it, `keras_swa.sampled_weights` swaps a sample into
     the model, and `keras_swa.predict_bma` averages the predictions of many
     samples (Bayesian model averaging), which usually lowers the NLL and
-    calibration error of the SWA model at the same accuracy.
+    calibration error of the SWA model at the same accuracy. With fewer
+    than 2 columns (one snapshot, or `max_rank=1`) a sample has no low-rank
+    term: SWAG warns once (not with `max_rank=0`, the diagonal by choice).
 
     `D` is a ring buffer: the `j`-th snapshot (1-based) goes to column slot
     `(j - 1) % max_rank`, overwriting the snapshot `max_rank` before it. The
     slots are used in slot order (the order does not change the
     distribution).
 
-    Memory: `max_rank + 2` copies of the trainable weights (mean, second
-    moment, `max_rank` columns), in float32 for float16 and bfloat16
+    Memory: `max_rank + 2` copies of the trainable weights (mean, variance,
+    `max_rank` columns), in float32 for float16 and bfloat16
     variables. In float32, a ResNet-50 (25.6M parameters, 102.4 MB a copy)
     with `max_rank=20` needs 22 copies, 2.25 GB; a 1B-parameter model
     (4 GB a copy) 88 GB. `max_rank=0` keeps the diagonal only (2 copies).
@@ -68,7 +75,7 @@ class SWAG(callbacks.StochasticWeightAveraging):
             fraction of `epochs`. Defaults to `0.75`.
         max_rank: Integer >= 0, the deviation columns kept (the rank of the
             low-rank covariance; the paper uses 20). `0` or `1` samples from
-            the diagonal only. Defaults to `20`.
+            the diagonal only (`1` with a warning). Defaults to `20`.
         swa_lr: Float >= 0, the learning rate of the SWA phase, or `None`.
             Defaults to `None`.
         anneal_epochs: Integer >= 0, the epochs from the current learning
@@ -137,8 +144,9 @@ class SWAG(callbacks.StochasticWeightAveraging):
             bn_batch_size=bn_batch_size,
         )
         self.max_rank = max_rank
-        self._second_moment = None
+        self._variance = None
         self._deviations = []
+        self._warned_diagonal = False
 
     @property
     def rank(self) -> int:
@@ -146,12 +154,13 @@ class SWAG(callbacks.StochasticWeightAveraging):
         return min(int(np.asarray(self._n_averaged.numpy())), self.max_rank)
 
     @property
-    def second_moment_variables(self):
-        """The running means of the squared weights, one per
-        `model.trainable_variables` entry, in order."""
-        if self._second_moment is None:
+    def variance_variables(self):
+        """The variances of the snapshots, `mean((w - mean)**2)`, one per
+        `model.trainable_variables` entry, in order (before the floor of
+        1e-30 that sampling applies)."""
+        if self._variance is None:
             return []
-        return list(self._second_moment.averages)
+        return list(self._variance.averages)
 
     @property
     def deviation_variables(self):
@@ -160,9 +169,13 @@ class SWAG(callbacks.StochasticWeightAveraging):
         per `model.trainable_variables` entry."""
         return [list(columns.averages) for columns in self._deviations]
 
+    def on_train_begin(self, logs=None):
+        self._warned_diagonal = False
+        super().on_train_begin(logs)
+
     def _create_averages(self):
         super()._create_averages()
-        self._second_moment = self._new_averages("swag_second_moment")
+        self._variance = self._new_averages("swag_variance")
         self._deviations = [
             self._new_averages(f"swag_deviation_{slot}")
             for slot in range(self.max_rank)
@@ -175,35 +188,40 @@ class SWAG(callbacks.StochasticWeightAveraging):
         if n_averaged == before:
             # A snapshot of non-finite weights, skipped for the mean too.
             return
-        weights = [
-            ops.cast(variable.value, mean.dtype)
+        # `w - mean` with the updated mean: close values, subtracted
+        # exactly, in the dtype of the averages.
+        deviations = [
+            ops.subtract(ops.cast(variable.value, mean.dtype), mean.value)
             for variable, mean in zip(
                 self._averages.variables, self._averages.averages
             )
         ]
-        self._second_moment.assign_values(
-            [
-                averaging.swa_update(
-                    second_moment.value, ops.square(weight), before
-                )
-                for second_moment, weight in zip(
-                    self._second_moment.averages, weights
-                )
-            ]
-        )
-        if self.max_rank:
-            slot = (n_averaged - 1) % self.max_rank
-            self._deviations[slot].assign_values(
+        if n_averaged > 1:
+            # Welford's update of `M2 = n * var`, written for `var`:
+            # `M2_n = M2_(n-1) + n / (n - 1) * d**2` with `d = w - mean_n`,
+            # so `var_n = var_(n-1) * (n - 1) / n + d**2 / (n - 1)`. A
+            # single snapshot has variance 0, as the fresh variables hold.
+            self._variance.assign_values(
                 [
-                    ops.subtract(weight, mean.value)
-                    for weight, mean in zip(weights, self._averages.averages)
+                    ops.add(
+                        ops.multiply(
+                            variance.value, (n_averaged - 1) / n_averaged
+                        ),
+                        ops.divide(ops.square(deviation), n_averaged - 1),
+                    )
+                    for variance, deviation in zip(
+                        self._variance.averages, deviations
+                    )
                 ]
             )
+        if self.max_rank:
+            slot = (n_averaged - 1) % self.max_rank
+            self._deviations[slot].assign_values(deviations)
 
     def _state(self):
         state = super()._state()
         state[_MAX_RANK] = np.int64(self.max_rank)
-        state.update(self._second_moment.get_state(prefix=_SECOND_MOMENT))
+        state.update(self._variance.get_state(prefix=_VARIANCE))
         for slot, columns in enumerate(self._deviations):
             state.update(columns.get_state(prefix=_deviation_prefix(slot)))
         return state
@@ -221,8 +239,16 @@ class SWAG(callbacks.StochasticWeightAveraging):
                 f"fit runs SWAG with max_rank={self.max_rank}. Resume with "
                 "the same callback, or delete the backup to start over."
             )
+        if any(key.startswith(_OLD_SECOND_MOMENT) for key in state):
+            raise ValueError(
+                f"The backup {path!r} was written by an earlier version of "
+                "keras_swa, whose SWAG kept the mean of the squared weights: "
+                "its variance cannot be recovered without the cancellation "
+                "that version suffered, so it cannot be resumed. Delete it "
+                "to start over."
+            )
         super()._set_state(state, path)
-        self._second_moment.set_state(state, path, prefix=_SECOND_MOMENT)
+        self._variance.set_state(state, path, prefix=_VARIANCE)
         for slot, columns in enumerate(self._deviations):
             columns.set_state(state, path, prefix=_deviation_prefix(slot))
 
@@ -249,15 +275,16 @@ class SWAG(callbacks.StochasticWeightAveraging):
         seeds = draw_seeds(seed, 1 + len(means))
         z2 = keras.random.normal((rank,), seed=seeds[0])
         low_rank = not diagonal and rank >= 2
+        if not diagonal and not low_rank:
+            self._warn_diagonal_only(rank)
         root_scale = math.sqrt(scale)
         values = []
-        for index, (mean, second_moment, z1_seed) in enumerate(
-            zip(means, self._second_moment.averages, seeds[1:])
+        for index, (mean, variance, z1_seed) in enumerate(
+            zip(means, self._variance.averages, seeds[1:])
         ):
             mean = mean.value
             variance = ops.maximum(
-                ops.subtract(second_moment.value, ops.square(mean)),
-                ops.cast(VARIANCE_FLOOR, mean.dtype),
+                variance.value, ops.cast(VARIANCE_FLOOR, mean.dtype)
             )
             # Drawn like `mean` (shard by shard where it is sharded).
             z1 = backend_random.normal_like(mean, z1_seed)
@@ -282,14 +309,30 @@ class SWAG(callbacks.StochasticWeightAveraging):
             values.append(ops.add(mean, ops.multiply(root_scale, noise)))
         return values
 
+    def _warn_diagonal_only(self, rank):
+        """Says once that a full sample is the diagonal one (not with
+        `max_rank=0`, which asks for the diagonal)."""
+        if self._warned_diagonal or self.max_rank == 0:
+            return
+        self._warned_diagonal = True
+        warnings.warn(
+            f"SWAG samples from the diagonal only: it holds {rank} "
+            f"deviation column(s) (n_averaged={self._averages.n_averaged}, "
+            f"max_rank={self.max_rank}), and the low-rank part of the "
+            "covariance needs 2. Sample after more snapshots, or pass "
+            "`diagonal=True` to ask for SWAG-Diagonal.",
+            stacklevel=3,
+        )
+
     def sample(
         self, scale: float = 0.5, seed: int | None = None, diagonal: bool = False
     ) -> list:
         """Draws weights from the SWAG posterior.
 
         `mean + sqrt(scale) * (sqrt(var) * z1 + D @ z2 / sqrt(K - 1))`, with
-        `K = rank`, `z1` and `z2` standard normal; the low-rank term is left
-        out when `K < 2` or `diagonal=True`. Its covariance is
+        `K = rank`, `z1` and `z2` standard normal, and `var` floored at
+        1e-30; the low-rank term is left out when `diagonal=True` or
+        `K < 2` (then with a warning, once, unless `max_rank=0`). Its covariance is
         `scale * (diag(var) + D D^T / (K - 1))` (`scale * diag(var)` with
         `diagonal=True`); `scale=0.5` is the paper's. `scale=0` returns the
         SWA mean exactly.

@@ -130,11 +130,11 @@ def _averager(kind, x):
 
 def _all_averages(optimizer, source):
     """Every average the averager keeps (all profiles of PostHocEMA; SWAG's
-    mean, second moment and deviation columns)."""
+    mean, variance and deviation columns)."""
     if isinstance(source, keras_swa.SWAG):
         return [
             *source.average_variables,
-            *source.second_moment_variables,
+            *source.variance_variables,
             *(v for columns in source.deviation_variables for v in columns),
         ]
     if isinstance(optimizer, keras_swa.PostHocEMA):

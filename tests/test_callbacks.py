@@ -1,6 +1,7 @@
 import importlib.util
 import math
 import os
+import warnings
 
 import keras
 import numpy as np
@@ -349,10 +350,12 @@ class InterruptAt(keras.callbacks.Callback):
             raise RuntimeError("Interrupted")
 
 
-@pytest.mark.parametrize("swa_first", [False, True])
-def test_resume_gives_the_uninterrupted_average(tmp_path, swa_first):
+@pytest.mark.parametrize(
+    "swa_first, schedule", [(False, False), (True, False), (False, True)]
+)
+def test_resume_gives_the_uninterrupted_average(tmp_path, swa_first, schedule):
     def run(directory, interrupt_at=None):
-        model = make_model()
+        model = schedule_model() if schedule else make_model()
         swa = keras_swa.StochasticWeightAveraging(
             start_epoch=2, swa_lr=0.01, anneal_epochs=3, average_period=2,
             backup_dir=directory / "swa", verbose=0,
@@ -715,3 +718,263 @@ def test_early_stopping_on_val_swa_after_the_callback():
     history = fit(model, [swa, stop], epochs=10)
     assert len(history.history["val_swa_loss"]) == 3
     assert int(swa.n_averaged.numpy()) == 3
+
+
+# ---------------------------------------------------------------------------
+# Issue 21: a divergence resumed, the schedule placed for this fit, the rate
+# visible from epoch begin, a custom training loop
+
+
+class NaNAt(keras.callbacks.Callback):
+    """Puts NaN into the first kernel at the end of one epoch (a transient
+    divergence); `Heal`, later in the list, puts the weights back."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+        self.saved = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.epoch:
+            variable = self.model.trainable_variables[0]
+            self.saved = to_numpy(variable)
+            variable.assign(np.full(variable.shape, np.nan, "float32"))
+
+
+class Heal(keras.callbacks.Callback):
+    def __init__(self, spike):
+        super().__init__()
+        self.spike = spike
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.spike.epoch:
+            self.model.trainable_variables[0].assign(self.spike.saved)
+
+
+def test_a_divergence_survives_a_resume(tmp_path):
+    # A snapshot skipped as non-finite in the first fit: the resumed fit
+    # must still know it, keep the backup and say so, as an uninterrupted
+    # fit does.
+    def run(directory, interrupt_at=None):
+        model = make_model()
+        spike = NaNAt(2)
+        swa = keras_swa.StochasticWeightAveraging(
+            start_epoch=1, backup_dir=directory / "swa", verbose=0
+        )
+        callbacks = [
+            spike, swa, Heal(spike),
+            keras.callbacks.BackupAndRestore(str(directory / "fit")),
+        ]
+        if interrupt_at is not None:
+            callbacks.append(InterruptAt(interrupt_at))
+        with warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always", UserWarning)
+            fit(model, callbacks, epochs=6)
+        return model, swa, [str(w.message) for w in warned]
+
+    reference, reference_swa, messages = run(tmp_path / "reference")
+    assert any("skipped this epoch's snapshot" in m for m in messages)
+    assert any("keeps its backup" in m for m in messages)
+    with pytest.raises(RuntimeError, match="Interrupted"):
+        run(tmp_path / "resumed", interrupt_at=3)
+    model, swa, messages = run(tmp_path / "resumed")
+    assert any("keeps its backup" in m for m in messages), messages
+    assert os.path.exists(tmp_path / "resumed" / "swa" / BACKUP_FILENAME)
+    with np.load(tmp_path / "resumed" / "swa" / BACKUP_FILENAME) as state:
+        assert bool(state["diverged"])
+    # Epochs 1, 3, 4, 5: the skipped epoch 2 is in neither average.
+    assert int(swa.n_averaged) == int(reference_swa.n_averaged) == 4
+    assert_weights_close(
+        model.trainable_variables, reference.trainable_variables
+    )
+
+
+def schedule_swa(start_epoch, **kwargs):
+    return keras_swa.StochasticWeightAveraging(
+        start_epoch=start_epoch, swa_lr=0.002, anneal_epochs=1, verbose=0,
+        **kwargs,
+    )
+
+
+def phase_schedule(swa_start):
+    """`schedule_model`'s schedule with the SWA phase written directly."""
+    return keras_swa.SWALearningRate(
+        keras.optimizers.schedules.CosineDecay(0.05, decay_steps=12),
+        swa_start=swa_start, swa_lr=0.002, anneal_steps=2,
+    )
+
+
+@pytest.mark.parametrize(
+    "first_epochs, initial_epoch, start_epoch, swa_start",
+    [
+        # A second fit: its epoch 1 begins at step 2 * 2 + 1 * 2.
+        (2, 0, 1, 6),
+        # initial_epoch=2 with a fresh optimizer: epoch 3 begins at step 2.
+        (0, 2, 3, 2),
+        # initial_epoch past start_epoch with a fresh optimizer: the phase
+        # cannot begin before the optimizer's first step, so it begins there.
+        (0, 4, 3, 0),
+        # Both: the first fit made 4 real steps; epoch 3 of the second fit,
+        # which begins at epoch 4 (step 4), began one epoch earlier: step 2.
+        (2, 4, 3, 2),
+    ],
+)
+def test_schedule_phase_placed_where_this_fit_reaches_start_epoch(
+    first_epochs, initial_epoch, start_epoch, swa_start
+):
+    # 16 samples in batches of 8: 2 steps per epoch.
+    def run(model, callbacks):
+        if first_epochs:
+            fit(model, [], epochs=first_epochs)
+        recorder = Recorder()
+        fit(model, callbacks + [recorder], epochs=6,
+            initial_epoch=initial_epoch)
+        return recorder
+
+    model = schedule_model()
+    recorder = run(model, [schedule_swa(start_epoch)])
+    # The rate of each epoch's first step is the phase's, placed by hand.
+    expected = phase_schedule(swa_start)
+    for epoch in range(initial_epoch, 6):
+        step = 2 * first_epochs + 2 * (epoch - initial_epoch)
+        assert recorder.learning_rates[epoch] == pytest.approx(
+            float(expected(step)), rel=1e-6
+        )
+    assert recorder.learning_rates[5] == pytest.approx(0.002)
+    if swa_start >= 2 * first_epochs:
+        # The same training with the phase placed by hand (where the first
+        # fit ran before the phase, so that the reference can run it too).
+        reference = run(
+            make_model(
+                optimizer=keras.optimizers.SGD(
+                    phase_schedule(swa_start), momentum=0.9
+                )
+            ),
+            [],
+        )
+        for epoch in range(initial_epoch, 6):
+            assert_weights_close(
+                recorder.weights[epoch], reference.weights[epoch]
+            )
+
+
+class EpochRates(keras.callbacks.Callback):
+    """The learning rate each epoch begins and ends with."""
+
+    def __init__(self):
+        super().__init__()
+        self.begin = {}
+        self.end = {}
+
+    def _rate(self):
+        return float(self.model.optimizer.learning_rate)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.begin[epoch] = self._rate()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.end[epoch] = self._rate()
+
+
+@pytest.mark.parametrize("scheduler", [None, "before", "after"])
+def test_rate_visible_from_epoch_begin_and_held(scheduler):
+    model = make_model()
+    swa = keras_swa.StochasticWeightAveraging(
+        start_epoch=2, swa_lr=0.001, anneal_epochs=2, verbose=0
+    )
+    callbacks = [swa]
+    if scheduler == "before":
+        callbacks.insert(0, constant_scheduler(EPOCH_LR))
+    elif scheduler == "after":
+        callbacks.append(constant_scheduler(EPOCH_LR))
+    rates = EpochRates()
+    recorder = Recorder()
+    fit(model, callbacks + [rates, recorder], epochs=6)
+    expected = reference_learning_rates(6, 2, EPOCH_LR, 0.001, 2, "cos")
+    for seen in (recorder.learning_rates, rates.end):
+        np.testing.assert_allclose(
+            [seen[e] for e in range(6)], expected, rtol=1e-6
+        )
+    if scheduler != "after":
+        # A callback after the SWA one sees the epoch's rate at its
+        # `on_epoch_begin` (one after a scheduler sees the scheduler's).
+        np.testing.assert_allclose(
+            [rates.begin[e] for e in range(6)], expected, rtol=1e-6
+        )
+
+
+def test_custom_training_loop_without_epochs():
+    model = make_model()
+    swa = keras_swa.StochasticWeightAveraging(
+        start_epoch=1, average_period=2, swa_lr=0.01, verbose=0
+    )
+    # A custom loop's CallbackList: no `epochs` (nor `steps`) in params.
+    callbacks = keras.callbacks.CallbackList([swa], model=model)
+    x, y = make_data()
+    weights = {}
+    callbacks.on_train_begin()
+    for epoch in range(5):
+        callbacks.on_epoch_begin(epoch)
+        # Set at epoch begin: the loop need not call the batch hooks.
+        expected_rate = EPOCH_LR if epoch < 1 else 0.01
+        assert float(model.optimizer.learning_rate) == pytest.approx(
+            expected_rate
+        )
+        for batch in range(2):
+            model.train_on_batch(x[8 * batch : 8 * batch + 8],
+                                 y[8 * batch : 8 * batch + 8])
+        callbacks.on_epoch_end(epoch, {})
+        weights[epoch] = [to_numpy(v) for v in model.trainable_variables]
+    callbacks.on_train_end()
+    # Epochs 1 and 3 (average_period), and the last one run, 4, which
+    # `on_train_end` folds in: without `epochs` it was not known earlier.
+    assert int(swa.n_averaged) == 3
+    expected = [
+        np.mean([weights[e][i] for e in (1, 3, 4)], axis=0)
+        for i in range(len(weights[0]))
+    ]
+    assert_weights_close(model.trainable_variables, expected)
+
+
+def test_fractional_start_epoch_without_epochs_is_refused():
+    model = make_model()
+    swa = keras_swa.StochasticWeightAveraging(start_epoch=0.5, verbose=0)
+    callbacks = keras.callbacks.CallbackList([swa], model=model)
+    with pytest.raises(ValueError, match="start_epoch=0.5.*epochs"):
+        callbacks.on_train_begin()
+
+
+def test_schedule_phase_counts_real_updates_with_accumulation():
+    # Batches of 4 accumulated two by two are the updates of batches of 8:
+    # the SWA phase (2 updates per epoch) must land on the same updates.
+    def run(batch_size, accumulation):
+        schedule = keras.optimizers.schedules.PiecewiseConstantDecay(
+            [10**6], [EPOCH_LR, EPOCH_LR]
+        )
+        model = make_model(
+            optimizer=keras.optimizers.SGD(
+                schedule, momentum=0.9,
+                gradient_accumulation_steps=accumulation,
+            )
+        )
+        recorder = Recorder()
+        x, y = make_data()
+        model.fit(
+            x, y, batch_size=batch_size, epochs=4, shuffle=False, verbose=0,
+            callbacks=[
+                keras_swa.StochasticWeightAveraging(
+                    start_epoch=1, swa_lr=0.002, anneal_epochs=2,
+                    anneal_strategy="linear", verbose=0,
+                ),
+                recorder,
+            ],
+        )
+        return recorder
+
+    accumulated = run(4, 2)
+    reference = run(8, None)
+    for epoch in range(4):
+        assert_weights_close(
+            accumulated.weights[epoch], reference.weights[epoch],
+            rtol=1e-5, atol=1e-6,
+        )

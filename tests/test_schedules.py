@@ -165,6 +165,7 @@ def test_drives_an_optimizer_in_fit():
     [
         dict(anneal_steps=5, anneal_strategy="linear"),
         dict(cycle_length=4),
+        dict(anneal_steps=2, gradient_accumulation_steps=4),
     ],
 )
 def test_config_round_trip(base, kwargs):
@@ -217,6 +218,10 @@ def test_survives_saving_a_model(tmp_path):
         (dict(cycle_length=0), ValueError, "cycle_length"),
         (dict(cycle_length=2.0), TypeError, "cycle_length"),
         (dict(cycle_length=4, anneal_steps=2), ValueError, "anneal_steps"),
+        (dict(gradient_accumulation_steps=0), ValueError,
+         "gradient_accumulation_steps"),
+        (dict(gradient_accumulation_steps=2.0), TypeError,
+         "gradient_accumulation_steps"),
     ],
 )
 def test_bad_arguments(kwargs, error, name):
@@ -227,3 +232,47 @@ def test_bad_arguments(kwargs, error, name):
     if name == "anneal_strategy":
         assert "'cosine'" in str(info.value)
         assert '"cos", "linear"' in str(info.value)
+
+
+def _accumulation_run(schedule, batch_size, accumulation):
+    """The kernel after 3 epochs of 16 samples with momentum SGD."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    model.compile(
+        optimizer=keras.optimizers.SGD(
+            schedule, momentum=0.9, gradient_accumulation_steps=accumulation
+        ),
+        loss="mse",
+    )
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, 4)).astype("float32")
+    y = (x @ rng.normal(size=(4, 1))).astype("float32")
+    model.fit(x, y, batch_size=batch_size, epochs=3, shuffle=False, verbose=0)
+    return np.asarray(model.trainable_variables[0].numpy())
+
+
+@pytest.mark.parametrize(
+    "kwargs", [dict(anneal_steps=3), dict(cycle_length=3)]
+)
+def test_gradient_accumulation_counts_real_updates(kwargs):
+    # Keras evaluates a schedule at its micro-step count (update `u` at
+    # micro-step `u * A + A - 1`; `optimizer.iterations` counts updates),
+    # on every backend. The SWA phase counts updates, as SWA's snapshots.
+    def schedule(accumulation):
+        return SWALearningRate(
+            0.1, swa_start=2, swa_lr=0.01,
+            gradient_accumulation_steps=accumulation, **kwargs,
+        )
+
+    updates = values(schedule(None), range(6))
+    micro_steps = [u * 2 + 1 for u in range(6)]
+    np.testing.assert_allclose(
+        values(schedule(2), micro_steps), updates, rtol=1e-6
+    )
+    # Batches of 4 accumulated two by two are the updates of batches of 8.
+    reference = _accumulation_run(schedule(None), 8, None)
+    accumulated = _accumulation_run(schedule(2), 4, 2)
+    np.testing.assert_allclose(accumulated, reference, rtol=1e-5, atol=1e-6)
+    # Counting micro-steps instead trains otherwise (the test can fail).
+    micro = _accumulation_run(schedule(None), 4, 2)
+    assert not np.allclose(micro, reference, rtol=1e-4, atol=1e-5)

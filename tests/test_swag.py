@@ -2,6 +2,7 @@
 weights recorded during `fit`, on every backend."""
 
 import os
+import warnings
 
 import keras
 import numpy as np
@@ -27,11 +28,12 @@ class EpochEndWeights(keras.callbacks.Callback):
 
 
 def swag_reference(snapshots, max_rank):
-    """Mean, second moment and the deviation slots of `snapshots` (lists of
-    float64 arrays), written from the definition: slot `(j - 1) % max_rank`
-    holds `w_j - mean_j`, with `mean_j` the mean of the first `j`."""
+    """Mean, variance and the deviation slots of `snapshots` (lists of
+    float64 arrays), written from the definition: the variance is NumPy's
+    (biased, over the snapshots); slot `(j - 1) % max_rank` holds
+    `w_j - mean_j`, with `mean_j` the mean of the first `j`."""
     mean = [np.mean(ws, axis=0) for ws in zip(*snapshots)]
-    second_moment = [np.mean(np.square(ws), axis=0) for ws in zip(*snapshots)]
+    variance = [np.var(ws, axis=0) for ws in zip(*snapshots)]
     slots = [None] * max_rank
     for j in range(1, len(snapshots) + 1):
         running_mean = [np.mean(ws, axis=0) for ws in zip(*snapshots[:j])]
@@ -39,7 +41,7 @@ def swag_reference(snapshots, max_rank):
             slots[(j - 1) % max_rank] = [
                 w - m for w, m in zip(snapshots[j - 1], running_mean)
             ]
-    return mean, second_moment, [s for s in slots if s is not None]
+    return mean, variance, [s for s in slots if s is not None]
 
 
 def make_data(n=64, seed=0):
@@ -98,11 +100,11 @@ def test_moments_and_deviations_match_numpy(
     fit(model, [recorder, swag], epochs=epochs)
 
     snapshots = [recorder.weights[e] for e in snapshot_epochs]
-    mean, second_moment, slots = swag_reference(snapshots, max_rank)
+    mean, variance, slots = swag_reference(snapshots, max_rank)
     assert int(swag.n_averaged.numpy()) == len(snapshots)
     assert swag.rank == min(len(snapshots), max_rank)
     assert_close(swag.average_variables, mean)
-    assert_close(swag.second_moment_variables, second_moment)
+    assert_close(swag.variance_variables, variance)
     assert len(swag.deviation_variables) == max_rank
     for slot, expected in enumerate(slots):
         assert_close(swag.deviation_variables[slot], expected)
@@ -122,32 +124,27 @@ def test_narrow_variables_keep_float32_moments(policy):
     swag = keras_swa.SWAG(start_epoch=1, max_rank=2, verbose=0)
     fit(model, [recorder, swag], epochs=5)
 
-    mean, second_moment, slots = swag_reference(
+    mean, variance, slots = swag_reference(
         [recorder.weights[e] for e in range(1, 5)], 2
     )
     for variables in [
-        swag.average_variables, swag.second_moment_variables,
+        swag.average_variables, swag.variance_variables,
         *swag.deviation_variables,
     ]:
         assert all(v.dtype == "float32" for v in variables)
-    assert_close(swag.second_moment_variables, second_moment)
+    assert_close(swag.variance_variables, variance)
     for slot, expected in enumerate(slots):
         assert_close(swag.deviation_variables[slot], expected)
     assert all(w.dtype == np.float32 for w in swag.sample(seed=0))
 
 
 def _posterior(swag):
-    """The mean, the variance and the deviation columns of the posterior,
-    in NumPy, from the moments SWAG holds (the variance computed in their
-    float32, as `sq_mean - mean**2` rounds there)."""
+    """The mean, the variance (with its floor) and the deviation columns of
+    the posterior, in NumPy, from the moments SWAG holds."""
     mean = _flat([v.numpy() for v in swag.average_variables])
-    mean32 = mean.astype("float32")
-    second_moment = _flat(
-        [v.numpy() for v in swag.second_moment_variables]
-    ).astype("float32")
     variance = np.maximum(
-        second_moment - mean32 * mean32, np.float32(1e-30)
-    ).astype("float64")
+        _flat([v.numpy() for v in swag.variance_variables]), 1e-30
+    )
     columns = np.stack(
         [_flat([v.numpy() for v in slot])
          for slot in swag.deviation_variables[: swag.rank]],
@@ -164,13 +161,10 @@ def test_sample_follows_the_formula():
     mean, variance, columns = _posterior(swag)
     rank = swag.rank
     assert columns.shape == (mean.size, 4)
-    # The variance of the snapshots, from the recorded weights, up to the
-    # float32 rounding of `sq_mean - mean**2` (a few ulp of `sq_mean`).
+    # The variance of the snapshots, from the recorded weights.
     snapshots = np.stack([_flat(recorder.weights[e]) for e in range(2, 9)])
-    rounding = 8 * np.finfo(np.float32).eps * np.mean(snapshots**2, axis=0)
-    assert np.all(
-        np.abs(variance - np.var(snapshots, axis=0))
-        <= 1e-3 * np.var(snapshots, axis=0) + rounding
+    np.testing.assert_allclose(
+        variance, np.var(snapshots, axis=0), rtol=1e-4, atol=1e-12
     )
 
     scale = 0.3
@@ -206,8 +200,7 @@ def test_empirical_covariance_of_samples():
     model.compile(optimizer=keras.optimizers.SGD(0.2), loss="mse")
     rng = np.random.default_rng(3)
     x = rng.normal(size=(64, 2)).astype("float32")
-    # Targets of pure noise: the weights wander about 0, so their variance
-    # is not lost in the rounding of `sq_mean - mean**2`.
+    # Targets of pure noise: the weights wander about 0.
     y = rng.normal(size=(64, 3)).astype("float32")
     swag = keras_swa.SWAG(start_epoch=1, max_rank=3, verbose=0)
     model.fit(x, y, batch_size=4, epochs=7, shuffle=False, verbose=0,
@@ -251,10 +244,10 @@ def test_diagonal_only_without_deviation_columns():
     swag = keras_swa.SWAG(start_epoch=1, max_rank=0, verbose=0)
     fit(model, [recorder, swag], epochs=4)
     assert swag.rank == 0 and swag.deviation_variables == []
-    mean, second_moment, _ = swag_reference(
+    mean, variance, _ = swag_reference(
         [recorder.weights[e] for e in range(1, 4)], 0
     )
-    assert_close(swag.second_moment_variables, second_moment)
+    assert_close(swag.variance_variables, variance)
     # Without columns, the full sample is the diagonal one.
     np.testing.assert_array_equal(
         _flat(swag.sample(seed=2)), _flat(swag.sample(seed=2, diagonal=True))
@@ -266,8 +259,12 @@ def test_one_snapshot_samples_the_diagonal():
     swag = keras_swa.SWAG(start_epoch=2, max_rank=5, verbose=0)
     fit(model, [swag], epochs=3)
     assert swag.rank == 1
-    # K < 2: no low-rank term; with one snapshot var is the 1e-30 floor.
-    sample = _flat(swag.sample(seed=0))
+    # K < 2: no low-rank term (said once); with one snapshot var is the
+    # 1e-30 floor.
+    with pytest.warns(UserWarning, match="diagonal only") as warned:
+        sample = _flat(swag.sample(seed=0))
+        swag.sample(seed=1)
+    assert sum("diagonal only" in str(w.message) for w in warned) == 1
     np.testing.assert_array_equal(
         sample, _flat(swag.sample(seed=0, diagonal=True))
     )
@@ -296,14 +293,14 @@ def test_resume_gives_the_uninterrupted_moments(tmp_path):
         run(tmp_path / "resumed", interrupt_at=4)
     with np.load(tmp_path / "resumed" / "swag" / BACKUP_FILENAME) as state:
         assert int(state["swag_max_rank"]) == 3
-        assert "swag_second_moment_average_0" in state
+        assert "swag_variance_average_0" in state
         assert "swag_deviation_2_average_0" in state
     swag = run(tmp_path / "resumed")
 
     assert int(swag.n_averaged.numpy()) == 6
     pairs = [
         (swag.average_variables, reference.average_variables),
-        (swag.second_moment_variables, reference.second_moment_variables),
+        (swag.variance_variables, reference.variance_variables),
     ] + list(zip(swag.deviation_variables, reference.deviation_variables))
     for resumed, uninterrupted in pairs:
         assert_close(
@@ -347,11 +344,11 @@ def test_non_finite_epochs_reach_no_moment():
     with pytest.warns(UserWarning, match="skipped this epoch's snapshot"):
         fit(model, [diverge, recorder, swag], epochs=6)
     assert not np.isfinite(recorder.weights[5][0]).all()
-    mean, second_moment, slots = swag_reference(
+    mean, variance, slots = swag_reference(
         [recorder.weights[e] for e in (1, 2, 3)], 4
     )
     assert swag.rank == 3
-    assert_close(swag.second_moment_variables, second_moment)
+    assert_close(swag.variance_variables, variance)
     for slot, expected in enumerate(slots):
         assert_close(swag.deviation_variables[slot], expected)
     assert np.isfinite(_flat(swag.sample(seed=0))).all()
@@ -411,3 +408,90 @@ def test_sample_before_any_snapshot_is_refused():
         fit(model, [stop, swag], epochs=5)
     with pytest.raises(ValueError, match="no snapshot yet.*from epoch 3"):
         swag.sample()
+
+
+class SetWeights(keras.callbacks.Callback):
+    """At each epoch end, before SWAG, puts `1 + 3e-4 * N(0, 1)` into every
+    trainable variable and records it (float64 of the float32 values)."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        self.rng = np.random.default_rng(seed)
+        self.snapshots = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        values = []
+        for variable in self.model.trainable_variables:
+            value = 1.0 + 3e-4 * self.rng.normal(size=variable.shape)
+            variable.assign(value.astype("float32"))
+            values.append(np.asarray(variable.numpy()).astype("float64"))
+        self.snapshots.append(values)
+
+
+def test_variance_without_cancellation():
+    # `sq_mean - mean**2` of weights 1 +- 3e-4 in float32 loses the
+    # variance (9e-8) in the rounding of sq_mean (6e-8 an ulp).
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(50, use_bias=False)]
+    )
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+    setter = SetWeights()
+    swag = keras_swa.SWAG(start_epoch=0, max_rank=0, verbose=0)
+    x = np.zeros((8, 4), "float32")
+    model.fit(x, np.zeros((8, 50), "float32"), epochs=20, verbose=0,
+              callbacks=[setter, swag])
+    expected = np.var(np.stack([s[0] for s in setter.snapshots]), axis=0)
+    variance = np.asarray(swag.variance_variables[0].numpy())
+    assert variance.dtype == np.float32
+    np.testing.assert_allclose(variance, expected, rtol=1e-2)
+    assert variance.min() > 1e-29
+    # Samples spread by the standard deviation of the snapshots.
+    mean = np.asarray(swag.average_variables[0].numpy()).astype("float64")
+    scale = 0.5
+    z = np.stack(
+        [
+            (swag.sample(scale=scale, seed=seed)[0] - mean)
+            / np.sqrt(scale * expected)
+            for seed in range(20)
+        ]
+    )
+    assert 0.9 < z.std() < 1.1 and abs(z.mean()) < 0.1
+
+
+def test_backup_of_an_earlier_version_is_refused(tmp_path):
+    # Backups written before the centred variance held `sq_mean` instead:
+    # it cannot be turned into the variance without the cancellation.
+    swag = keras_swa.SWAG(
+        start_epoch=1, max_rank=2, backup_dir=tmp_path, verbose=0
+    )
+    with pytest.raises(RuntimeError, match="Interrupted"):
+        fit(make_model(), [swag, InterruptAt(2)], epochs=5)
+    path = tmp_path / BACKUP_FILENAME
+    with np.load(path) as file:
+        state = {
+            key.replace("swag_variance_", "swag_second_moment_"): value
+            for key, value in file.items()
+        }
+    np.savez(path, **state)
+    with pytest.raises(ValueError, match="earlier version.*Delete it"):
+        fit(make_model(), [swag], epochs=5)
+
+
+def test_low_rank_sampling_without_two_columns_warns_once():
+    model = make_model()
+    swag = keras_swa.SWAG(start_epoch=2, max_rank=5, verbose=0)
+    fit(model, [swag], epochs=3)
+    x, _ = make_data(n=4)
+    with pytest.warns(UserWarning, match="1 deviation column") as warned:
+        keras_swa.predict_bma(model, x, source=swag, num_samples=3, seed=0)
+        swag.sample(seed=0)
+    assert sum("diagonal only" in str(w.message) for w in warned) == 1
+    # Asked for the diagonal, or with max_rank=0 (the diagonal by choice),
+    # there is nothing to say.
+    swag = keras_swa.SWAG(start_epoch=2, max_rank=0, verbose=0)
+    fit(make_model(), [swag], epochs=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        swag.sample(seed=0)
+        swag.sample(seed=0, diagonal=True)
