@@ -25,6 +25,7 @@ import numpy as np
 from keras import ops
 
 from keras_swa import _data
+from keras_swa import swap
 from keras_swa._backend import compiled
 from keras_swa._backend import distribute
 
@@ -260,14 +261,12 @@ def recompute(
     new_values = bn_pass.run(
         itertools.chain([first], batches), num_batches, verbose
     )
-    saved = [(variable, ops.copy(variable.value)) for variable, _ in new_values]
-    try:
+    # All or nothing: a write that fails puts every statistic back (each
+    # replica's own under tf.distribute).
+    with swap.Swap([variable for variable, _ in new_values]) as swapped:
         for variable, value in new_values:
             variable.assign(value)
-    except BaseException:
-        for variable, value in saved:
-            variable.assign(value)
-        raise
+        swapped.keep()
 
 
 def _sum_dtype(layers):

@@ -8,9 +8,11 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_swa import _data
 from keras_swa import _validation
 from keras_swa import batch_norm
 from keras_swa import swag as swag_lib
+from keras_swa import swap
 from keras_swa import weights
 from keras_swa._backend import distribute
 
@@ -46,6 +48,8 @@ def _check_model_and_swag(model, swag, name):
 
 
 def _assign_sample(model, swag, scale, seed, bn_data, bn_steps, bn_batch_size):
+    # Into the variables the moments were taken from, by identity: also
+    # those of a layer (or model) frozen after training.
     values = swag._sample_values(scale, seed, diagonal=False)
     for variable, value in zip(swag._averages.variables, values):
         variable.assign(ops.cast(value, variable.dtype))
@@ -64,11 +68,12 @@ def sampled_weights(
 ):
     """Context manager that runs its block with weights sampled from SWAG.
 
-    On entry, a sample of `swag.sample(scale, seed)` replaces the model's
-    trainable weights (and with `bn_data` the BatchNormalization statistics
-    are recomputed for it, silently). On exit, also when the block raises,
-    the weights and statistics the model held come back bit for bit. The
-    context manager yields nothing.
+    On entry, a sample of `swag.sample(scale, seed)` replaces the weights
+    SWAG averaged, frozen since or not (and with `bn_data` the
+    BatchNormalization statistics are recomputed for it, silently). On exit,
+    also when the block raises, every variable written (the weights and
+    statistics the model held) comes back bit for bit. The context manager
+    yields nothing.
 
     Args:
         model: The built `keras.Model` trained with `swag`.
@@ -102,14 +107,40 @@ def sampled_weights(
     _check_model_and_swag(model, swag, "swag")
     scale, seed, _ = swag_lib.check_sample_arguments(scale, seed)
     weights.check_bn_data(bn_data, bn_steps, bn_batch_size)
-    backup = weights._backup(model)
-    try:
+    # A sample goes where the averages would: the same variables.
+    with swap.Swap(weights.written_variables(model, swag, bn_data)):
         _assign_sample(
             model, swag, scale, seed, bn_data, bn_steps, bn_batch_size
         )
         yield
-    finally:
-        weights._restore(backup)
+
+
+def _as_tuple(batch):
+    # `model.predict` takes from a generator `(x,)`, `(x, y)` or
+    # `(x, y, sample_weight)` only; a bare `x` becomes `(x,)`.
+    return batch if isinstance(batch, tuple) else (batch,)
+
+
+def _reader(x):
+    """A function that gives `x` as `model.predict` reads it, once a call,
+    and the number of batches to read (`None`: all).
+
+    A generator or iterator can be read once, and `model.predict` takes no
+    other iterator than a generator: its batches are read here, before any
+    weight is swapped, and each call gets a new generator over them. The
+    number of batches is then known, and passed on: `model.predict` gives no
+    warning that its input "ran out of data".
+    """
+    if not _data.is_single_use(x):
+        return lambda: x, None
+    batches = [_as_tuple(batch) for batch in x]
+    if not batches:
+        raise ValueError(
+            "`x` yielded no batch (an exhausted generator or iterator, say), "
+            "so there is nothing to predict; the model is unchanged. "
+            f"Received: x={x!r:.200}"
+        )
+    return (lambda: (batch for batch in batches)), len(batches)
 
 
 def _probabilities(output, from_logits):
@@ -122,6 +153,39 @@ def _probabilities(output, from_logits):
     shifted = output - output.max(axis=-1, keepdims=True)
     exponentials = np.exp(shifted)
     return exponentials / exponentials.sum(axis=-1, keepdims=True)
+
+
+def _check_arguments(
+    model, x, source, num_samples, scale, seed, bn_data, bn_steps,
+    batch_size, from_logits, bn_batch_size,
+):
+    """`predict_bma`'s checks; the arguments it uses, as it uses them."""
+    _check_model_and_swag(model, source, "source")
+    num_samples = _validation.integer("num_samples", num_samples, 1)
+    scale, seed, _ = swag_lib.check_sample_arguments(scale, seed)
+    weights.check_bn_data(
+        bn_data, bn_steps, bn_batch_size, reused=num_samples > 1
+    )
+    batch_size = _validation.integer("batch_size", batch_size, 1, optional=True)
+    from_logits = _validation.boolean("from_logits", from_logits)
+    if batch_size is not None and _data.is_single_use(x):
+        raise ValueError(
+            "`batch_size` applies to arrays only: a generator or iterator "
+            "`x` comes in batches already. Remove `batch_size`. Received: "
+            f"batch_size={batch_size}, x of type {type(x).__name__}"
+        )
+    if scale == 0.0:
+        # Every sample is the mean.
+        num_samples = 1
+    elif bn_data is None and batch_norm.statistics_variables(model):
+        warnings.warn(
+            "The model has BatchNormalization layers, and their statistics "
+            "belong to the weights it holds, not to the samples: pass "
+            "`bn_data` (such as the training data, with a small `bn_steps`) "
+            "to recompute them for each sample.",
+            stacklevel=3,
+        )
+    return num_samples, scale, seed, batch_size, from_logits
 
 
 def predict_bma(
@@ -152,7 +216,10 @@ def predict_bma(
 
     Args:
         model: The built `keras.Model` trained with `source`.
-        x: The inputs, as `model.predict` accepts them.
+        x: The inputs, as `model.predict` accepts them; also a Python
+            generator or iterator of batches (`x`, `(x,)`, `(x, y)` or
+            `(x, y, sample_weight)`, labels ignored), which is read once,
+            before the first sample, and kept in memory.
         source: A `keras_swa.SWAG` callback that has folded in a snapshot.
         num_samples: Integer >= 1, the posterior samples. Defaults to `30`.
         scale: Float >= 0, the factor of the posterior covariance. Defaults
@@ -195,49 +262,29 @@ def predict_bma(
     ...                               bn_steps=50)  # doctest: +SKIP
     >>> accuracy = (probs.argmax(-1) == y_test).mean()  # doctest: +SKIP
     """
-    _check_model_and_swag(model, source, "source")
-    num_samples = _validation.integer("num_samples", num_samples, 1)
-    scale, seed, _ = swag_lib.check_sample_arguments(scale, seed)
-    weights.check_bn_data(
-        bn_data, bn_steps, bn_batch_size, reused=num_samples > 1
+    num_samples, scale, seed, batch_size, from_logits = _check_arguments(
+        model, x, source, num_samples, scale, seed, bn_data, bn_steps,
+        batch_size, from_logits, bn_batch_size,
     )
-    batch_size = _validation.integer("batch_size", batch_size, 1, optional=True)
-    from_logits = _validation.boolean("from_logits", from_logits)
-    if scale == 0.0:
-        # Every sample is the mean.
-        num_samples = 1
-    elif bn_data is None and batch_norm.statistics_variables(model):
-        warnings.warn(
-            "The model has BatchNormalization layers, and their statistics "
-            "belong to the weights it holds, not to the samples: pass "
-            "`bn_data` (such as the training data, with a small `bn_steps`) "
-            "to recompute them for each sample.",
-            stacklevel=2,
-        )
-    backup = weights._backup(model)
+    read_x, steps = _reader(x)
     total = None
-    try:
+    with swap.Swap(weights.written_variables(model, source, bn_data)):
         for index in range(num_samples):
             _assign_sample(
-                model,
-                source,
-                scale,
-                None if seed is None else seed + index,
-                bn_data,
-                bn_steps,
-                bn_batch_size,
+                model, source, scale, None if seed is None else seed + index,
+                bn_data, bn_steps, bn_batch_size,
             )
             probabilities = keras.tree.map_structure(
                 lambda output: _probabilities(output, from_logits),
-                model.predict(x, batch_size=batch_size, verbose=0),
+                model.predict(
+                    read_x(), batch_size=batch_size, steps=steps, verbose=0
+                ),
             )
             total = (
                 probabilities
                 if total is None
                 else keras.tree.map_structure(np.add, total, probabilities)
             )
-    finally:
-        weights._restore(backup)
     return keras.tree.map_structure(
         lambda summed: (summed / num_samples).astype("float32"), total
     )

@@ -2,7 +2,10 @@
 
 A source of averages is anything with `n_averaged` (a scalar integer
 variable) and `assign_average_vars(var_list)`: the optimizer wrappers `SWA`
-and `EMA`, and the `StochasticWeightAveraging` callback.
+and `EMA`, and the `StochasticWeightAveraging` callback. It gets
+`model.variables` and writes the averages into the variables they were taken
+from, wherever their `trainable` stands now. Every write goes through one
+`keras_swa.swap.Swap`.
 """
 
 import contextlib
@@ -12,7 +15,9 @@ import keras
 from keras_swa import _data
 from keras_swa import _validation
 from keras_swa import batch_norm
+from keras_swa import engine
 from keras_swa import schedule_free
+from keras_swa import swap
 from keras_swa._backend import distribute
 
 
@@ -59,21 +64,44 @@ def _resolve_source(model, source):
     return source
 
 
-def _backup(model):
-    # Only what assigning averages and `update_bn` can write: the trainable
-    # weights and the BatchNormalization statistics. The copies stay on the
-    # device, one per replica under tf.distribute.
-    variables = model.trainable_variables + batch_norm.statistics_variables(
-        model
-    )
-    return [
-        (variable, distribute.copy_variable(variable)) for variable in variables
-    ]
+def written_variables(model, source, bn_data=None) -> list:
+    """The variables of `model` that assigning the averages of `source`
+    (and recomputing BatchNorm on `bn_data`) writes: what a swap records.
 
+    For a keras_swa averager, the model's variables it holds averages of,
+    `trainable` or not now; for any other source, which may write any
+    variable it is given, all of `model.variables`. With `bn_data`, also the
+    statistics `update_bn` recomputes.
 
-def _restore(backup):
-    for variable, value in backup:
-        distribute.restore_variable(variable, value)
+    Args:
+        model: A built `keras.Model`.
+        source: A source of averages, as `_resolve_source` returns it.
+        bn_data: The BatchNorm data, or None.
+
+    Returns:
+        A list of `keras.Variable`s.
+    """
+    averages = getattr(source, "_averages", None)
+    if (
+        isinstance(source, engine.Averager)
+        and averages is not None
+        # A subclass that assigns otherwise may write other variables.
+        and type(source).assign_average_vars
+        is engine.Averager.assign_average_vars
+    ):
+        held = {id(variable) for variable in model.variables}
+        written = [
+            variable
+            for variable, average in zip(
+                averages.variables, averages.averages
+            )
+            if average is not None and id(variable) in held
+        ]
+    else:
+        written = list(model.variables)
+    if bn_data is not None:
+        written += batch_norm.statistics_variables(model)
+    return written
 
 
 def check_bn_data(bn_data, bn_steps, bn_batch_size, reused=False) -> None:
@@ -140,7 +168,10 @@ def recompute_bn(model, bn_data, bn_steps, bn_batch_size, verbose) -> None:
 
 
 def _assign(model, source, bn_data, bn_steps, bn_batch_size, verbose):
-    source.assign_average_vars(model.trainable_variables)
+    # All variables, not only the trainable ones: the averages go into the
+    # variables they were taken from, also when a layer (or the model) was
+    # frozen after training.
+    source.assign_average_vars(model.variables)
     recompute_bn(model, bn_data, bn_steps, bn_batch_size, verbose)
 
 
@@ -154,19 +185,22 @@ def assign_average(
 ) -> None:
     """Copies averaged weights into the model, for good.
 
-    The averages of `source` replace the model's trainable weights; with
-    `bn_data`, the BatchNormalization statistics are then recomputed for the
-    averaged weights with `keras_swa.update_bn`. If anything fails, the
-    model is left as it was. Returns `None`, as Keras' `set_weights`: the
-    model changes in place.
+    The averages of `source` replace the weights they were taken from,
+    whatever their `trainable` is now (a layer or model frozen after
+    training gets its averages too); with `bn_data`, the BatchNormalization
+    statistics are then recomputed for the averaged weights with
+    `keras_swa.update_bn`. If anything fails, every variable written comes
+    back bit for bit. Returns `None`, as Keras' `set_weights`: the model
+    changes in place.
 
     Args:
         model: A built `keras.Model`.
         source: What holds the averages: a `keras_swa.SWA` or `keras_swa.EMA`
             optimizer, a `keras_swa.StochasticWeightAveraging` callback, or any
-            object with `n_averaged` and `assign_average_vars(var_list)`.
-            Defaults to `None`: `model.optimizer`, looking inside a
-            `keras.optimizers.LossScaleOptimizer`.
+            object with `n_averaged` and `assign_average_vars(var_list)`
+            (called with `model.variables`: it writes those it holds
+            averages of). Defaults to `None`: `model.optimizer`, looking
+            inside a `keras.optimizers.LossScaleOptimizer`.
         bn_data: Data to recompute the BatchNormalization statistics on, as
             `data` of `keras_swa.update_bn` (typically the training data).
             Defaults to `None`: the statistics are left as they are.
@@ -192,12 +226,9 @@ def assign_average(
     """
     source = _resolve_source(model, source)
     check_bn_data(bn_data, bn_steps, bn_batch_size)
-    backup = _backup(model)
-    try:
+    with swap.Swap(written_variables(model, source, bn_data)) as swapped:
         _assign(model, source, bn_data, bn_steps, bn_batch_size, verbose)
-    except BaseException:
-        _restore(backup)
-        raise
+        swapped.keep()
 
 
 @contextlib.contextmanager
@@ -211,11 +242,12 @@ def averaged_weights(
 ):
     """Context manager that runs its block with the averaged weights.
 
-    On entry, the averages of `source` replace the model's trainable weights
-    (and with `bn_data` the BatchNormalization statistics are recomputed, as
-    in `keras_swa.assign_average`). On exit, also when the block raises, the
-    raw weights and statistics come back bit for bit, so training can go on
-    where it was. The context manager yields nothing.
+    On entry, the averages of `source` replace the weights they were taken
+    from, frozen since or not (and with `bn_data` the BatchNormalization
+    statistics are recomputed, as in `keras_swa.assign_average`). On exit,
+    also when the block raises, every variable written (the raw weights and
+    statistics) comes back bit for bit, so training can go on where it was.
+    The context manager yields nothing.
 
     Args:
         model: A built `keras.Model`.
@@ -247,9 +279,6 @@ def averaged_weights(
     """
     source = _resolve_source(model, source)
     check_bn_data(bn_data, bn_steps, bn_batch_size)
-    backup = _backup(model)
-    try:
+    with swap.Swap(written_variables(model, source, bn_data)):
         _assign(model, source, bn_data, bn_steps, bn_batch_size, verbose)
         yield
-    finally:
-        _restore(backup)

@@ -232,3 +232,47 @@ def test_swag_of_another_model_or_without_snapshot_is_refused():
             pass
     with pytest.raises(TypeError, match="`model` must be a `keras.Model`"):
         keras_swa.predict_bma(x, x, source=swag)
+
+
+def test_a_generator_as_x_is_read_once_for_every_sample():
+    # `model.predict` reads a generator of `(x,)` tuples; `predict_bma` reads
+    # `x` once per sample, so it keeps the batches of a generator or
+    # iterator (bare arrays, `(x,)` or `(x, y)`) from its one pass. On the
+    # code before, the second sample met an exhausted generator.
+    model, swag, x = trained()
+    before = state(model)
+    arguments = dict(source=swag, scale=0.5, seed=2, bn_data=x, bn_steps=2,
+                     from_logits=True)
+    batches = [x[i : i + 16] for i in range(0, len(x), 16)]
+    expected = keras_swa.predict_bma(
+        model, x, num_samples=3, batch_size=16, **arguments
+    )
+    forms = {
+        "tuples": lambda: ((batch,) for batch in batches),
+        "arrays": lambda: (batch for batch in batches),
+        "pairs": lambda: ((batch, batch[:, 0]) for batch in batches),
+        "iterator": lambda: iter(batches),
+    }
+    for form, data in forms.items():
+        probabilities = keras_swa.predict_bma(
+            model, data(), num_samples=3, **arguments
+        )
+        np.testing.assert_allclose(
+            probabilities, expected, rtol=1e-6, atol=1e-7, err_msg=form
+        )
+    # One sample (`scale=0`, the SWA mean) reads it once too.
+    np.testing.assert_allclose(
+        keras_swa.predict_bma(model, forms["arrays"](), **{**arguments,
+                                                           "scale": 0.0}),
+        keras_swa.predict_bma(model, x, batch_size=16, **{**arguments,
+                                                          "scale": 0.0}),
+        rtol=1e-6, atol=1e-7,
+    )
+    # `batch_size` applies to arrays only.
+    with pytest.raises(ValueError, match="`batch_size` applies to arrays"):
+        keras_swa.predict_bma(model, forms["arrays"](), batch_size=16,
+                              **arguments)
+    # A generator without a batch: refused before any sample.
+    with pytest.raises(ValueError, match="`x`.*no batch"):
+        keras_swa.predict_bma(model, iter([]), num_samples=3, **arguments)
+    assert_same_state(model, before)
