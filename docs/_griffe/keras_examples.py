@@ -45,7 +45,9 @@ def indent_examples(text: str) -> str:
     while index < len(lines):
         line = lines[index]
         index += 1
-        body = _unindented_body(lines, index) if _EXAMPLE_TITLE.match(line) else 0
+        body = 0
+        if _EXAMPLE_TITLE.match(line):
+            body = _unindented_body(lines, index)
         if not body:
             result.append(line)
             continue
