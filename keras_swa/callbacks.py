@@ -85,8 +85,10 @@ class StochasticWeightAveraging(keras.callbacks.Callback, engine.Averager):
     `start_epoch` runs at `lr0` and epoch `start_epoch + a` reaches `swa_lr`,
     as `torch.optim.swa_utils.SWALR` stepped once per epoch. The rate set is
     that of the innermost optimizer (inside a `LossScaleOptimizer` or a
-    `keras_swa` wrapper); it must be a float, not a schedule: for a
-    per-step SWA schedule use `keras_swa.SWALearningRate`.
+    `keras_swa` wrapper). A `LearningRateSchedule` runs unchanged until
+    `start_epoch`, then is handed over to a `keras_swa.SWALearningRate`
+    with the same phase, per step (`fit` must know the steps per epoch),
+    and comes back when `fit` ends.
 
     Resuming: with `backup_dir`, the callback writes its state to
     `backup_dir/stochastic_weight_averaging.npz` after every epoch and reads
