@@ -9,6 +9,7 @@ does not depend on the Keras backend of this run.
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -117,3 +118,25 @@ def test_readme_links_resolve():
         if not os.path.exists(os.path.join(ROOT, target))
     ]
     assert not missing, f"README.md links to missing files: {missing}"
+
+
+def test_make_docs_installs_only_the_docs_extra():
+    """`make docs` needs the package and MkDocs, not every backend."""
+    if shutil.which("make") is None:
+        pytest.skip("`make` is not installed.")
+    # A dry run of every recipe the target would run (-B: as if nothing
+    # were installed yet).
+    completed = subprocess.run(
+        ["make", "--dry-run", "--always-make", "docs"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert completed.returncode == 0, completed.stderr
+    installs = [
+        line for line in completed.stdout.splitlines()
+        if "pip install" in line and "--upgrade pip" not in line
+    ]
+    assert installs, completed.stdout
+    for line in installs:
+        extras = re.findall(r"\.\[([^\]]*)\]", line)
+        assert extras == ["docs"], f"`make docs` runs: {line}"
+    assert "mkdocs build --strict" in completed.stdout
