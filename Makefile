@@ -6,6 +6,9 @@ STAMP := $(VENV)/.installed
 # Everything the demo, the tests and the docs need. The package itself needs
 # only Keras and one backend; see docs/install.md.
 EXTRAS := tensorflow,examples,tests,backends,docs
+# `make docs` needs only the package and the docs extra (MkDocs reads the
+# sources statically: no backend), with a stamp of its own.
+DOCS_STAMP := $(VENV)/.installed-docs
 
 .PHONY: demo test test-tensorflow test-jax test-torch docs install clean
 
@@ -18,6 +21,10 @@ $(PY):
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -e ".[$(EXTRAS)]"
 	touch $(STAMP)
+
+$(DOCS_STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -e ".[docs]"
+	touch $(DOCS_STAMP)
 
 install: $(STAMP)
 
@@ -41,7 +48,7 @@ demo: $(STAMP)
 
 # The documentation site, API reference included, into site/. Offline;
 # --strict turns every warning (a broken link or reference) into a failure.
-docs: $(STAMP)
+docs: $(DOCS_STAMP)
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
 
 clean:

@@ -1,5 +1,12 @@
 """Stochastic Weight Averaging and related weight averaging for Keras 3."""
 
+# `python -m keras_swa.average` imports this package before it runs: its
+# arguments and files are checked first, without Keras (seconds), so that
+# `--help` and a mistake answer at once. Nothing happens for any other program.
+from keras_swa import _average_args
+
+_average_args.check_before_import()
+
 from keras_swa import metrics
 from keras_swa.batch_norm import update_bn
 from keras_swa.bma import predict_bma

@@ -1,14 +1,16 @@
-r"""Averages saved Keras models (`.keras` files) into a new `.keras` file.
+r"""Averages saved Keras models into a new `.keras` file.
 
 The float variables of the files are averaged with
 `keras_swa.average_checkpoints` (uniform mean, float32 or float64
 accumulators, one file in memory at a time); the other variables (counters,
-seeds) come from the last file. The architecture is that of the last file,
-loaded with `compile=False`: the output holds the averaged model without
-optimizer state or compile settings, ready for `keras.models.load_model`.
-With no data at hand, the tool averages the BatchNormalization statistics
-stored in the files and says so; recompute them with `keras_swa.update_bn`
-after loading, on training data, for the exact statistics of the average.
+seeds) come from the last file. The files are `.keras` files (`model.save`)
+or `.weights.h5` files (`model.save_weights`); the architecture is that of
+`--model=ARCH.keras`, or else of the last `.keras` file among them, loaded
+with `compile=False`: the output holds the averaged model without optimizer
+state or compile settings, ready for `keras.models.load_model`. With no data
+at hand, the tool averages the BatchNormalization statistics stored in the
+files and says so; recompute them with `keras_swa.update_bn` after loading,
+on training data, for the exact statistics of the average.
 
 Files are given as paths or glob patterns (quote them so that the tool, not
 the shell, expands them); the matches of a pattern are sorted in natural
@@ -16,14 +18,21 @@ order (`ckpt/9.keras` before `ckpt/10.keras`), and the arguments are taken
 in the order given. `--last=k` keeps the last k files: LAWA, "the average of
 the last k checkpoints".
 
+Every flag, path (the inputs, `--model`, the directory of `--output`) and
+the layout of every file are checked before Keras is imported
+(`keras_swa._average_args`): a mistake ends the tool at once with a usage
+line, one line naming it, and exit status 2. A failure during the work (a
+file holding NaN) ends it with one line and exit status 1, and writes
+nothing.
+
 Examples:
   python -m keras_swa.average --output=avg.keras 'ckpt/*.keras'
   python -m keras_swa.average --output=avg.keras --last=5 'ckpt/*.keras'
+  python -m keras_swa.average --output=avg.keras --model=model.keras \
+      'ckpt/*.weights.h5'
 """
 
-import glob
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -31,84 +40,23 @@ import warnings
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
+from keras_swa import _average_args  # noqa: E402
+
+# The package's import checked the arguments already when run as
+# `python -m keras_swa.average`; Keras is imported only now.
 import keras  # noqa: E402
 
 from keras_swa import batch_norm  # noqa: E402
 from keras_swa import checkpoints  # noqa: E402
 
-_PROGRAM = "keras_swa.average"
-
-FLAGS = flags.FLAGS
-flags.DEFINE_string(
-    "output", None, "The `.keras` file to write the averaged model to."
-)
-flags.DEFINE_integer(
-    "last",
-    None,
-    "Average only the last k of the files (all of them by default).",
-    lower_bound=1,
-)
-flags.DEFINE_bool(
-    "overwrite", False, "Replace --output if it exists already."
-)
-flags.mark_flag_as_required("output")
-flags.register_validator(
-    "output",
-    lambda path: path is None or path.endswith(".keras"),
-    message="--output must be a path ending in `.keras`.",
-)
-
 
 class _Error(Exception):
-    """A bad argument or input file: one line for the user, no traceback."""
+    """A failure during the work: one line for the user, no traceback."""
 
 
-def _natural_key(path):
-    # Digit runs compare as numbers: epoch 9 before epoch 10.
-    return [
-        (0, int(part), "") if part.isdigit() else (1, 0, part)
-        for part in re.split(r"(\d+)", path)
-    ]
-
-
-def expand(arguments):
-    """The files named by `arguments` (paths or glob patterns), in order."""
-    if not arguments:
-        raise _Error(
-            "no input files: give `.keras` files or glob patterns after the "
-            "flags, e.g. 'ckpt/*.keras'."
-        )
-    files = []
-    for argument in arguments:
-        if glob.has_magic(argument):
-            matches = sorted(glob.glob(argument), key=_natural_key)
-            if not matches:
-                raise _Error(f"no file matches {argument!r}.")
-        else:
-            matches = [argument]
-        for path in matches:
-            if not path.endswith(".keras"):
-                raise _Error(
-                    f"{path!r} is not a `.keras` file; the tool averages "
-                    "files saved by `model.save(...keras)`."
-                )
-            if not os.path.isfile(path):
-                raise _Error(f"{path!r} does not exist or is not a file.")
-            if path in files:
-                raise _Error(f"{path!r} is given twice.")
-            files.append(path)
-    return files
-
-
-def _check_output(output, files, overwrite):
-    if any(os.path.abspath(output) == os.path.abspath(f) for f in files):
-        raise _Error(f"--output={output} is one of the input files.")
-    if os.path.exists(output) and not overwrite:
-        raise _Error(
-            f"--output={output} exists already; pass --overwrite to replace it."
-        )
+def _first_line(error):
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def _save_atomically(model, output):
@@ -124,22 +72,32 @@ def _save_atomically(model, output):
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def average(arguments, output, last=None, overwrite=False, out=sys.stdout):
-    """Averages the files named by `arguments` into `output`.
+def average(plan: _average_args.Plan, out=sys.stdout) -> None:
+    """Averages the files of a checked `plan` into its output.
 
-    Raises `_Error` with a one-line message on bad input.
+    Args:
+        plan: What to average and where, from `_average_args.plan`.
+        out: The stream for the tool's report. Defaults to `sys.stdout`.
+
+    Raises:
+        _Error: with a one-line message when a file cannot be loaded or
+            averaged; nothing is written then.
     """
-    found = expand(arguments)
-    files = found[-last:] if last is not None else found
-    _check_output(output, files, overwrite)
     try:
-        model = keras.models.load_model(files[-1], compile=False)
+        model = keras.models.load_model(plan.architecture, compile=False)
     except Exception as error:
-        raise _Error(f"cannot load {files[-1]!r}: {error}") from None
-    selection = f"the last {len(files)} of {len(found)}" if last else "all"
+        raise _Error(
+            f"cannot load {plan.architecture!r}: {_first_line(error)}"
+        ) from None
+    files = list(plan.files)
+    selection = (
+        f"the last {len(files)} of {plan.found}"
+        if len(files) < plan.found else "all"
+    )
     print(
         f"Averaging {selection} files (uniform mean of their float "
-        "variables; the others from the last file):",
+        "variables; the others from the last file), with the architecture "
+        f"of {plan.architecture}:",
         file=out,
     )
     for path in files:
@@ -150,9 +108,9 @@ def average(arguments, output, last=None, overwrite=False, out=sys.stdout):
             "ignore", message=".*averaged the BatchNormalization statistics"
         )
         try:
-            checkpoints.average_checkpoints(model, files)
+            checkpoints.average_checkpoints(model, files, verbose=0)
         except ValueError as error:
-            raise _Error(str(error)) from None
+            raise _Error(_first_line(error)) from None
     if batch_norm._batch_norm_layers(model):
         print(
             "BatchNormalization statistics: AVERAGED from the files, not "
@@ -160,24 +118,22 @@ def average(arguments, output, last=None, overwrite=False, out=sys.stdout):
             "the output and run keras_swa.update_bn(model, train_data).",
             file=out,
         )
-    _save_atomically(model, output)
-    print(f"Wrote {output}", file=out)
-
-
-def parse_flags(argv):
-    """Parses the flags; a bad flag ends the program with one line."""
     try:
-        return FLAGS(argv)
-    except flags.Error as error:
-        sys.exit(f"{_PROGRAM}: error: {error}")
+        _save_atomically(model, plan.output)
+    except OSError as error:
+        raise _Error(f"cannot write {plan.output!r}: {error}") from None
+    print(f"Wrote {plan.output}", file=out)
 
 
-def main(argv):
+def main(argv=None) -> None:
+    """Runs the tool on `argv` (the command-line arguments by default)."""
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    plan = _average_args.checked_plan(arguments)
     try:
-        average(argv[1:], FLAGS.output, FLAGS.last, FLAGS.overwrite)
+        average(plan)
     except _Error as error:
-        sys.exit(f"{_PROGRAM}: error: {error}")
+        sys.exit(f"{_average_args.PROGRAM}: error: {error}")
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    main()

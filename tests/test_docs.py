@@ -9,6 +9,7 @@ does not depend on the Keras backend of this run.
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -27,7 +28,9 @@ def _mkdocs_available():
     return True
 
 
-def test_docs_build_strictly(tmp_path):
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    """The site built once by `mkdocs build --strict`: its directory."""
     if not _mkdocs_available():
         message = (
             "MkDocs is not installed: `pip install -e .[docs]`, or run "
@@ -38,10 +41,11 @@ def test_docs_build_strictly(tmp_path):
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
+    directory = tmp_path_factory.mktemp("docs") / "site"
     completed = subprocess.run(
         [
             sys.executable, "-m", "mkdocs", "build", "--strict",
-            "--site-dir", str(tmp_path / "site"),
+            "--site-dir", str(directory),
         ],
         cwd=ROOT,
         # Material prints a banner about MkDocs 2 on every build otherwise.
@@ -55,7 +59,48 @@ def test_docs_build_strictly(tmp_path):
         + completed.stdout[-3000:]
         + completed.stderr[-3000:]
     )
-    assert (tmp_path / "site" / "api.html").exists()
+    return directory
+
+
+def test_docs_build_strictly(site):
+    assert (site / "api.html").exists()
+
+
+# The doctest blocks of the API reference's `Example:` sections today (26
+# sections, one with two blocks); a new example only adds to them. Fewer
+# means examples were lost from the reference.
+_EXAMPLE_BLOCKS_IN_REFERENCE = 27
+
+
+def test_every_example_of_the_reference_is_code(site):
+    """Every `Example:` of the docstrings renders as a highlighted block.
+
+    The docstrings are Keras style (doctest lines at the docstring's own
+    indentation), which plain Markdown reads as nested block quotes;
+    docs/_griffe/keras_examples.py turns them into Google `Examples:`
+    sections. Each section must hold `<pre><code>` with the doctest prompt
+    highlighted (an indented block without a language is code, unhighlighted).
+    """
+    html = (site / "api.html").read_text(encoding="utf-8")
+    # A doctest line outside a code block is a block quote (`>>>`); the
+    # reference has no other block quote.
+    assert "<blockquote>" not in html, "an example renders as a block quote"
+    blocks = 0
+    # Each object's documentation: from its heading to the next one.
+    for section in re.split(r"(?=<h[2-6] id=)", html):
+        for body in re.split(r">Examples?:<", section)[1:]:
+            code = re.findall(r"<pre\b[^>]*>.*?<code\b.*?</code>", body, re.S)
+            # Highlighted: the prompt is a Pygments "generic prompt" span.
+            doctests = [
+                block for block in code
+                if '<span class="gp">&gt;&gt;&gt; </span>' in block
+            ]
+            assert doctests, "an example is not rendered as code: " + body[:500]
+            blocks += len(doctests)
+    assert blocks >= _EXAMPLE_BLOCKS_IN_REFERENCE, (
+        f"the reference renders {blocks} examples as code, expected at "
+        f"least {_EXAMPLE_BLOCKS_IN_REFERENCE}"
+    )
 
 
 def test_readme_links_resolve():
@@ -73,3 +118,25 @@ def test_readme_links_resolve():
         if not os.path.exists(os.path.join(ROOT, target))
     ]
     assert not missing, f"README.md links to missing files: {missing}"
+
+
+def test_make_docs_installs_only_the_docs_extra():
+    """`make docs` needs the package and MkDocs, not every backend."""
+    if shutil.which("make") is None:
+        pytest.skip("`make` is not installed.")
+    # A dry run of every recipe the target would run (-B: as if nothing
+    # were installed yet).
+    completed = subprocess.run(
+        ["make", "--dry-run", "--always-make", "docs"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert completed.returncode == 0, completed.stderr
+    installs = [
+        line for line in completed.stdout.splitlines()
+        if "pip install" in line and "--upgrade pip" not in line
+    ]
+    assert installs, completed.stdout
+    for line in installs:
+        extras = re.findall(r"\.\[([^\]]*)\]", line)
+        assert extras == ["docs"], f"`make docs` runs: {line}"
+    assert "mkdocs build --strict" in completed.stdout
