@@ -268,7 +268,10 @@ def predict_bma(
     )
     read_x, steps = _reader(x)
     total = None
-    with swap.Swap(weights.written_variables(model, source, bn_data)):
+    # Every variable, not only those a sample writes: `model.predict` may
+    # write non-trainable state, and on JAX one that raises leaves every
+    # variable of the model unset (Keras 3.15 takes them out for the loop).
+    with swap.Swap(model.variables):
         for index in range(num_samples):
             _assign_sample(
                 model, source, scale, None if seed is None else seed + index,

@@ -16,6 +16,18 @@ The copies stay where the values are: on the device, sharded like them
 the replicas of an unsynchronized BatchNormalization each get their own
 statistics back. A swap costs one copy of the variables it records; it keeps
 no copy of anything else.
+
+How a caller uses it:
+
+- the averages of a source, for a block: `weights.averaged_weights(...)`;
+  swapped in at one point and out at another (a checkpoint callback):
+  `swapped = weights.swap_in(model, source, bn_data, ...)`, later
+  `swapped.restore()`;
+- what the averages of a source (and `update_bn` on `bn_data`) write:
+  `weights.written_variables(model, source, bn_data)`;
+- any other values (weights read from files, a soup): record first, then
+  write, `with Swap(variables) as swapped: ...`, and `swapped.keep()` at the
+  end of the block where the writes are for good.
 """
 
 from keras_swa._backend import distribute

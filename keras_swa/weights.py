@@ -167,12 +167,49 @@ def recompute_bn(model, bn_data, bn_steps, bn_batch_size, verbose) -> None:
     )
 
 
-def _assign(model, source, bn_data, bn_steps, bn_batch_size, verbose):
-    # All variables, not only the trainable ones: the averages go into the
-    # variables they were taken from, also when a layer (or the model) was
-    # frozen after training.
-    source.assign_average_vars(model.variables)
-    recompute_bn(model, bn_data, bn_steps, bn_batch_size, verbose)
+def swap_in(
+    model, source=None, bn_data=None, bn_steps=None, verbose="auto",
+    bn_batch_size=None,
+) -> swap.Swap:
+    """Swaps the averages of `source` in; returns the swap that takes them
+    out.
+
+    What `assign_average` and `averaged_weights` do, for callers that swap
+    the average in at one point and out at another (a checkpoint callback
+    between deciding to save and saving): the averages go into the
+    variables they were taken from, the statistics are recomputed on
+    `bn_data`, and the returned `swap.Swap` holds every variable written.
+    Call its `restore()` to put the model back, or `keep()` to keep the
+    average. If anything fails here, the model is put back first.
+
+    Args:
+        model, source, bn_data, bn_steps, verbose, bn_batch_size: As in
+            `assign_average`.
+
+    Returns:
+        A `swap.Swap`, open.
+
+    Example:
+
+    >>> swapped = swap_in(model, source, bn_data=x_train)  # doctest: +SKIP
+    >>> try:
+    ...     model.save("average.keras")  # doctest: +SKIP
+    ... finally:
+    ...     swapped.restore()  # doctest: +SKIP
+    """
+    source = _resolve_source(model, source)
+    check_bn_data(bn_data, bn_steps, bn_batch_size)
+    swapped = swap.Swap(written_variables(model, source, bn_data))
+    try:
+        # All variables, not only the trainable ones: the averages go into
+        # the variables they were taken from, also when a layer (or the
+        # model) was frozen after training.
+        source.assign_average_vars(model.variables)
+        recompute_bn(model, bn_data, bn_steps, bn_batch_size, verbose)
+    except BaseException:
+        swapped.restore()
+        raise
+    return swapped
 
 
 def assign_average(
@@ -224,11 +261,7 @@ def assign_average(
     >>> keras_swa.assign_average(model, bn_data=train_ds)  # doctest: +SKIP
     >>> model.save("swa_model.keras")  # doctest: +SKIP
     """
-    source = _resolve_source(model, source)
-    check_bn_data(bn_data, bn_steps, bn_batch_size)
-    with swap.Swap(written_variables(model, source, bn_data)) as swapped:
-        _assign(model, source, bn_data, bn_steps, bn_batch_size, verbose)
-        swapped.keep()
+    swap_in(model, source, bn_data, bn_steps, verbose, bn_batch_size).keep()
 
 
 @contextlib.contextmanager
@@ -277,8 +310,5 @@ def averaged_weights(
     >>> with keras_swa.averaged_weights(model, bn_data=train_ds):
     ...     model.evaluate(test_ds)  # doctest: +SKIP
     """
-    source = _resolve_source(model, source)
-    check_bn_data(bn_data, bn_steps, bn_batch_size)
-    with swap.Swap(written_variables(model, source, bn_data)):
-        _assign(model, source, bn_data, bn_steps, bn_batch_size, verbose)
+    with swap_in(model, source, bn_data, bn_steps, verbose, bn_batch_size):
         yield
