@@ -1,26 +1,33 @@
-"""Epoch-level Stochastic Weight Averaging as a `fit` callback."""
+"""Epoch-level Stochastic Weight Averaging as a `fit` callback.
+
+The callback orchestrates; each job has its module: the epochs averaged
+(here), the learning-rate phase (`_lr_phase`), the averages (`engine`), the
+evaluation of the average (`evaluation.evaluate_average`) and the backup
+file (`_callback_backup`).
+"""
 
 import fractions
 import math
 import numbers
 import os
-import tempfile
 import warnings
 
 import keras
 import numpy as np
 
+from keras_swa import _callback_backup
 from keras_swa import _callback_order
+from keras_swa import _lr_phase
 from keras_swa import _validation
 from keras_swa import averaging
 from keras_swa import batch_norm
 from keras_swa import engine
 from keras_swa import evaluation
 from keras_swa import optimizers
-from keras_swa import schedules
 from keras_swa import weights
 
-BACKUP_FILENAME = "stochastic_weight_averaging.npz"
+# Where the tests and users find it since the first milestone.
+BACKUP_FILENAME = _callback_backup.BACKUP_FILENAME
 
 
 def _check_start_epoch(start_epoch):
@@ -44,43 +51,112 @@ def _check_start_epoch(start_epoch):
     return float(start_epoch)
 
 
-def _optimizer_chain(optimizer):
-    """The optimizer and those it wraps, outermost first."""
-    chain = [optimizer]
-    # LossScaleOptimizer and the keras_swa wrappers both name the optimizer
-    # they delegate to `inner_optimizer`.
-    while hasattr(chain[-1], "inner_optimizer"):
-        chain.append(chain[-1].inner_optimizer)
-    return chain
+def _resolve_start_epoch(start_epoch, epochs):
+    """The 0-based first epoch averaged, for a fit of `epochs` epochs
+    (`None` when unknown, in a custom training loop)."""
+    if isinstance(start_epoch, numbers.Integral):
+        start = int(start_epoch)
+        if epochs is None:
+            return start
+    elif epochs is None:
+        raise ValueError(
+            "`start_epoch` is a fraction of `epochs` "
+            f"(start_epoch={start_epoch}), but the training parameters hold "
+            "no `epochs` (a custom training loop whose "
+            "`keras.callbacks.CallbackList` was not given `epochs=`). Pass "
+            "`epochs=` to the CallbackList, or give an integer `start_epoch`."
+        )
+    else:
+        # The decimal the user wrote, not its binary float: 0.29 * 100
+        # is 28.999999999999996 in floats.
+        fraction = fractions.Fraction(repr(float(start_epoch)))
+        start = max(0, min(math.floor(fraction * epochs), epochs - 1))
+    if start >= epochs:
+        raise ValueError(
+            f"`start_epoch` is past the last epoch: averaging would start "
+            f"at epoch {start} (0-based), but `fit` runs epochs={epochs}, "
+            f"so its last epoch is {epochs - 1}. Received: "
+            f"start_epoch={start_epoch}"
+        )
+    return start
 
 
-def _learning_rate_value(optimizer):
-    """The optimizer's current learning rate, as a Python float."""
-    rate = optimizer.learning_rate
-    if isinstance(rate, keras.Variable):
-        # `ops.convert_to_numpy` of a TensorFlow variable warns under NumPy 2.
-        rate = rate.numpy()
-    return float(np.asarray(keras.ops.convert_to_numpy(rate)))
+def _check_optimizer(model, allow_averaging_optimizer):
+    wrappers = [
+        optimizer
+        for optimizer in _lr_phase.optimizer_chain(model.optimizer)
+        if isinstance(optimizer, optimizers.AveragedOptimizer)
+    ]
+    if wrappers and not allow_averaging_optimizer:
+        raise ValueError(
+            "The model's optimizer is a keras_swa averaging wrapper "
+            f"({type(wrappers[0]).__name__}) and StochasticWeightAveraging "
+            "keeps an average too: two averages of one model. Use one of "
+            "them, or pass `allow_averaging_optimizer=True` to keep both."
+        )
 
 
-def _schedule_step(optimizer):
-    """The step Keras evaluates the optimizer's learning-rate schedule at."""
-    if optimizer.gradient_accumulation_steps:
-        # The micro-step count: `iterations` counts updates under gradient
-        # accumulation (floor-divided), and Keras gives the schedule the
-        # private `_iterations` (no public accessor for it).
-        return int(np.asarray(optimizer._iterations.numpy()))
-    return int(np.asarray(optimizer.iterations.numpy()))
+def _zeros(shape, dtype, name, layout):
+    """A zero average, a variable of the callback's own."""
+    return keras.Variable(
+        initializer="zeros", shape=shape, dtype=dtype, trainable=False,
+        name=name, layout=layout,
+    )
 
 
-def _schedule_of(optimizer):
-    # Keras' `learning_rate` property evaluates a schedule at the current
-    # step; the schedule object itself is only held in `_learning_rate`
-    # (there is no public accessor). A float rate is a `keras.Variable`.
-    rate = getattr(optimizer, "_learning_rate", None)
-    if isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
-        return rate
-    return None
+def _fold_in_epoch(averages, epoch, verbose):
+    """Folds the weights at the end of `epoch` into `averages`; returns
+    whether it did (not when they are not finite: training diverged)."""
+    if not averages.variables_finite():
+        warnings.warn(
+            f"Epoch {epoch + 1}: StochasticWeightAveraging skipped this "
+            "epoch's snapshot: the weights hold NaN or infinity (training "
+            f"diverged). The average keeps its {averages.n_averaged} "
+            "earlier snapshot(s).",
+            stacklevel=4,
+        )
+        return False
+    averages.fold_in(True, averaging.swa_weight)
+    if verbose:
+        print(
+            f"\nEpoch {epoch + 1}: StochasticWeightAveraging folded the "
+            f"weights in (n_averaged={averages.n_averaged})."
+        )
+    return True
+
+
+def _assign_at_end(callback):
+    """Puts the callback's average into its model at the end of `fit`
+    (with BatchNormalization recomputed on `bn_data`), or says why not."""
+    if callback._averages.n_averaged == 0:
+        warnings.warn(
+            "StochasticWeightAveraging averaged no epoch: training stopped "
+            f"before `start_epoch` (epoch {callback._start}). The model "
+            "keeps its trained weights.",
+            stacklevel=3,
+        )
+        return
+    # Only the statistics training updates go stale: frozen BN layers are
+    # not among them.
+    if callback.bn_data is None and batch_norm.statistics_variables(
+        callback.model
+    ):
+        warnings.warn(
+            "The model has BatchNormalization layers, whose statistics were "
+            "computed for the raw weights, not for their average: they are "
+            "stale. Pass `bn_data` (such as the training data) to "
+            "StochasticWeightAveraging, or call "
+            "`keras_swa.update_bn(model, data)` after `fit`.",
+            stacklevel=3,
+        )
+    weights.assign_average(
+        callback.model,
+        source=callback,
+        bn_data=callback.bn_data,
+        bn_steps=callback.bn_steps,
+        bn_batch_size=callback.bn_batch_size,
+        verbose=1 if callback.verbose else 0,
+    )
 
 
 class StochasticWeightAveraging(keras.callbacks.Callback, engine.Averager):
@@ -94,60 +170,33 @@ class StochasticWeightAveraging(keras.callbacks.Callback, engine.Averager):
     statistics recomputed on `bn_data`. Any optimizer works; for averaging
     inside the train step, per update, use `keras_swa.SWA` instead.
 
-    The learning rate: at the start of epoch `start_epoch + k` it is set to
-    `swa_lr * alpha + lr0 * (1 - alpha)`, where `lr0` is the optimizer's
-    learning rate when epoch `start_epoch` begins and
-    `alpha = anneal(min(1, k / anneal_epochs))` (`alpha = 1` when
-    `anneal_epochs=0`), with `anneal(t) = t` for "linear" and
-    `(1 - cos(pi * t)) / 2` for "cos". So with `anneal_epochs=0` every epoch
-    from `start_epoch` on runs at `swa_lr`; with `anneal_epochs=a` epoch
-    `start_epoch` runs at `lr0` and epoch `start_epoch + a` reaches `swa_lr`,
-    as `torch.optim.swa_utils.SWALR` stepped once per epoch. The rate set is
-    that of the innermost optimizer (inside a `LossScaleOptimizer` or a
-    `keras_swa` wrapper). It is set when the epoch begins (the callbacks
-    after this one see it in their `on_epoch_begin`) and again at its first
-    batch, so that a `LearningRateScheduler` before or after this callback
-    does not override it (one after it anneals `lr0` from its own rate for
-    epoch `start_epoch`).
+    The learning rate (with `swa_lr`): epoch `start_epoch + k` runs at
+    `swa_lr * alpha + lr0 * (1 - alpha)`, `lr0` the rate when epoch
+    `start_epoch` begins, `alpha = anneal(min(1, k / anneal_epochs))`
+    (`1` when `anneal_epochs=0`), `anneal(t) = t` ("linear") or
+    `(1 - cos(pi * t)) / 2` ("cos"): `torch.optim.swa_utils.SWALR` stepped
+    once per epoch, on the innermost optimizer. It is set when the epoch
+    begins (later callbacks see it) and held at its first batch (a
+    `LearningRateScheduler` in any place does not override it). A
+    `LearningRateSchedule` runs unchanged until the first update of epoch
+    `start_epoch` of this `fit` (placed from the optimizer's step: a second
+    `fit`, an `initial_epoch` and a resume are placed right), then anneals
+    per update (real updates under gradient accumulation); it needs the
+    steps per epoch, and comes back at the end of `fit`.
 
-    A `LearningRateSchedule` runs unchanged until the first update of epoch
-    `start_epoch` of this `fit`, counted from the optimizer's step when the
-    fit begins (a second `fit`, an `initial_epoch` and a resume with
-    `BackupAndRestore` all place it right); from there the same annealing
-    runs per update, over the updates of `anneal_epochs` epochs (a
-    `keras_swa.SWALearningRate` in the train step; the schedule comes back
-    at the end of `fit`). It needs the steps per epoch; with
-    `gradient_accumulation_steps` it counts real updates. A phase that
-    would have begun before the optimizer's first update (an
-    `initial_epoch` past `start_epoch` with a fresh optimizer) begins there.
-
-    Custom training loops: the callback works in a
-    `keras.callbacks.CallbackList` without `epochs` (and `steps`) when
-    `start_epoch` is an integer (a fraction is refused); it cannot tell the
-    last epoch at its end then, so it folds that epoch in at
-    `on_train_end` (not evaluated with `validation_data`).
-
-    Resuming: with `backup_dir`, the callback writes its state to
-    `backup_dir/stochastic_weight_averaging.npz` after every epoch and reads
-    it back when `fit` begins, so an interrupted `fit` resumed with
-    `keras.callbacks.BackupAndRestore` (which restores the weights and the
-    epoch) ends with the same average as an uninterrupted one. The two
-    callbacks may come in either order. The file is deleted when `fit`
-    completes, unless a snapshot was skipped as non-finite in this fit or
-    the one it resumes (then it is kept, with a warning).
-
-    Callback order: the `val_swa_*` entries are added to the epoch `logs`,
-    so callbacks after this one (and Keras' own `History` and progress bar)
-    see them. A callback that stops training (`EarlyStopping`) should come
-    before this one, so that the last epoch is folded in.
+    With `backup_dir` a `fit` resumed with `keras.callbacks.BackupAndRestore`
+    (in either order) ends as an uninterrupted one; the backup file is
+    deleted at the end unless a snapshot was skipped as non-finite. The
+    `val_swa_*` logs reach the callbacks after this one; one that stops
+    training should come before it. In a custom loop's `CallbackList`
+    without `epochs`, `start_epoch` must be an integer, and the last epoch
+    is folded in at `on_train_end`. The guide has the details.
 
     Args:
         start_epoch: Integer >= 0, the 0-based epoch where averaging starts,
-            or a float in (0, 1], a fraction of `fit`'s `epochs`: averaging
-            starts at epoch `floor(start_epoch * epochs)` (the fraction taken
-            as written in decimal, so 0.29 of 100 epochs is epoch 29), at the
-            latest at the last epoch. 0.75 of 40 epochs averages epochs 30 to
-            39. Defaults to `0.75`.
+            or a float in (0, 1], a fraction of `fit`'s `epochs`: epoch
+            `floor(start_epoch * epochs)` (in decimal: 0.29 of 100 is 29), at
+            the latest the last. Defaults to `0.75` (epochs 30-39 of 40).
         swa_lr: Float >= 0, the SWA learning rate, or `None` to leave the
             learning rate alone. Defaults to `None`.
         anneal_epochs: Integer >= 0, the epochs from the current learning
@@ -157,28 +206,23 @@ class StochasticWeightAveraging(keras.callbacks.Callback, engine.Averager):
         average_period: Integer >= 1, the epochs between two snapshots.
             Defaults to `1`.
         bn_data: Data to recompute the BatchNormalization statistics of the
-            average on, in any form `fit` takes as `x` (arrays, a tuple
-            `(x, ...)`, a `tf.data.Dataset`, a `keras.utils.PyDataset`, a
-            generator, a torch `DataLoader`), or `None`. Checked when the
-            callback is created. Defaults to `None`.
+            average on, in any form `fit` takes as `x`, or `None`. Checked
+            when the callback is created. Defaults to `None`.
         bn_steps: Integer >= 1, the batches of `bn_data` to use, or `None`
             for all. Defaults to `None`.
         validation_data: Data to evaluate the averaged model on after each
-            averaging epoch, in the forms `fit` accepts for its
-            `validation_data`; the results are logged as `val_swa_<metric>`.
-            With `bn_data`, each evaluation first recomputes the statistics
-            for the average. The raw weights and statistics are back before
-            training goes on. `None` evaluates nothing. Defaults to `None`.
-        backup_dir: Directory (string or path) where the callback keeps its
-            state to resume an interrupted `fit`, or `None`. Give it a
-            directory other than that of `BackupAndRestore`, which deletes
-            its whole directory when `fit` completes. Defaults to `None`.
+            averaging epoch (as `fit`'s `validation_data`), logged as
+            `val_swa_<metric>`, with the statistics recomputed on `bn_data`
+            first; training goes on with the raw weights and statistics.
+            `None` evaluates nothing. Defaults to `None`.
+        backup_dir: Directory where the callback keeps its state to resume
+            an interrupted `fit`, or `None`; not that of `BackupAndRestore`,
+            which deletes its directory at the end. Defaults to `None`.
         verbose: 0 for silence, 1 to print a line when averaging starts and
             at each snapshot. Defaults to `1`.
         allow_averaging_optimizer: Whether the model's optimizer may itself
-            be a `keras_swa.SWA` or `keras_swa.EMA` wrapper. Two averages of
-            one model are usually a mistake, so this is refused unless set.
-            Defaults to `False`.
+            be a keras_swa averaging wrapper (two averages of one model, a
+            mistake unless said). Defaults to `False`.
         bn_batch_size: Integer >= 1, the batch size when `bn_data` is
             arrays. Defaults to `None`: 32, as `fit`.
 
@@ -212,16 +256,18 @@ class StochasticWeightAveraging(keras.callbacks.Callback, engine.Averager):
         bn_batch_size: int | None = None,
     ):
         super().__init__()
-        start_epoch = _check_start_epoch(start_epoch)
-        swa_lr = _validation.real("swa_lr", swa_lr, minimum=0.0, optional=True)
-        anneal_epochs = _validation.integer("anneal_epochs", anneal_epochs, 0)
-        schedules.check_anneal_strategy(anneal_strategy)
-        average_period = _validation.integer(
+        self.start_epoch = _check_start_epoch(start_epoch)
+        self.swa_lr, self.anneal_epochs, self.anneal_strategy = (
+            _lr_phase.check_arguments(swa_lr, anneal_epochs, anneal_strategy)
+        )
+        self.average_period = _validation.integer(
             "average_period", average_period, 1
         )
-        bn_steps = _validation.integer("bn_steps", bn_steps, 1, optional=True)
-        verbose = _validation.choice("verbose", verbose, (0, 1))
-        allow_averaging_optimizer = _validation.boolean(
+        self.bn_steps = _validation.integer(
+            "bn_steps", bn_steps, 1, optional=True
+        )
+        self.verbose = _validation.choice("verbose", verbose, (0, 1))
+        self.allow_averaging_optimizer = _validation.boolean(
             "allow_averaging_optimizer", allow_averaging_optimizer
         )
         evaluation.check_validation_data(validation_data)
@@ -229,28 +275,13 @@ class StochasticWeightAveraging(keras.callbacks.Callback, engine.Averager):
         # the last epoch. It is read at every evaluation with
         # `validation_data`, once at the end otherwise.
         weights.check_bn_data(
-            bn_data, bn_steps, bn_batch_size,
+            bn_data, self.bn_steps, bn_batch_size,
             reused=validation_data is not None,
         )
-        if backup_dir is not None and not isinstance(
-            backup_dir, (str, os.PathLike)
-        ):
-            raise TypeError(
-                "`backup_dir` must be a directory path or None. Received: "
-                f"backup_dir={backup_dir!r}"
-            )
-        self.start_epoch = start_epoch
-        self.swa_lr = swa_lr
-        self.anneal_epochs = anneal_epochs
-        self.anneal_strategy = anneal_strategy
-        self.average_period = average_period
+        self.backup_dir = _callback_backup.check_directory(backup_dir)
         self.bn_data = bn_data
-        self.bn_steps = bn_steps
         self.bn_batch_size = bn_batch_size
         self.validation_data = validation_data
-        self.backup_dir = None if backup_dir is None else os.fspath(backup_dir)
-        self.verbose = verbose
-        self.allow_averaging_optimizer = allow_averaging_optimizer
         self._averages = None
         self._diverged = False
         self._n_averaged = keras.Variable(
@@ -259,8 +290,6 @@ class StochasticWeightAveraging(keras.callbacks.Callback, engine.Averager):
             0, dtype="int", trainable=False, name="n_averaged"
         )
         self._start = None
-        self._lr0 = None
-        self._resumed_after_epoch = None
 
     def _schedule(self):
         if self._start is None:
@@ -274,51 +303,43 @@ class StochasticWeightAveraging(keras.callbacks.Callback, engine.Averager):
 
     def on_train_begin(self, logs=None):
         # A custom training loop's `CallbackList` may give no params.
-        self._start = self._resolve_start_epoch(self._param("epochs"))
-        self._check_optimizer()
+        params = self.params or {}
+        self._start = _resolve_start_epoch(
+            self.start_epoch, params.get("epochs")
+        )
+        _check_optimizer(self.model, self.allow_averaging_optimizer)
         _callback_order.check_nothing_restores_after(self)
         if self.validation_data is not None:
             _callback_order.check_metrics_come_first(self, "val_swa_")
         self._create_averages()
         self._n_averaged.assign(0)
         self._diverged = False
-        self._lr0 = None
-        self._lr0_provisional = False
-        self._rate_epoch = None
         self._unfolded_epoch = None
         self._resumed_after_epoch = None
-        self._phase_start = None
-        self._base_schedule = None
-        self._pending_schedule = None
+        self._phase = _lr_phase.LearningRatePhase(
+            self.model, self.swa_lr, self.anneal_epochs, self.anneal_strategy,
+            self._start, params.get("steps"),
+        )
+        self._backup = None
         if self.backup_dir is not None:
-            self._restore_backup()
-        if self.swa_lr is not None:
-            self._find_schedule()
-
-    def _param(self, name):
-        return (self.params or {}).get(name)
+            self._backup = _callback_backup.CallbackBackup(self.backup_dir)
+            state = self._backup.read(self._start, self.average_period)
+            if state is not None:
+                self._set_state(state, self._backup.path)
+                self._phase.set_state(state)
+                self._diverged = _callback_backup.diverged(state)
+                self._resumed_after_epoch = int(state["epoch"])
 
     def _new_averages(self, name):
         """Zero averages of the model's trainable variables, counted by
         `n_averaged` and created as the callback's own (a subclass keeps its
         further moments alike: same dtypes, same distribution)."""
         return engine.Averages(
-            self.model.trainable_variables,
-            self._n_averaged,
-            lambda shape, dtype, name, layout: keras.Variable(
-                initializer="zeros",
-                shape=shape,
-                dtype=dtype,
-                trainable=False,
-                name=name,
-                layout=layout,
-            ),
-            name=name,
+            self.model.trainable_variables, self._n_averaged, _zeros, name=name
         )
 
     def _create_averages(self):
-        """Creates what the callback keeps for a fit (before a backup is
-        read into it)."""
+        """Creates the averages of a fit (a backup is then read into them)."""
         self._averages = self._new_averages("swa_average")
 
     def _state(self):
@@ -331,74 +352,46 @@ class StochasticWeightAveraging(keras.callbacks.Callback, engine.Averager):
 
     def on_epoch_begin(self, epoch, logs=None):
         if self._resumed_after_epoch is not None:
-            self._check_resumed_epoch(epoch)
-        if self._pending_schedule is not None:
-            self._take_over_schedule(epoch)
-        if epoch < self._start:
-            return
+            self._backup.check_resumed_epoch(self._resumed_after_epoch, epoch)
+            self._resumed_after_epoch = None
+        self._phase.epoch_begin(epoch)
         if epoch == self._start and self.verbose:
             print(
                 f"\nEpoch {epoch + 1}: StochasticWeightAveraging starts "
                 "averaging at the end of this epoch."
             )
-        if self.swa_lr is not None and self._base_schedule is None:
-            self._set_epoch_rate(epoch)
-
-    def _set_epoch_rate(self, epoch):
-        """Sets the SWA rate of `epoch` now, so that the callbacks after
-        this one see it in their `on_epoch_begin`, and again at the first
-        batch, after every callback's `on_epoch_begin`: a
-        `LearningRateScheduler` later in the list would override it."""
-        optimizer = _optimizer_chain(self.model.optimizer)[-1]
-        if self._lr0 is None:
-            self._lr0 = _learning_rate_value(optimizer)
-            # Until the first batch shows whether a later callback set
-            # this epoch's rate: the phase then anneals from that one.
-            self._lr0_provisional = True
-        self._rate_epoch = epoch
-        optimizer.learning_rate = self._annealed_learning_rate(
-            epoch - self._start
-        )
-        if self._lr0_provisional:
-            self._rate_set = _learning_rate_value(optimizer)
 
     def on_train_batch_begin(self, batch, logs=None):
-        if self._rate_epoch is None:
-            return
-        optimizer = _optimizer_chain(self.model.optimizer)[-1]
-        if self._lr0_provisional:
-            self._lr0_provisional = False
-            rate = _learning_rate_value(optimizer)
-            if rate != self._rate_set:
-                self._lr0 = rate
-        optimizer.learning_rate = self._annealed_learning_rate(
-            self._rate_epoch - self._start
-        )
-        self._rate_epoch = None
+        self._phase.batch_begin()
 
     def on_epoch_end(self, epoch, logs=None):
-        epochs = self._param("epochs")
-        last_epoch = epochs is not None and epoch == epochs - 1
-        on_period = bool(
-            averaging.is_snapshot_step(epoch, self._start, self.average_period)
-        )
-        self._unfolded_epoch = None
+        last = (self.params or {}).get("epochs", 0) - 1
+        # An epoch off the period is folded in at `on_train_end` if it
+        # turns out to be the last (the params may not say).
+        self._unfolded_epoch = epoch if epoch >= self._start else None
         if epoch >= self._start and (
-            on_period or last_epoch or self.model.stop_training
+            averaging.is_snapshot_step(epoch, self._start, self.average_period)
+            or epoch == last
+            or self.model.stop_training
         ):
+            self._unfolded_epoch = None
             self._fold_in(epoch)
-            if (
-                self.validation_data is not None
-                and logs is not None
-                and self._averages.n_averaged > 0
+            if self.validation_data is not None and logs is not None and (
+                self._averages.n_averaged > 0
             ):
                 # The same `logs` dict goes to the callbacks after this one,
                 # History and the progress bar among them.
-                logs.update(self._evaluate_average())
-        elif epoch >= self._start:
-            self._unfolded_epoch = epoch
-        if self.backup_dir is not None:
-            self._write_backup(epoch)
+                logs.update(
+                    evaluation.evaluate_average(
+                        self.model, self, self.validation_data, self.bn_data,
+                        self.bn_steps, self.bn_batch_size, "val_swa_",
+                    )
+                )
+        if self._backup is not None:
+            self._backup.write(
+                epoch, self._start, self.average_period, self._diverged,
+                {**self._phase.get_state(), **self._state()},
+            )
 
     def on_train_end(self, logs=None):
         if self._unfolded_epoch is not None:
@@ -406,287 +399,13 @@ class StochasticWeightAveraging(keras.callbacks.Callback, engine.Averager):
             # last epoch is only known as such now.
             self._fold_in(self._unfolded_epoch)
             self._unfolded_epoch = None
-        self._give_back_schedule()
+        self._phase.end()
         if not self._diverged and not self._averages.variables_finite():
             self._diverged = True
-        if self._averages.n_averaged == 0:
-            warnings.warn(
-                "StochasticWeightAveraging averaged no epoch: training "
-                f"stopped before `start_epoch` (epoch {self._start}). The "
-                "model keeps its trained weights.",
-                stacklevel=2,
-            )
-        else:
-            # Only the statistics training updates go stale: frozen BN
-            # layers are not among them.
-            if self.bn_data is None and batch_norm.statistics_variables(
-                self.model
-            ):
-                warnings.warn(
-                    "The model has BatchNormalization layers, whose "
-                    "statistics were computed for the raw weights, not for "
-                    "their average: they are stale. Pass `bn_data` (such as "
-                    "the training data) to StochasticWeightAveraging, or call "
-                    "`keras_swa.update_bn(model, data)` after `fit`.",
-                    stacklevel=2,
-                )
-            weights.assign_average(
-                self.model,
-                source=self,
-                bn_data=self.bn_data,
-                bn_steps=self.bn_steps,
-                bn_batch_size=self.bn_batch_size,
-                verbose=1 if self.verbose else 0,
-            )
-        if self.backup_dir is None:
-            return
-        path = os.path.join(self.backup_dir, BACKUP_FILENAME)
-        if self._diverged:
-            # Ended by `TerminateOnNaN`, say: the average of the epochs
-            # before is the one good thing left of this fit. (A fit that
-            # ends by an exception never gets here, and keeps it too.)
-            warnings.warn(
-                "StochasticWeightAveraging keeps its backup "
-                f"{path!r}: the weights diverged (NaN or infinity) in this "
-                "fit. It holds the average of the finite snapshots and "
-                "resumes from it; delete it to start over.",
-                stacklevel=2,
-            )
-        elif os.path.exists(path):
-            os.remove(path)
-
-    def _resolve_start_epoch(self, epochs):
-        if isinstance(self.start_epoch, numbers.Integral):
-            start = int(self.start_epoch)
-            if epochs is None:
-                return start
-        elif epochs is None:
-            raise ValueError(
-                "`start_epoch` is a fraction of `epochs` "
-                f"(start_epoch={self.start_epoch}), but the training "
-                "parameters hold no `epochs` (a custom training loop whose "
-                "`keras.callbacks.CallbackList` was not given `epochs=`). "
-                "Pass `epochs=` to the CallbackList, or give an integer "
-                "`start_epoch`."
-            )
-        else:
-            # The decimal the user wrote, not its binary float: 0.29 * 100
-            # is 28.999999999999996 in floats.
-            fraction = fractions.Fraction(repr(float(self.start_epoch)))
-            start = max(0, min(math.floor(fraction * epochs), epochs - 1))
-        if start >= epochs:
-            raise ValueError(
-                f"`start_epoch` is past the last epoch: averaging would start "
-                f"at epoch {start} (0-based), but `fit` runs epochs={epochs}, "
-                f"so its last epoch is {epochs - 1}. Received: "
-                f"start_epoch={self.start_epoch}"
-            )
-        return start
-
-    def _check_optimizer(self):
-        chain = _optimizer_chain(self.model.optimizer)
-        wrappers = [
-            optimizer
-            for optimizer in chain
-            if isinstance(optimizer, optimizers.AveragedOptimizer)
-        ]
-        if wrappers and not self.allow_averaging_optimizer:
-            raise ValueError(
-                "The model's optimizer is a keras_swa averaging wrapper "
-                f"({type(wrappers[0]).__name__}) and StochasticWeightAveraging "
-                "keeps an average too: two averages of one model. Use one of "
-                "them, or pass `allow_averaging_optimizer=True` to keep both."
-            )
-
-    def _find_schedule(self):
-        """With a `LearningRateSchedule`, the SWA phase joins the schedule.
-
-        Checked when `fit` begins; the phase is placed at the first epoch
-        (`_take_over_schedule`), once `BackupAndRestore` has restored the
-        optimizer's step and the epoch is known.
-        """
-        optimizer = _optimizer_chain(self.model.optimizer)[-1]
-        schedule = _schedule_of(optimizer)
-        if schedule is None:
-            return
-        steps = self._param("steps")
-        if not steps:
-            raise ValueError(
-                "StochasticWeightAveraging needs the number of steps per "
-                "epoch to hand a `LearningRateSchedule` over to `swa_lr`, "
-                "and `fit` does not know it for this data: pass "
-                "`steps_per_epoch` to `fit` (or `steps=` to the "
-                "`keras.callbacks.CallbackList` of a custom training loop)."
-            )
-        if isinstance(schedule, schedules.SWALearningRate):
-            phase = self._schedule_phase(optimizer, steps)
-            ours = schedule.cycle_length is None and all(
-                getattr(schedule, key) == value
-                for key, value in phase.items()
-            )
-            if not ours:
-                raise ValueError(
-                    "The optimizer's learning rate is already a "
-                    "`keras_swa.SWALearningRate` with its own SWA phase; "
-                    "StochasticWeightAveraging's `swa_lr` would add a "
-                    "second one. Pass `swa_lr=None` to the callback, or "
-                    "compile with the base schedule."
-                )
-            # Saved in the middle of a fit with this callback: placed anew.
-            schedule = schedule.base
-        self._pending_schedule = schedule
-
-    def _schedule_phase(self, optimizer, steps):
-        """The arguments of the SWA phase but its start, in updates."""
-        accumulation = optimizer.gradient_accumulation_steps or None
-        return dict(
-            swa_lr=self.swa_lr,
-            # The updates of `anneal_epochs` epochs (rounded up where an
-            # accumulated update spans two epochs).
-            anneal_steps=-(-self.anneal_epochs * steps // (accumulation or 1)),
-            anneal_strategy=self.anneal_strategy,
-            gradient_accumulation_steps=accumulation,
-        )
-
-    def _take_over_schedule(self, epoch):
-        """Places the SWA phase where epoch `start_epoch` of this fit begins.
-
-        `epoch` is the first epoch of this fit. The schedule runs unchanged
-        until the first update of epoch `start_epoch`, counted from the
-        optimizer's step now (so a second `fit`, an `initial_epoch` and a
-        resume all place it right); from there `keras_swa.SWALearningRate`
-        anneals from its value to `swa_lr` over `anneal_epochs` epochs of
-        updates, inside the compiled train step. A phase that would have
-        begun before the optimizer's first update (an `initial_epoch` past
-        `start_epoch` with a fresh optimizer) begins at its first update.
-        The train function is traced anew for it, and for the original
-        schedule, which comes back at the end of `fit`.
-        """
-        schedule, self._pending_schedule = self._pending_schedule, None
-        optimizer = _optimizer_chain(self.model.optimizer)[-1]
-        steps = self._param("steps")
-        phase = self._schedule_phase(optimizer, steps)
-        if self._phase_start is None:
-            # A resumed fit reuses the backup's: the step now may be in
-            # the middle of an epoch (`BackupAndRestore(save_freq=n)`).
-            first = _schedule_step(optimizer) + (self._start - epoch) * steps
-            accumulation = phase["gradient_accumulation_steps"] or 1
-            # The update whose rate is evaluated first in that epoch.
-            self._phase_start = max(0, first // accumulation)
-        self._base_schedule = schedule
-        optimizer.learning_rate = schedules.SWALearningRate(
-            schedule, swa_start=self._phase_start, **phase
-        )
-        self.model.make_train_function(force=True)
-
-    def _give_back_schedule(self):
-        if self._base_schedule is None:
-            return
-        optimizer = _optimizer_chain(self.model.optimizer)[-1]
-        optimizer.learning_rate = self._base_schedule
-        self._base_schedule = None
-        self.model.make_train_function(force=True)
-
-    def _annealed_learning_rate(self, k):
-        if self.anneal_epochs == 0:
-            alpha = 1.0
-        else:
-            t = min(1.0, k / self.anneal_epochs)
-            alpha = float(schedules.anneal_weight(t, self.anneal_strategy))
-        return self.swa_lr * alpha + self._lr0 * (1.0 - alpha)
+        _assign_at_end(self)
+        if self._backup is not None:
+            self._backup.finish(self._diverged)
 
     def _fold_in(self, epoch):
-        if not self._averages.variables_finite():
+        if not _fold_in_epoch(self._averages, epoch, self.verbose):
             self._diverged = True
-            warnings.warn(
-                f"Epoch {epoch + 1}: StochasticWeightAveraging skipped this "
-                "epoch's snapshot: the weights hold NaN or infinity (training "
-                f"diverged). The average keeps its "
-                f"{self._averages.n_averaged} earlier snapshot(s).",
-                stacklevel=2,
-            )
-            return
-        self._averages.fold_in(True, averaging.swa_weight)
-        if self.verbose:
-            print(
-                f"\nEpoch {epoch + 1}: StochasticWeightAveraging folded the "
-                f"weights in (n_averaged={int(self._n_averaged.numpy())})."
-            )
-
-    def _evaluate_average(self):
-        return evaluation.evaluate_average(
-            self.model,
-            self,
-            self.validation_data,
-            self.bn_data,
-            self.bn_steps,
-            self.bn_batch_size,
-            "val_swa_",
-        )
-
-    def _check_resumed_epoch(self, epoch):
-        expected = self._resumed_after_epoch + 1
-        self._resumed_after_epoch = None
-        if epoch != expected:
-            raise ValueError(
-                "The StochasticWeightAveraging backup in "
-                f"{self.backup_dir!r} is from a fit that ended after epoch "
-                f"{expected - 1} (0-based), but this fit starts at epoch "
-                f"{epoch}. Resume with `keras.callbacks.BackupAndRestore` "
-                "in the callbacks (it restores the weights and the epoch), or "
-                "delete the backup to start over."
-            )
-
-    def _write_backup(self, epoch):
-        state = {
-            "epoch": np.int64(epoch),
-            "start_epoch": np.int64(self._start),
-            "average_period": np.int64(self.average_period),
-            "lr0": np.float64(np.nan if self._lr0 is None else self._lr0),
-            "diverged": np.bool_(self._diverged),
-            "swa_start_step": np.int64(
-                -1 if self._phase_start is None else self._phase_start
-            ),
-            **self._state(),
-        }
-        os.makedirs(self.backup_dir, exist_ok=True)
-        # A crash mid-write must leave the previous backup intact: write a
-        # temporary file beside it, then rename it over the old one.
-        handle, temporary = tempfile.mkstemp(
-            dir=self.backup_dir, suffix=".npz.tmp"
-        )
-        try:
-            with os.fdopen(handle, "wb") as file:
-                np.savez(file, **state)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(
-                temporary, os.path.join(self.backup_dir, BACKUP_FILENAME)
-            )
-        except BaseException:
-            os.remove(temporary)
-            raise
-
-    def _restore_backup(self):
-        path = os.path.join(self.backup_dir, BACKUP_FILENAME)
-        if not os.path.exists(path):
-            return
-        with np.load(path) as file:
-            state = dict(file)
-        saved = (int(state["start_epoch"]), int(state["average_period"]))
-        expected = (self._start, self.average_period)
-        if saved != expected:
-            raise ValueError(
-                f"The StochasticWeightAveraging backup {path!r} does not "
-                "match this fit: it was written for (start epoch, "
-                f"average_period)={saved}, while this fit has {expected}. "
-                "Delete it to start over."
-            )
-        self._set_state(state, path)
-        lr0 = float(state["lr0"])
-        self._lr0 = None if math.isnan(lr0) else lr0
-        # Backups of earlier versions have neither key.
-        self._diverged = bool(state.get("diverged", False))
-        phase_start = int(state.get("swa_start_step", -1))
-        self._phase_start = None if phase_start < 0 else phase_start
-        self._resumed_after_epoch = int(state["epoch"])

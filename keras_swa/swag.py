@@ -1,8 +1,8 @@
 """SWA-Gaussian (Maddox et al., 2019): a Gaussian posterior of the weights
 fitted to the SGD iterates of the SWA phase."""
 
+import inspect
 import math
-import os
 import random
 import warnings
 
@@ -61,13 +61,10 @@ class SWAG(callbacks.StochasticWeightAveraging):
     distribution).
 
     Memory: `max_rank + 2` copies of the trainable weights (mean, variance,
-    `max_rank` columns), in float32 for float16 and bfloat16
-    variables. In float32, a ResNet-50 (25.6M parameters, 102.4 MB a copy)
-    with `max_rank=20` needs 22 copies, 2.25 GB; a 1B-parameter model
-    (4 GB a copy) 88 GB. `max_rank=0` keeps the diagonal only (2 copies).
-    The copies are created like the model's weights (sharded like them, and
-    mirrored under `tf.distribute`), and with `backup_dir` they are all saved
-    to the backup file after every epoch.
+    `max_rank` columns; float32 for float16 and bfloat16 variables), created
+    like the weights (sharded, mirrored under `tf.distribute`), all saved to
+    the backup file with `backup_dir`: 22 copies, 2.25 GB, for a ResNet-50
+    in float32 with `max_rank=20`; 2 with `max_rank=0` (the diagonal only).
 
     Args:
         start_epoch: As in `StochasticWeightAveraging`: an integer >= 0, the
@@ -76,30 +73,14 @@ class SWAG(callbacks.StochasticWeightAveraging):
         max_rank: Integer >= 0, the deviation columns kept (the rank of the
             low-rank covariance; the paper uses 20). `0` or `1` samples from
             the diagonal only (`1` with a warning). Defaults to `20`.
-        swa_lr: Float >= 0, the learning rate of the SWA phase, or `None`.
-            Defaults to `None`.
-        anneal_epochs: Integer >= 0, the epochs from the current learning
-            rate to `swa_lr`. Defaults to `0`.
-        anneal_strategy: "cos" or "linear". Defaults to `"cos"`.
-        average_period: Integer >= 1, the epochs between two snapshots.
-            Defaults to `1`.
-        bn_data: Data to recompute the BatchNormalization statistics of the
-            SWA mean on at the end of `fit`, or `None`. Defaults to `None`.
-        bn_steps: Integer >= 1, the batches of `bn_data` to use, or `None`
-            for all. Defaults to `None`.
-        validation_data: Data to evaluate the SWA mean on after each
-            snapshot (logged as `val_swa_<metric>`), or `None`. Defaults to
-            `None`.
-        backup_dir: Directory where the callback keeps all its moments to
-            resume an interrupted `fit` (beside
-            `keras.callbacks.BackupAndRestore`), or `None`. Defaults to
-            `None`.
-        verbose: 0 for silence, 1 to print a line at each snapshot.
-            Defaults to `1`.
-        allow_averaging_optimizer: Whether the model's optimizer may itself
-            be a keras_swa averaging wrapper. Defaults to `False`.
-        bn_batch_size: Integer >= 1, the batch size when `bn_data` is
-            arrays. Defaults to `None`: 32.
+        *args: The other arguments of `StochasticWeightAveraging`, in its
+            order after `start_epoch` (`swa_lr`, `anneal_epochs`,
+            `anneal_strategy`, `average_period`, `bn_data`, `bn_steps`,
+            `validation_data`, `backup_dir`, `verbose`,
+            `allow_averaging_optimizer`, `bn_batch_size`), with its
+            defaults. `bn_data` and `validation_data` apply to the SWA mean;
+            `backup_dir` keeps all the moments.
+        **kwargs: The same arguments, by name.
 
     Example:
 
@@ -113,36 +94,13 @@ class SWAG(callbacks.StochasticWeightAveraging):
     log_name = "swag"
 
     def __init__(
-        self,
-        start_epoch: int | float = 0.75,
-        max_rank: int = 20,
-        swa_lr: float | None = None,
-        anneal_epochs: int = 0,
-        anneal_strategy: str = "cos",
-        average_period: int = 1,
-        bn_data=None,
-        bn_steps: int | None = None,
-        validation_data=None,
-        backup_dir: str | os.PathLike | None = None,
-        verbose: int = 1,
-        allow_averaging_optimizer: bool = False,
-        bn_batch_size: int | None = None,
+        self, start_epoch: int | float = 0.75, max_rank: int = 20, *args,
+        **kwargs,
     ):
         max_rank = _validation.integer("max_rank", max_rank, 0)
-        super().__init__(
-            start_epoch=start_epoch,
-            swa_lr=swa_lr,
-            anneal_epochs=anneal_epochs,
-            anneal_strategy=anneal_strategy,
-            average_period=average_period,
-            bn_data=bn_data,
-            bn_steps=bn_steps,
-            validation_data=validation_data,
-            backup_dir=backup_dir,
-            verbose=verbose,
-            allow_averaging_optimizer=allow_averaging_optimizer,
-            bn_batch_size=bn_batch_size,
-        )
+        # The other arguments are `StochasticWeightAveraging`'s, in its
+        # order after `start_epoch`: written once, there.
+        super().__init__(start_epoch, *args, **kwargs)
         self.max_rank = max_rank
         self._variance = None
         self._deviations = []
@@ -197,22 +155,11 @@ class SWAG(callbacks.StochasticWeightAveraging):
             )
         ]
         if n_averaged > 1:
-            # Welford's update of `M2 = n * var`, written for `var`:
-            # `M2_n = M2_(n-1) + n / (n - 1) * d**2` with `d = w - mean_n`,
-            # so `var_n = var_(n-1) * (n - 1) / n + d**2 / (n - 1)`. A
-            # single snapshot has variance 0, as the fresh variables hold.
+            # A single snapshot has variance 0, as the fresh variables hold.
             self._variance.assign_values(
-                [
-                    ops.add(
-                        ops.multiply(
-                            variance.value, (n_averaged - 1) / n_averaged
-                        ),
-                        ops.divide(ops.square(deviation), n_averaged - 1),
-                    )
-                    for variance, deviation in zip(
-                        self._variance.averages, deviations
-                    )
-                ]
+                _updated_variances(
+                    self._variance.averages, deviations, n_averaged
+                )
             )
         if self.max_rank:
             slot = (n_averaged - 1) % self.max_rank
@@ -239,14 +186,7 @@ class SWAG(callbacks.StochasticWeightAveraging):
                 f"fit runs SWAG with max_rank={self.max_rank}. Resume with "
                 "the same callback, or delete the backup to start over."
             )
-        if any(key.startswith(_OLD_SECOND_MOMENT) for key in state):
-            raise ValueError(
-                f"The backup {path!r} was written by an earlier version of "
-                "keras_swa, whose SWAG kept the mean of the squared weights: "
-                "its variance cannot be recovered without the cancellation "
-                "that version suffered, so it cannot be resumed. Delete it "
-                "to start over."
-            )
+        _check_not_second_moment(state, path)
         super()._set_state(state, path)
         self._variance.set_state(state, path, prefix=_VARIANCE)
         for slot, columns in enumerate(self._deviations):
@@ -260,69 +200,27 @@ class SWAG(callbacks.StochasticWeightAveraging):
             )
 
     def _sample_values(self, scale: float, seed, diagonal: bool):
-        """A sample as tensors on the device, in the averages' dtypes.
-
-        `z2` and each variable's `z1` come from their own stream of
-        `keras.random.normal`, seeded by `draw_seeds(seed, ...)`: `z2` by the
-        first seed (drawn even when unused), the `z1` of variable `i` by seed
-        `i + 1`; so `diagonal=True` draws the same `z1` as `diagonal=False`.
-        """
-        means = self._averages.averages
+        """A sample as tensors on the device, in the averages' dtypes (see
+        `_draw`); a full sample with fewer than 2 columns warns, once."""
+        means = [mean.value for mean in self._averages.averages]
         if scale == 0.0:
             # Exactly the mean (noise times 0 is NaN where noise is infinite).
-            return [ops.copy(mean.value) for mean in means]
+            return [ops.copy(mean) for mean in means]
         rank = self.rank
-        seeds = draw_seeds(seed, 1 + len(means))
-        z2 = keras.random.normal((rank,), seed=seeds[0])
-        low_rank = not diagonal and rank >= 2
-        if not diagonal and not low_rank:
-            self._warn_diagonal_only(rank)
-        root_scale = math.sqrt(scale)
-        values = []
-        for index, (mean, variance, z1_seed) in enumerate(
-            zip(means, self._variance.averages, seeds[1:])
+        # Not with `max_rank=0`, which asks for the diagonal.
+        if not diagonal and rank < 2 and self.max_rank and (
+            not self._warned_diagonal
         ):
-            mean = mean.value
-            variance = ops.maximum(
-                variance.value, ops.cast(VARIANCE_FLOOR, mean.dtype)
-            )
-            # Drawn like `mean` (shard by shard where it is sharded).
-            z1 = backend_random.normal_like(mean, z1_seed)
-            noise = ops.multiply(ops.sqrt(variance), z1)
-            if low_rank:
-                z = ops.cast(z2, mean.dtype)
-                # One column at a time: stacking `D` would hold another
-                # `rank` copies of the variable.
-                deviation = ops.multiply(
-                    z[0], self._deviations[0].averages[index].value
-                )
-                for slot in range(1, rank):
-                    deviation = ops.add(
-                        deviation,
-                        ops.multiply(
-                            z[slot], self._deviations[slot].averages[index].value
-                        ),
-                    )
-                noise = ops.add(
-                    noise, ops.divide(deviation, math.sqrt(rank - 1))
-                )
-            values.append(ops.add(mean, ops.multiply(root_scale, noise)))
-        return values
-
-    def _warn_diagonal_only(self, rank):
-        """Says once that a full sample is the diagonal one (not with
-        `max_rank=0`, which asks for the diagonal)."""
-        if self._warned_diagonal or self.max_rank == 0:
-            return
-        self._warned_diagonal = True
-        warnings.warn(
-            f"SWAG samples from the diagonal only: it holds {rank} "
-            f"deviation column(s) (n_averaged={self._averages.n_averaged}, "
-            f"max_rank={self.max_rank}), and the low-rank part of the "
-            "covariance needs 2. Sample after more snapshots, or pass "
-            "`diagonal=True` to ask for SWAG-Diagonal.",
-            stacklevel=3,
-        )
+            self._warned_diagonal = True
+            _warn_diagonal_only(rank, self._averages.n_averaged, self.max_rank)
+        columns = []
+        if not diagonal and rank >= 2:
+            columns = [
+                [column.value for column in slot.averages]
+                for slot in self._deviations[:rank]
+            ]
+        variances = [variance.value for variance in self._variance.averages]
+        return _draw(means, variances, columns, scale, seed)
 
     def sample(
         self, scale: float = 0.5, seed: int | None = None, diagonal: bool = False
@@ -331,8 +229,8 @@ class SWAG(callbacks.StochasticWeightAveraging):
 
         `mean + sqrt(scale) * (sqrt(var) * z1 + D @ z2 / sqrt(K - 1))`, with
         `K = rank`, `z1` and `z2` standard normal, and `var` floored at
-        1e-30; the low-rank term is left out when `diagonal=True` or
-        `K < 2` (then with a warning, once, unless `max_rank=0`). Its covariance is
+        1e-30; the low-rank term is left out when `diagonal=True` or `K < 2`
+        (then with a warning, once, unless `max_rank=0`). Its covariance is
         `scale * (diag(var) + D D^T / (K - 1))` (`scale * diag(var)` with
         `diagonal=True`); `scale=0.5` is the paper's. `scale=0` returns the
         SWA mean exactly.
@@ -370,6 +268,81 @@ class SWAG(callbacks.StochasticWeightAveraging):
         ]
 
 
+def _updated_variances(variances, deviations, n):
+    """The variances after the `n`-th snapshot (`n >= 2`), by Welford's
+    update of `M2 = n * var` written for `var`: with `d = w - mean_n` (the
+    updated mean), `M2_n = M2_(n-1) + n / (n - 1) * d**2`, so
+    `var_n = var_(n-1) * (n - 1) / n + d**2 / (n - 1)`. No difference of two
+    large moments: the paper's `sq_mean - mean**2` cancels where the spread
+    is small against the weights."""
+    return [
+        ops.add(
+            ops.multiply(variance.value, (n - 1) / n),
+            ops.divide(ops.square(deviation), n - 1),
+        )
+        for variance, deviation in zip(variances, deviations)
+    ]
+
+
+def _check_not_second_moment(state, path):
+    """Refuses a backup of an earlier version, which held `sq_mean`."""
+    if any(key.startswith(_OLD_SECOND_MOMENT) for key in state):
+        raise ValueError(
+            f"The backup {path!r} was written by an earlier version of "
+            "keras_swa, whose SWAG kept the mean of the squared weights: its "
+            "variance cannot be recovered without the cancellation that "
+            "version suffered, so it cannot be resumed. Delete it to start "
+            "over."
+        )
+
+
+def _warn_diagonal_only(rank, n_averaged, max_rank):
+    warnings.warn(
+        f"SWAG samples from the diagonal only: it holds {rank} deviation "
+        f"column(s) (n_averaged={n_averaged}, max_rank={max_rank}), and the "
+        "low-rank part of the covariance needs 2. Sample after more "
+        "snapshots, or pass `diagonal=True` to ask for SWAG-Diagonal.",
+        stacklevel=4,
+    )
+
+
+def _draw(means, variances, columns, scale, seed):
+    """`mean + sqrt(scale) * (sqrt(var) * z1 + D @ z2 / sqrt(K - 1))` for
+    each variable, `var` floored at `VARIANCE_FLOOR`, `D` its `K` deviation
+    `columns` (lists by slot, each with one tensor per variable; none for a
+    diagonal sample).
+
+    `z2` and each variable's `z1` come from their own stream of
+    `keras.random.normal`, seeded by `draw_seeds(seed, ...)`: `z2` by the
+    first seed, the `z1` of variable `i` by seed `i + 1`; so a diagonal
+    sample draws the same `z1` as a full one.
+    """
+    rank = len(columns)
+    seeds = draw_seeds(seed, 1 + len(means))
+    z2 = keras.random.normal((rank,), seed=seeds[0]) if rank else None
+    root_scale = math.sqrt(scale)
+    values = []
+    for index, (mean, variance, z1_seed) in enumerate(
+        zip(means, variances, seeds[1:])
+    ):
+        variance = ops.maximum(variance, ops.cast(VARIANCE_FLOOR, mean.dtype))
+        # Drawn like `mean` (shard by shard where it is sharded).
+        z1 = backend_random.normal_like(mean, z1_seed)
+        noise = ops.multiply(ops.sqrt(variance), z1)
+        if rank:
+            z = ops.cast(z2, mean.dtype)
+            # One column at a time: stacking `D` would hold another `rank`
+            # copies of the variable.
+            deviation = ops.multiply(z[0], columns[0][index])
+            for slot in range(1, rank):
+                deviation = ops.add(
+                    deviation, ops.multiply(z[slot], columns[slot][index])
+                )
+            noise = ops.add(noise, ops.divide(deviation, math.sqrt(rank - 1)))
+        values.append(ops.add(mean, ops.multiply(root_scale, noise)))
+    return values
+
+
 def draw_seeds(seed, count):
     """`count` independent integer seeds for `keras.random`, derived from
     `seed` by `numpy.random.SeedSequence` (integer seeds keep the draws free
@@ -388,3 +361,20 @@ def check_sample_arguments(scale, seed, diagonal=False):
         _validation.integer("seed", seed, 0, optional=True),
         _validation.boolean("diagonal", diagonal),
     )
+
+
+def _signature():
+    """SWAG's signature as written out: `StochasticWeightAveraging`'s, with
+    `max_rank` after `start_epoch` (for `help`, `inspect` and editors)."""
+    parent = inspect.signature(callbacks.StochasticWeightAveraging.__init__)
+    parameters = list(parent.parameters.values())
+    max_rank = inspect.Parameter(
+        "max_rank", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=20,
+        annotation=int,
+    )
+    return parent.replace(
+        parameters=parameters[:2] + [max_rank] + parameters[2:]
+    )
+
+
+SWAG.__init__.__signature__ = _signature()
