@@ -237,30 +237,33 @@ def _torch_fold_in(folds, weights, counter, step, learning_rate):
     import torch
 
     count = counter.value
-    entries = []
+    groups = {}
     with torch.no_grad():
         for fold in folds:
             if fold.window is not None:
                 _torch_window(fold, weights, int(count))
                 continue
+            # `t` stays a tensor on the device: no read into Python, so no
+            # wait for the device on every snapshot.
             t, state = _rule_values(fold, count, step, learning_rate)
-            # A Python float is a double: `t` keeps a float64 rule's digits.
-            t = float(t)
-            entries += [(a, w, t) for a, w in zip(fold.averages, weights)]
+            for average, weight in zip(fold.averages, weights):
+                value = average.value
+                group = groups.setdefault((value.dtype, value.device), {})
+                group.setdefault(id(t), (t.to(value), []))[1].append(
+                    (value, _value(weight).to(value))
+                )
             for name, value in state.items():
                 fold.state[name].assign(value)
         # `_foreach_lerp_` is the multi-tensor kernel torch.optim itself
-        # uses (no public equivalent); its `ScalarList` overload gives each
-        # average its own weight: one launch for all folds of a dtype and
-        # device.
-        groups = {}
-        for a, w, t in entries:
-            value = a.value
-            groups.setdefault((value.dtype, value.device), []).append(
-                (value, _value(w).to(device=value.device, dtype=value.dtype), t)
-            )
+        # uses (no public equivalent): one launch for all averages of a
+        # dtype and device, each with the weight of its fold.
         for group in groups.values():
-            torch._foreach_lerp_(*map(list, zip(*group)))
+            averages, targets, ts = [], [], []
+            for t, pairs in group.values():
+                averages += [a for a, _ in pairs]
+                targets += [w for _, w in pairs]
+                ts += [t] * len(pairs)
+            torch._foreach_lerp_(averages, targets, ts)
         counter.assign(count + 1)
 
 
