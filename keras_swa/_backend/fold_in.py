@@ -1,6 +1,7 @@
 """Folds a snapshot into averages, per backend, inside or outside a
 compiled train step."""
 
+import platform
 from typing import NamedTuple
 from typing import Optional
 
@@ -236,30 +237,33 @@ def _torch_fold_in(folds, weights, counter, step, learning_rate):
     import torch
 
     count = counter.value
-    entries = []
+    groups = {}
     with torch.no_grad():
         for fold in folds:
             if fold.window is not None:
                 _torch_window(fold, weights, int(count))
                 continue
+            # `t` stays a tensor on the device: no read into Python, so no
+            # wait for the device on every snapshot.
             t, state = _rule_values(fold, count, step, learning_rate)
-            # A Python float is a double: `t` keeps a float64 rule's digits.
-            t = float(t)
-            entries += [(a, w, t) for a, w in zip(fold.averages, weights)]
+            for average, weight in zip(fold.averages, weights):
+                value = average.value
+                group = groups.setdefault((value.dtype, value.device), {})
+                group.setdefault(id(t), (t.to(value), []))[1].append(
+                    (value, _value(weight).to(value))
+                )
             for name, value in state.items():
                 fold.state[name].assign(value)
         # `_foreach_lerp_` is the multi-tensor kernel torch.optim itself
-        # uses (no public equivalent); its `ScalarList` overload gives each
-        # average its own weight: one launch for all folds of a dtype and
-        # device.
-        groups = {}
-        for a, w, t in entries:
-            value = a.value
-            groups.setdefault((value.dtype, value.device), []).append(
-                (value, _value(w).to(device=value.device, dtype=value.dtype), t)
-            )
+        # uses (no public equivalent): one launch for all averages of a
+        # dtype and device, each with the weight of its fold.
         for group in groups.values():
-            torch._foreach_lerp_(*map(list, zip(*group)))
+            averages, targets, ts = [], [], []
+            for t, pairs in group.values():
+                averages += [a for a, _ in pairs]
+                targets += [w for _, w in pairs]
+                ts += [t] * len(pairs)
+            torch._foreach_lerp_(averages, targets, ts)
         counter.assign(count + 1)
 
 
@@ -306,6 +310,24 @@ def _tf_fold_in(
 
         def write():
             count = counter.value
+            fused = _tf_fused_interpolate()
+
+            def interpolate(a, w, t):
+                if (
+                    fused is None
+                    or strategy.num_replicas_in_sync > 1
+                    or isinstance(w, tf.distribute.DistributedValues)
+                ):
+                    # Replicas, each updating its own copy inside the
+                    # strategy's update, keep the plain ops (an XLA function
+                    # there reads another replica's values).
+                    return a.assign(averaging.interpolate(a, w, t))
+                # Values, not variables: the function is traced once per
+                # shape, not per variable.
+                return a.assign(
+                    fused(ops.convert_to_tensor(a), ops.convert_to_tensor(w), t)
+                )
+
             for fold_ in folds:
                 if fold_.window is not None:
                     _tf_window(fold_, weights, count, update)
@@ -316,7 +338,7 @@ def _tf_fold_in(
                 for average, weight in zip(fold_.averages, weights):
                     update(
                         average,
-                        lambda a, w, t: a.assign(averaging.interpolate(a, w, t)),
+                        interpolate,
                         args=(_value(weight), t),
                         offload=fold_.offload,
                     )
@@ -345,6 +367,33 @@ def _tf_fold_in(
         tf.__internal__.distribute.interim.maybe_merge_call(
             fold, strategy, snapshot, step, learning_rate
         )
+
+
+def _tf_fused_interpolate():
+    """`averaging.interpolate` as one fused loop over the average, for a
+    train step compiled without XLA; `None` where it does not apply.
+
+    Without XLA, TensorFlow runs the interpolation as three kernels, each a
+    pass over the weights (about twice the memory traffic of one fused
+    pass); a `fit` or a custom loop compiled without `jit_compile` would pay
+    that on every snapshot. A function with `jit_compile=True` is one XLA
+    fusion per variable there, and inlined into an XLA train step. A new one
+    for each trace of a train step: one traced in another step's graph,
+    shared, would outlive that graph's variables (TensorFlow then refuses to
+    call it). Eager snapshots (a `fit` callback's, once an epoch) keep the
+    plain ops, as do TensorFlow's Metal GPUs (macOS on Apple silicon), where
+    XLA does not run (as Keras' own `jit_compile="auto"` has it).
+    """
+    import tensorflow as tf
+
+    metal = (
+        platform.system() == "Darwin"
+        and "arm" in platform.processor().lower()
+        and tf.config.list_physical_devices("GPU")
+    )
+    if metal or tf.executing_eagerly():
+        return None
+    return tf.function(averaging.interpolate, jit_compile=True)
 
 
 def _tf_window(fold, weights, count, update):
