@@ -120,6 +120,18 @@ def test_readme_links_resolve():
     assert not missing, f"README.md links to missing files: {missing}"
 
 
+def test_readme_links_the_pages_a_newcomer_looks_for():
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as file:
+        readme = file.read()
+    for page in (
+        "docs/first_script.md",
+        "docs/which_averager.md",
+        "docs/guide/custom_loops.md",
+        "CHANGELOG.md",
+    ):
+        assert f"]({page})" in readme, f"README.md does not link {page}"
+
+
 def test_make_docs_installs_only_the_docs_extra():
     """`make docs` needs the package and MkDocs, not every backend."""
     if shutil.which("make") is None:

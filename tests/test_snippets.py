@@ -26,7 +26,9 @@ On the pages of `_FRESH_MODEL`, the blocks are alternative recipes: each
 block gets a new compiled `model` (other names carry over). A
 `python -m keras_swa.average ...` line of a ```sh block runs in process, in
 its place among the blocks, so that it must match the files the snippets
-wrote. A block that cannot run here starts with the visible line
+wrote. A block written for one backend starts with the visible line
+`# Backend: <name>` and runs on that backend only. A block that cannot run
+here starts with the visible line
 `# Not run by tests/test_snippets.py: <reason>`; it is listed as a skip with
 that reason.
 """
@@ -58,6 +60,7 @@ _FENCE = re.compile(
     re.S | re.M,
 )
 _NOT_RUN = re.compile(r"# Not run by tests/test_snippets\.py: (?P<reason>.*)")
+_BACKEND = re.compile(r"# Backend: (?P<backend>tensorflow|jax|torch)")
 _CLI = "python -m keras_swa.average"
 
 # Pages whose blocks are alternatives, each for a fresh model.
@@ -65,12 +68,12 @@ _FRESH_MODEL = {"README.md"}
 # Pages whose model outputs logits (`from_logits=True` in their snippets).
 _LOGITS = {"docs/swag.md"}
 # Pages of complete programs: they run with no prelude.
-_STANDALONE = {"docs/first_script.md"}
+_STANDALONE = {"docs/first_script.md", "docs/guide/custom_loops.md"}
 
 
 def _blocks(page):
     """The page's blocks: `(line, language, code, reason)`, in order;
-    `reason` is None for a block that runs."""
+    `reason` is None for a block that runs (on this backend)."""
     with open(os.path.join(ROOT, page), encoding="utf-8") as file:
         text = file.read()
     blocks = []
@@ -82,11 +85,15 @@ def _blocks(page):
         )
         first = code.lstrip().splitlines()[0] if code.strip() else ""
         not_run = _NOT_RUN.fullmatch(first.strip())
+        backend = _BACKEND.fullmatch(first.strip())
+        reason = not_run.group("reason") if not_run else None
+        if backend and backend.group("backend") != keras.backend.backend():
+            reason = f"written for the {backend.group('backend')} backend"
         blocks.append((
             text.count("\n", 0, match.start()) + 1,
             match.group("language"),
             code,
-            not_run.group("reason") if not_run else None,
+            reason,
         ))
     return blocks
 
@@ -231,7 +238,7 @@ _MARKED = [
     pytest.param(page, line, reason, id=f"{page}:{line}")
     for page in PAGES
     for line, _, _, reason in _blocks(page)
-    if reason is not None
+    if reason is not None and not reason.startswith("written for the")
 ]
 
 
