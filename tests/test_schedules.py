@@ -251,24 +251,24 @@ def _accumulation_run(schedule, batch_size, accumulation):
     return np.asarray(model.trainable_variables[0].numpy())
 
 
-@pytest.mark.parametrize(
-    "kwargs", [dict(anneal_steps=3), dict(cycle_length=3)]
-)
-def test_gradient_accumulation_counts_real_updates(kwargs):
+def test_gradient_accumulation_counts_real_updates():
     # Keras evaluates a schedule at its micro-step count (update `u` at
     # micro-step `u * A + A - 1`; `optimizer.iterations` counts updates),
     # on every backend. The SWA phase counts updates, as SWA's snapshots.
-    def schedule(accumulation):
+    def schedule(accumulation, **kwargs):
         return SWALearningRate(
             0.1, swa_start=2, swa_lr=0.01,
-            gradient_accumulation_steps=accumulation, **kwargs,
+            gradient_accumulation_steps=accumulation,
+            **(kwargs or dict(anneal_steps=3)),
         )
 
-    updates = values(schedule(None), range(6))
-    micro_steps = [u * 2 + 1 for u in range(6)]
-    np.testing.assert_allclose(
-        values(schedule(2), micro_steps), updates, rtol=1e-6
-    )
+    micro_steps = [u * 2 + 1 for u in range(8)]
+    for kwargs in (dict(anneal_steps=3), dict(cycle_length=3)):
+        np.testing.assert_allclose(
+            values(schedule(2, **kwargs), micro_steps),
+            values(schedule(None, **kwargs), range(8)),
+            rtol=1e-6,
+        )
     # Batches of 4 accumulated two by two are the updates of batches of 8.
     reference = _accumulation_run(schedule(None), 8, None)
     accumulated = _accumulation_run(schedule(2), 4, 2)
