@@ -6,6 +6,7 @@ evaluation of the average (`evaluation.evaluate_average`) and the backup
 file (`_callback_backup`).
 """
 
+import contextlib
 import fractions
 import math
 import numbers
@@ -309,8 +310,7 @@ class StochasticWeightAveraging(keras.callbacks.Callback, engine.Averager):
         )
         _check_optimizer(self.model, self.allow_averaging_optimizer)
         _callback_order.check_nothing_restores_after(self)
-        if self.validation_data is not None:
-            _callback_order.check_metrics_come_first(self, "val_swa_")
+        self._quiet = _check_logging(self)
         self._create_averages()
         self._n_averaged.assign(0)
         self._diverged = False
@@ -376,17 +376,7 @@ class StochasticWeightAveraging(keras.callbacks.Callback, engine.Averager):
         ):
             self._unfolded_epoch = None
             self._fold_in(epoch)
-            if self.validation_data is not None and logs is not None and (
-                self._averages.n_averaged > 0
-            ):
-                # The same `logs` dict goes to the callbacks after this one,
-                # History and the progress bar among them.
-                logs.update(
-                    evaluation.evaluate_average(
-                        self.model, self, self.validation_data, self.bn_data,
-                        self.bn_steps, self.bn_batch_size, "val_swa_",
-                    )
-                )
+            _log_average(self, logs)
         if self._backup is not None:
             self._backup.write(
                 epoch, self._start, self.average_period, self._diverged,
@@ -400,6 +390,7 @@ class StochasticWeightAveraging(keras.callbacks.Callback, engine.Averager):
             self._fold_in(self._unfolded_epoch)
             self._unfolded_epoch = None
         self._phase.end()
+        self._quiet.close()
         if not self._diverged and not self._averages.variables_finite():
             self._diverged = True
         _assign_at_end(self)
@@ -409,3 +400,31 @@ class StochasticWeightAveraging(keras.callbacks.Callback, engine.Averager):
     def _fold_in(self, epoch):
         if not _fold_in_epoch(self._averages, epoch, self.verbose):
             self._diverged = True
+
+
+def _check_logging(callback):
+    """Before training: the `val_swa_*` logs of `validation_data` come
+    before their monitors, which get no "metric not available" warning
+    until the first one is logged. Returns what silences them."""
+    if callback.validation_data is None:
+        return contextlib.ExitStack()
+    _callback_order.check_metrics_come_first(callback, "val_swa_")
+    return _callback_order.quiet_missing_metrics(callback, "val_swa_")
+
+
+def _log_average(callback, logs):
+    """Evaluates the average on `validation_data` into the epoch `logs`."""
+    if callback.validation_data is None or logs is None or (
+        callback._averages.n_averaged == 0
+    ):
+        return
+    callback._quiet.close()
+    # The same `logs` dict goes to the callbacks after this one, History and
+    # the progress bar among them.
+    logs.update(
+        evaluation.evaluate_average(
+            callback.model, callback, callback.validation_data,
+            callback.bn_data, callback.bn_steps, callback.bn_batch_size,
+            "val_swa_",
+        )
+    )

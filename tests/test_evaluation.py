@@ -336,3 +336,23 @@ def test_early_stopping_on_the_average_does_not_warn_before_averaging():
     # The filter is scoped: a monitor nothing logs still warns.
     assert [m for m in messages if "val_typo_loss" in m], messages
     assert len(history.history["val_swa_loss"]) == 2
+
+
+def test_early_stopping_on_the_callbacks_own_validation_logs_does_not_warn():
+    # Issue 24.6, the SWA callback's own `validation_data` path.
+    import warnings
+
+    validation = make_data(n=32, seed=1)
+    model = make_model(keras.optimizers.SGD(0.02))
+    swa = keras_swa.StochasticWeightAveraging(
+        start_epoch=2, verbose=0, validation_data=validation
+    )
+    stop = keras.callbacks.EarlyStopping(
+        monitor="val_swa_loss", mode="min", patience=5
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        history = fit(model, [swa, stop], epochs=4)
+    messages = [str(w.message) for w in caught]
+    assert not [m for m in messages if "val_swa_loss" in m], messages
+    assert len(history.history["val_swa_loss"]) == 2

@@ -14,6 +14,7 @@ snapshot does no work over the weights.
 """
 
 from keras_swa.optimizers.base import AveragedOptimizer
+from keras_swa.optimizers.base import check_inner_optimizer
 from keras_swa.optimizers.ema import EMA
 from keras_swa.optimizers.power_ema import PostHocEMA
 from keras_swa.optimizers.power_ema import PowerEMA
@@ -21,5 +22,6 @@ from keras_swa.optimizers.power_ema import PowerEMAProfile
 from keras_swa.optimizers.power_ema import check_sigma_rel
 from keras_swa.optimizers.swa import SWA
 
-# The name other modules of keras_swa knew it by.
+# The names other modules of keras_swa knew them by.
 _check_sigma_rel = check_sigma_rel
+_check_inner_optimizer = check_inner_optimizer
