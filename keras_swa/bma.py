@@ -143,6 +143,12 @@ def _reader(x):
     return (lambda: (batch for batch in batches)), len(batches)
 
 
+def _add(total, probabilities):
+    if total is None:
+        return probabilities
+    return keras.tree.map_structure(np.add, total, probabilities)
+
+
 def _probabilities(output, from_logits):
     output = np.asarray(output, dtype="float64")
     if not from_logits:
@@ -268,9 +274,8 @@ def predict_bma(
     )
     read_x, steps = _reader(x)
     total = None
-    # Every variable, not only those a sample writes: `model.predict` may
-    # write non-trainable state, and on JAX one that raises leaves every
-    # variable of the model unset (Keras 3.15 takes them out for the loop).
+    # All variables: `model.predict` may write non-trainable state, and on
+    # JAX one that raises leaves every variable unset (Keras 3.15 purges).
     with swap.Swap(model.variables):
         for index in range(num_samples):
             _assign_sample(
@@ -283,11 +288,7 @@ def predict_bma(
                     read_x(), batch_size=batch_size, steps=steps, verbose=0
                 ),
             )
-            total = (
-                probabilities
-                if total is None
-                else keras.tree.map_structure(np.add, total, probabilities)
-            )
+            total = _add(total, probabilities)
     return keras.tree.map_structure(
         lambda summed: (summed / num_samples).astype("float32"), total
     )
