@@ -238,3 +238,23 @@ def test_file_with_nan_fails_in_one_line_and_writes_nothing(tmp_path, capsys):
     message = str(exit_info.value.code)
     assert "nan.weights.h5" in message and "\n" not in message
     assert not output.exists()
+
+
+def test_layout_of_a_compressed_keras_file_is_read_too(files, tmp_path):
+    """Keras stores the weights member uncompressed (read in place); a
+    `.keras` file zipped again with compression is read through zipfile."""
+    import zipfile
+
+    source = str(files / "a.keras")
+    deflated = str(tmp_path / "deflated.keras")
+    with zipfile.ZipFile(source) as archive, zipfile.ZipFile(
+        deflated, "w", compression=zipfile.ZIP_DEFLATED
+    ) as target:
+        for info in archive.infolist():
+            target.writestr(info.filename, archive.read(info))
+    with zipfile.ZipFile(deflated) as archive:
+        member = archive.getinfo("model.weights.h5")
+        assert member.compress_type == zipfile.ZIP_DEFLATED
+    stored = _average_args.layout(source)
+    assert stored and _average_args.layout(deflated) == stored
+    assert stored == _average_args.layout(str(files / "w.weights.h5"))

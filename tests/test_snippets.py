@@ -1,7 +1,12 @@
 """Every code snippet of README.md and docs/ runs as written.
 
 Each page's ```python blocks run in order, in one namespace, in a fresh
-temporary directory, on this run's Keras backend. The namespace starts with
+temporary directory. For time, the pages run on one backend, JAX where it is
+installed (else this run's backend; `KERAS_SWA_SNIPPETS_BACKEND=<name>`
+picks another, `=all` runs them on every backend): the suite runs once per
+backend, and the snippets' code is the same on all three. A page with blocks
+written for one backend (`# Backend: <name>`, below) runs on every backend,
+with the blocks of that backend. The namespace starts with
 the page's prelude only: names the page assumes (a `model`, `train_ds`, ...)
 built on tiny generated data, so that a missing import or a name used before
 it is defined fails here as it would for a reader. The prelude (`_prelude`):
@@ -35,6 +40,7 @@ that reason.
 
 import contextlib
 import glob
+import importlib.util
 import io
 import os
 import re
@@ -62,6 +68,10 @@ _FENCE = re.compile(
 _NOT_RUN = re.compile(r"# Not run by tests/test_snippets\.py: (?P<reason>.*)")
 _BACKEND = re.compile(r"# Backend: (?P<backend>tensorflow|jax|torch)")
 _CLI = "python -m keras_swa.average"
+
+_SNIPPET_BACKEND = os.environ.get("KERAS_SWA_SNIPPETS_BACKEND") or (
+    "jax" if importlib.util.find_spec("jax") else keras.backend.backend()
+)
 
 # Pages whose blocks are alternatives, each for a fresh model.
 _FRESH_MODEL = {"README.md"}
@@ -206,11 +216,29 @@ def _run_cli(code, line):
             ) from None
 
 
-@pytest.mark.parametrize("page", PAGES)
+def _for_one_backend(page):
+    with open(os.path.join(ROOT, page), encoding="utf-8") as file:
+        return re.search(r"^[ \t]*# Backend: ", file.read(), re.M) is not None
+
+
+# The pages with a Python block (a page without one has nothing to run).
+_CODE_PAGES = [
+    page for page in PAGES
+    if any(language == "python" for _, language, _, _ in _blocks(page))
+]
+
+
+@pytest.mark.parametrize("page", _CODE_PAGES)
 def test_page_snippets_run(page, tmp_path, monkeypatch):
     blocks = [block for block in _blocks(page) if block[3] is None]
     if not any(language == "python" for _, language, _, _ in blocks):
-        pytest.skip(f"{page} has no Python snippet")
+        pytest.skip(f"no Python block of {page} runs here")
+    backend = keras.backend.backend()
+    if _SNIPPET_BACKEND not in ("all", backend) and not _for_one_backend(page):
+        pytest.skip(
+            f"the snippets run on {_SNIPPET_BACKEND} (set "
+            "KERAS_SWA_SNIPPETS_BACKEND=all to run them on every backend)"
+        )
     monkeypatch.chdir(tmp_path)
     # A snippet may set KERAS_BACKEND for a later process; not for this one.
     monkeypatch.setenv("KERAS_BACKEND", keras.backend.backend())
