@@ -354,15 +354,19 @@ def plan(arguments) -> Plan:
     return Plan(tuple(files), len(found), architecture, args.output)
 
 
-_checked = {}
+# The plan that `check_before_import` made, with its arguments: the tool's
+# `main` takes it instead of checking every file twice.
+_before_import = None
 
 
 def checked_plan(arguments) -> Plan:
-    """`plan(arguments)`, computed once per list of arguments."""
-    key = tuple(arguments)
-    if key not in _checked:
-        _checked[key] = plan(arguments)
-    return _checked[key]
+    """`plan(arguments)`, or the plan made for them before Keras was
+    imported (taken once: a later call checks the files again)."""
+    global _before_import
+    made, _before_import = _before_import, None
+    if made is not None and made[0] == tuple(arguments):
+        return made[1]
+    return plan(arguments)
 
 
 def _running_the_tool():
@@ -382,5 +386,6 @@ def check_before_import() -> None:
     Called by the package before it imports Keras; does nothing unless the
     program is `python -m keras_swa.average`.
     """
+    global _before_import
     if _running_the_tool():
-        checked_plan(sys.argv[1:])
+        _before_import = (tuple(sys.argv[1:]), plan(sys.argv[1:]))

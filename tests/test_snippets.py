@@ -6,10 +6,12 @@ installed (else this run's backend; `KERAS_SWA_SNIPPETS_BACKEND=<name>`
 picks another, `=all` runs them on every backend): the suite runs once per
 backend, and the snippets' code is the same on all three. A page with blocks
 written for one backend (`# Backend: <name>`, below) runs on every backend,
-with the blocks of that backend. The namespace starts with
-the page's prelude only: names the page assumes (a `model`, `train_ds`, ...)
-built on tiny generated data, so that a missing import or a name used before
-it is defined fails here as it would for a reader. The prelude (`_prelude`):
+with the blocks of that backend.
+
+The namespace starts with the page's prelude only: names the page assumes (a
+`model`, `train_ds`, ...) built on tiny generated data, so that a missing
+import or a name used before it is defined fails here as it would for a
+reader. The prelude (`_prelude`):
 
 - `keras` and `keras_swa`, imported (no other module: a snippet imports
   `glob`, `os`, `numpy` or `tensorflow` itself);
