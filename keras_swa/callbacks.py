@@ -117,7 +117,9 @@ def _fold_in_epoch(averages, epoch, verbose):
             stacklevel=4,
         )
         return False
-    averages.fold_in(True, averaging.swa_weight)
+    # The rule computes its weight in the averages' dtype (float64 stays
+    # float64-accurate).
+    averages.fold_in(True, averaging.Uniform())
     if verbose:
         print(
             f"\nEpoch {epoch + 1}: StochasticWeightAveraging folded the "

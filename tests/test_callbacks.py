@@ -978,3 +978,35 @@ def test_schedule_phase_counts_real_updates_with_accumulation():
             accumulated.weights[epoch], reference.weights[epoch],
             rtol=1e-5, atol=1e-6,
         )
+
+
+def test_float64_callback_average_is_float64_accurate():
+    # Issue 21.7 for the callback: the rule's weight was float32 (1/3 and
+    # friends rounded), 1e-9-relative errors on float64 weights.
+
+    from tests.test_averaging import float64_enabled
+
+    with float64_enabled():
+        keras.config.set_dtype_policy("float64")
+        model = make_model()
+        rng = np.random.default_rng(0)
+        snapshots = [
+            [1.0 + rng.standard_normal(v.shape) / 3.0
+             for v in model.trainable_variables]
+            for _ in range(7)
+        ]
+
+        class SetWeights(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                for variable, value in zip(
+                    self.model.trainable_variables, snapshots[epoch]
+                ):
+                    variable.assign(value)
+
+        swa = keras_swa.StochasticWeightAveraging(start_epoch=0, verbose=0)
+        fit(model, [SetWeights(), swa], epochs=7)
+        for average, values in zip(swa.average_variables, zip(*snapshots)):
+            assert keras.backend.standardize_dtype(average.dtype) == "float64"
+            np.testing.assert_allclose(
+                to_numpy(average), np.mean(values, axis=0), rtol=1e-13
+            )
