@@ -10,7 +10,9 @@ of keras_swa (`assign_average`, `averaged_weights`, `EvaluateAverage`,
 `AverageModelCheckpoint`) then evaluates at `x`, BatchNorm recomputed there.
 """
 
+import functools
 import numbers
+import threading
 import warnings
 
 import keras
@@ -453,11 +455,18 @@ class KerasScheduleFreeSource:
     `source=` of keras_swa makes one from the optimizer (also the default
     `model.optimizer`), through `keras_swa.schedule_free.source_of`.
 
-    Keras 3.15 loses the initial copy of the weights under TensorFlow `fit`
-    (the optimizer is built inside the traced train step, where the copy
-    into the `momentum` slots is dropped: training starts from zeros). Made
-    for a model that is about to train so, or whose slots are all zero while
-    its weights are not, the source warns and names the workaround.
+    Two defects of Keras 3.15 (see the docs page "Schedule-free"):
+
+    - On TensorFlow and PyTorch, its update recovers the old `x` from the
+      momentum after updating it, which makes `y` itself the running mean
+      of the `z`s: the average is the model, and this source evaluates it
+      there (`x = y`, BatchNorm recomputed with `bn_data`), with a warning.
+      Which update the installed Keras runs is checked once, on a scalar.
+    - Under TensorFlow `fit` it loses its copy of the initial weights (the
+      optimizer is built inside the traced train step, where the copy into
+      the `momentum` slots is dropped: training starts from zeros). Made for
+      a model that is about to train so, or whose slots are all zero while
+      its weights are not, the source warns and names the workaround.
 
     Args:
         optimizer: A `keras.optimizers.ScheduleFreeAdamW`.
@@ -469,7 +478,7 @@ class KerasScheduleFreeSource:
     ...               loss="mse")  # doctest: +SKIP
     >>> model.optimizer.build(model.trainable_variables)  # doctest: +SKIP
     >>> model.fit(x, y, epochs=10)  # doctest: +SKIP
-    >>> keras_swa.assign_average(model, bn_data=x)  # x, BN recomputed there
+    >>> keras_swa.assign_average(model, bn_data=x)  # doctest: +SKIP
     """
 
     log_name = "sf"
@@ -486,6 +495,27 @@ class KerasScheduleFreeSource:
                 f"Received: beta_1={beta_1}"
             )
         self.beta_1 = beta_1
+        rule = keras_update_rule(type(optimizer))
+        self.average_is_y = rule == "x_from_new_z"
+        if rule == "unknown":
+            warnings.warn(
+                f"Keras {keras.__version__} runs an update of "
+                "ScheduleFreeAdamW that keras_swa does not know; it recovers "
+                "x = (y - (1 - beta_1) z) / beta_1, as in the published "
+                "algorithm.",
+                stacklevel=4,
+            )
+        if self.average_is_y:
+            warnings.warn(
+                "On this backend Keras' ScheduleFreeAdamW recovers its old x "
+                "from the momentum it has just updated (a Keras 3.15 defect), "
+                "which makes the model's weights y the running mean of its "
+                "iterates z: keras_swa evaluates it there (x = y; BatchNorm "
+                "recomputed with `bn_data`). For schedule-free learning as "
+                "published, use `keras_swa.ScheduleFree(keras.optimizers."
+                "AdamW(beta_1=0.0))`.",
+                stacklevel=4,
+            )
         _check_initial_copy(optimizer, model)
 
     @property
@@ -519,7 +549,8 @@ class KerasScheduleFreeSource:
         slots = self._slots()
         assign_averages(
             [
-                (v, _average(v.value, _widened(slots[id(v)]), self.beta_1))
+                (v, v.value if self.average_is_y
+                 else _average(v.value, _widened(slots[id(v)]), self.beta_1))
                 for v in var_list
                 if id(v) in slots
             ],
@@ -582,6 +613,51 @@ def _check_initial_copy(optimizer, model):
             f"{_LOST_COPY_WORKAROUND}",
             stacklevel=4,
         )
+
+
+@functools.lru_cache(maxsize=None)
+def keras_update_rule(cls=_KERAS_SCHEDULE_FREE) -> str:
+    """Which update Keras' ScheduleFreeAdamW (or its subclass `cls`) runs on
+    this backend.
+
+    Two updates of a scalar with learning rate 1, beta_1 = 0.5, beta_2 = 0
+    and gradient 1 (each step moves z by -1) from y = z = 1: the update as
+    written in Keras (x_old from the old momentum) ends at y = -0.75; with
+    x_old from the updated momentum (Keras 3.15.1 on TensorFlow and
+    PyTorch, where the old value aliases the variable) at y = -0.5, the
+    mean of the two z's. Checked once per process, in a thread of its own:
+    outside the caller's `tf.distribute` scope, trace and dtype policy
+    (thread-local in TensorFlow and Keras).
+
+    Returns:
+        `"as_written"`, `"x_from_new_z"`, or `"unknown"` (another update
+        rule: a Keras release newer than keras_swa knows).
+    """
+    outcome = []
+
+    def probe():
+        try:
+            optimizer = cls(
+                learning_rate=1.0, beta_1=0.5, beta_2=0.0, epsilon=0.0,
+                name="keras_swa_probe",
+            )
+            variable = keras.Variable(
+                [1.0], dtype="float32", name="keras_swa_probe"
+            )
+            for _ in range(2):
+                optimizer.apply([ops.ones((1,), "float32")], [variable])
+            outcome.append(float(ops.convert_to_numpy(variable.value)[0]))
+        except Exception as error:  # raised in the caller's thread below
+            outcome.append(error)
+
+    thread = threading.Thread(target=probe)
+    thread.start()
+    thread.join()
+    if isinstance(outcome[0], Exception):
+        raise outcome[0]
+    return {-0.75: "as_written", -0.5: "x_from_new_z"}.get(
+        outcome[0], "unknown"
+    )
 
 
 def source_of(source, model=None):
