@@ -91,8 +91,68 @@ def _interpolation_weight(lr_max, weight_sum, power):
     )
 
 
+class _WrappedOptimizer(keras.optimizers.Optimizer):
+    """An optimizer whose updates are those of `inner_optimizer`, delegating
+    as Keras' `LossScaleOptimizer` does: its learning rate and `iterations`
+    are the inner optimizer's, its variables are its own followed by the
+    inner optimizer's, its config holds the inner optimizer. (The engine-v2
+    branch has the same class as `keras_swa.optimizers.wrapper`.)"""
+
+    def __init__(self, inner_optimizer, name=None):
+        # The wrapper's own learning rate is never used.
+        super().__init__(learning_rate=0.0, name=name)
+        self.inner_optimizer = inner_optimizer
+
+    @property
+    def variables(self):
+        return self._variables + self.inner_optimizer.variables
+
+    @property
+    def learning_rate(self):
+        return self.inner_optimizer.learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, learning_rate):
+        self.inner_optimizer.learning_rate = learning_rate
+
+    @property
+    def iterations(self):
+        return self.inner_optimizer.iterations
+
+    def scale_loss(self, loss):
+        return self.inner_optimizer.scale_loss(loss)
+
+    def exclude_from_weight_decay(self, var_list=None, var_names=None):
+        """Excludes variables from the inner optimizer's weight decay.
+
+        As `keras.optimizers.Optimizer.exclude_from_weight_decay`: call it
+        before the optimizer is built.
+        """
+        self.inner_optimizer.exclude_from_weight_decay(
+            var_list=var_list, var_names=var_names
+        )
+
+    def get_config(self):
+        # Not super().get_config(): the base arguments belong to the inner
+        # optimizer.
+        return {
+            "name": self.name,
+            "inner_optimizer": keras.saving.serialize_keras_object(
+                self.inner_optimizer
+            ),
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        inner_optimizer = keras.saving.deserialize_keras_object(
+            config.pop("inner_optimizer"), custom_objects=custom_objects
+        )
+        return cls(inner_optimizer, **config)
+
+
 @keras.saving.register_keras_serializable(package="keras_swa")
-class ScheduleFree(keras.optimizers.Optimizer):
+class ScheduleFree(_WrappedOptimizer):
     """Schedule-free learning with any Keras optimizer as the base step.
 
     Schedule-free training (Defazio et al. 2024) replaces the learning-rate
@@ -163,11 +223,7 @@ class ScheduleFree(keras.optimizers.Optimizer):
         weight_lr_power = _validation.real(
             "weight_lr_power", weight_lr_power, minimum=0.0, below=np.inf
         )
-        inner_optimizer = _check_inner(inner_optimizer)
-        # The wrapper's own learning rate is never used: it delegates to the
-        # inner optimizer, as LossScaleOptimizer does.
-        super().__init__(learning_rate=0.0, name=name)
-        self.inner_optimizer = inner_optimizer
+        super().__init__(_check_inner(inner_optimizer), name=name)
         self.momentum = momentum
         self.weight_lr_power = weight_lr_power
         self._z = None
@@ -221,10 +277,6 @@ class ScheduleFree(keras.optimizers.Optimizer):
         ]
 
     @property
-    def variables(self):
-        return self._variables + self.inner_optimizer.variables
-
-    @property
     def z_variables(self):
         """The base iterates `z`, one per trainable variable, in the same
         order (`None` for a variable overwritten with its gradient)."""
@@ -247,23 +299,10 @@ class ScheduleFree(keras.optimizers.Optimizer):
         if trainable_variables is None:
             trainable_variables = self._trainable_variables
         trainable_variables = list(trainable_variables)
-        z_by_variable = {
-            id(variable): z
-            for variable, z in zip(self._trainable_variables, self._z)
-        }
-        unknown = [v for v in trainable_variables if id(v) not in z_by_variable]
-        if unknown:
-            raise ValueError(
-                f"{type(self).__name__} was built for other variables than "
-                f"{unknown[0].path!r}: build it, or call `apply` the first "
-                "time, with all the variables it will update."
-            )
-        z_list = [z_by_variable[id(v)] for v in trainable_variables]
-        pairs = [
-            (v, z) for v, z in zip(trainable_variables, z_list) if z is not None
-        ]
+        z_list = self._z_of(trainable_variables)
+        ys = [v for v, z in zip(trainable_variables, z_list) if z is not None]
+        zs = [z for z in z_list if z is not None]
         update = self._is_update_step()
-        ys, zs = [y for y, _ in pairs], [z for _, z in pairs]
         beta, power = self.momentum, self.weight_lr_power
         # Read before the update: the rate this update runs with.
         lr = ops.cast(self.inner_optimizer.learning_rate, "float32")
@@ -278,7 +317,8 @@ class ScheduleFree(keras.optimizers.Optimizer):
         assign_lib.lerp_where(update, ys, zs, lambda: (beta - 1.0) / beta)
         self.inner_optimizer.apply(
             [
-                g if g is None or z is None else ops.cast(g, z.dtype)
+                g if z is None or g is None or g.dtype == z.dtype
+                else ops.cast(g, z.dtype)
                 for g, z in zip(grads, z_list)
             ],
             [v if z is None else z for v, z in zip(trainable_variables, z_list)],
@@ -292,6 +332,21 @@ class ScheduleFree(keras.optimizers.Optimizer):
             ),
             [self._lr_max, self._weight_sum],
         )
+
+    def _z_of(self, variables):
+        """The `z` of each variable (`None` for one without)."""
+        z_by_variable = {
+            id(variable): z
+            for variable, z in zip(self._trainable_variables, self._z)
+        }
+        unknown = [v for v in variables if id(v) not in z_by_variable]
+        if unknown:
+            raise ValueError(
+                f"{type(self).__name__} was built for other variables than "
+                f"{unknown[0].path!r}: build it, or call `apply` the first "
+                "time, with all the variables it will update."
+            )
+        return [z_by_variable[id(v)] for v in variables]
 
     def _is_update_step(self):
         steps = self.inner_optimizer.gradient_accumulation_steps
@@ -324,15 +379,13 @@ class ScheduleFree(keras.optimizers.Optimizer):
                 f"(n_averaged=0), so there is no average to assign; nothing "
                 f"was changed. {self._schedule()}"
             )
-        z_by_variable = {
-            id(v): z for v, z in zip(self._trainable_variables, self._z)
-        }
+        known = {id(v) for v in self._trainable_variables}
+        trained = [v for v in var_list if id(v) in known]
         assign_averages(
             [
                 (v, _average(v.value, z.value, self.momentum))
-                for v in var_list
-                if z_by_variable.get(id(v)) is not None
-                for z in [z_by_variable[id(v)]]
+                for v, z in zip(trained, self._z_of(trained))
+                if z is not None
             ],
             type(self).__name__,
         )
@@ -343,55 +396,12 @@ class ScheduleFree(keras.optimizers.Optimizer):
             f"{int(self._n_averaged.numpy())} update(s) have run so far."
         )
 
-    @property
-    def learning_rate(self):
-        return self.inner_optimizer.learning_rate
-
-    @learning_rate.setter
-    def learning_rate(self, learning_rate):
-        self.inner_optimizer.learning_rate = learning_rate
-
-    @property
-    def iterations(self):
-        return self.inner_optimizer.iterations
-
-    def scale_loss(self, loss):
-        return self.inner_optimizer.scale_loss(loss)
-
-    def exclude_from_weight_decay(self, var_list=None, var_names=None):
-        """Excludes variables from the inner optimizer's weight decay (which
-        acts on their `z`). As the method of `keras.optimizers.Optimizer`:
-        call it before the optimizer is built."""
-        self.inner_optimizer.exclude_from_weight_decay(
-            var_list=var_list, var_names=var_names
-        )
-
-    def finalize_variable_values(self, var_list):
-        # Keras calls this at the end of `fit`; the wrapper never writes x
-        # into the model by itself.
-        self.inner_optimizer.finalize_variable_values(
-            self._base_variables(var_list) if self._z else var_list
-        )
-
     def get_config(self):
-        # Not super().get_config(): the base arguments belong to the inner
-        # optimizer.
-        return {
-            "name": self.name,
-            "inner_optimizer": keras.saving.serialize_keras_object(
-                self.inner_optimizer
-            ),
-            "momentum": self.momentum,
-            "weight_lr_power": self.weight_lr_power,
-        }
-
-    @classmethod
-    def from_config(cls, config, custom_objects=None):
-        config = dict(config)
-        inner_optimizer = keras.saving.deserialize_keras_object(
-            config.pop("inner_optimizer"), custom_objects=custom_objects
+        config = super().get_config()
+        config.update(
+            {"momentum": self.momentum, "weight_lr_power": self.weight_lr_power}
         )
-        return cls(inner_optimizer, **config)
+        return config
 
 
 def _exclude_from_weight_decay(inner_optimizer, var_list, zs):

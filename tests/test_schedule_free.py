@@ -188,7 +188,7 @@ def test_recurrence_matches_numpy(base, path):
     if path == "apply":
         for _ in range(steps):
             grads = _grads(_weights(model.trainable_variables), x, y)
-            opt.apply([g.astype("float32") for g in grads],
+            opt.apply([keras.ops.convert_to_tensor(g, "float32") for g in grads],
                       model.trainable_variables)
         rates = [_rate(t) for t in range(steps)]
     else:
