@@ -683,6 +683,11 @@ def source_of(source, model=None):
 
     Returns:
         The source to read averages from.
+
+    Example:
+
+    >>> source = source_of(model.optimizer, model)  # doctest: +SKIP
+    >>> source.assign_average_vars(model.trainable_variables)  # doctest: +SKIP
     """
     if _KERAS_SCHEDULE_FREE is not None and isinstance(
         source, _KERAS_SCHEDULE_FREE
