@@ -10,7 +10,9 @@ of keras_swa (`assign_average`, `averaged_weights`, `EvaluateAverage`,
 `AverageModelCheckpoint`) then evaluates at `x`, BatchNorm recomputed there.
 """
 
+import functools
 import numbers
+import threading
 import warnings
 
 import keras
@@ -89,8 +91,68 @@ def _interpolation_weight(lr_max, weight_sum, power):
     )
 
 
+class _WrappedOptimizer(keras.optimizers.Optimizer):
+    """An optimizer whose updates are those of `inner_optimizer`, delegating
+    as Keras' `LossScaleOptimizer` does: its learning rate and `iterations`
+    are the inner optimizer's, its variables are its own followed by the
+    inner optimizer's, its config holds the inner optimizer. (The engine-v2
+    branch has the same class as `keras_swa.optimizers.wrapper`.)"""
+
+    def __init__(self, inner_optimizer, name=None):
+        # The wrapper's own learning rate is never used.
+        super().__init__(learning_rate=0.0, name=name)
+        self.inner_optimizer = inner_optimizer
+
+    @property
+    def variables(self):
+        return self._variables + self.inner_optimizer.variables
+
+    @property
+    def learning_rate(self):
+        return self.inner_optimizer.learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, learning_rate):
+        self.inner_optimizer.learning_rate = learning_rate
+
+    @property
+    def iterations(self):
+        return self.inner_optimizer.iterations
+
+    def scale_loss(self, loss):
+        return self.inner_optimizer.scale_loss(loss)
+
+    def exclude_from_weight_decay(self, var_list=None, var_names=None):
+        """Excludes variables from the inner optimizer's weight decay.
+
+        As `keras.optimizers.Optimizer.exclude_from_weight_decay`: call it
+        before the optimizer is built.
+        """
+        self.inner_optimizer.exclude_from_weight_decay(
+            var_list=var_list, var_names=var_names
+        )
+
+    def get_config(self):
+        # Not super().get_config(): the base arguments belong to the inner
+        # optimizer.
+        return {
+            "name": self.name,
+            "inner_optimizer": keras.saving.serialize_keras_object(
+                self.inner_optimizer
+            ),
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        inner_optimizer = keras.saving.deserialize_keras_object(
+            config.pop("inner_optimizer"), custom_objects=custom_objects
+        )
+        return cls(inner_optimizer, **config)
+
+
 @keras.saving.register_keras_serializable(package="keras_swa")
-class ScheduleFree(keras.optimizers.Optimizer):
+class ScheduleFree(_WrappedOptimizer):
     """Schedule-free learning with any Keras optimizer as the base step.
 
     Schedule-free training (Defazio et al. 2024) replaces the learning-rate
@@ -161,11 +223,7 @@ class ScheduleFree(keras.optimizers.Optimizer):
         weight_lr_power = _validation.real(
             "weight_lr_power", weight_lr_power, minimum=0.0, below=np.inf
         )
-        inner_optimizer = _check_inner(inner_optimizer)
-        # The wrapper's own learning rate is never used: it delegates to the
-        # inner optimizer, as LossScaleOptimizer does.
-        super().__init__(learning_rate=0.0, name=name)
-        self.inner_optimizer = inner_optimizer
+        super().__init__(_check_inner(inner_optimizer), name=name)
         self.momentum = momentum
         self.weight_lr_power = weight_lr_power
         self._z = None
@@ -219,10 +277,6 @@ class ScheduleFree(keras.optimizers.Optimizer):
         ]
 
     @property
-    def variables(self):
-        return self._variables + self.inner_optimizer.variables
-
-    @property
     def z_variables(self):
         """The base iterates `z`, one per trainable variable, in the same
         order (`None` for a variable overwritten with its gradient)."""
@@ -245,23 +299,10 @@ class ScheduleFree(keras.optimizers.Optimizer):
         if trainable_variables is None:
             trainable_variables = self._trainable_variables
         trainable_variables = list(trainable_variables)
-        z_by_variable = {
-            id(variable): z
-            for variable, z in zip(self._trainable_variables, self._z)
-        }
-        unknown = [v for v in trainable_variables if id(v) not in z_by_variable]
-        if unknown:
-            raise ValueError(
-                f"{type(self).__name__} was built for other variables than "
-                f"{unknown[0].path!r}: build it, or call `apply` the first "
-                "time, with all the variables it will update."
-            )
-        z_list = [z_by_variable[id(v)] for v in trainable_variables]
-        pairs = [
-            (v, z) for v, z in zip(trainable_variables, z_list) if z is not None
-        ]
+        z_list = self._z_of(trainable_variables)
+        ys = [v for v, z in zip(trainable_variables, z_list) if z is not None]
+        zs = [z for z in z_list if z is not None]
         update = self._is_update_step()
-        ys, zs = [y for y, _ in pairs], [z for _, z in pairs]
         beta, power = self.momentum, self.weight_lr_power
         # Read before the update: the rate this update runs with.
         lr = ops.cast(self.inner_optimizer.learning_rate, "float32")
@@ -276,7 +317,8 @@ class ScheduleFree(keras.optimizers.Optimizer):
         assign_lib.lerp_where(update, ys, zs, lambda: (beta - 1.0) / beta)
         self.inner_optimizer.apply(
             [
-                g if g is None or z is None else ops.cast(g, z.dtype)
+                g if z is None or g is None or g.dtype == z.dtype
+                else ops.cast(g, z.dtype)
                 for g, z in zip(grads, z_list)
             ],
             [v if z is None else z for v, z in zip(trainable_variables, z_list)],
@@ -290,6 +332,21 @@ class ScheduleFree(keras.optimizers.Optimizer):
             ),
             [self._lr_max, self._weight_sum],
         )
+
+    def _z_of(self, variables):
+        """The `z` of each variable (`None` for one without)."""
+        z_by_variable = {
+            id(variable): z
+            for variable, z in zip(self._trainable_variables, self._z)
+        }
+        unknown = [v for v in variables if id(v) not in z_by_variable]
+        if unknown:
+            raise ValueError(
+                f"{type(self).__name__} was built for other variables than "
+                f"{unknown[0].path!r}: build it, or call `apply` the first "
+                "time, with all the variables it will update."
+            )
+        return [z_by_variable[id(v)] for v in variables]
 
     def _is_update_step(self):
         steps = self.inner_optimizer.gradient_accumulation_steps
@@ -322,15 +379,13 @@ class ScheduleFree(keras.optimizers.Optimizer):
                 f"(n_averaged=0), so there is no average to assign; nothing "
                 f"was changed. {self._schedule()}"
             )
-        z_by_variable = {
-            id(v): z for v, z in zip(self._trainable_variables, self._z)
-        }
+        known = {id(v) for v in self._trainable_variables}
+        trained = [v for v in var_list if id(v) in known]
         assign_averages(
             [
                 (v, _average(v.value, z.value, self.momentum))
-                for v in var_list
-                if z_by_variable.get(id(v)) is not None
-                for z in [z_by_variable[id(v)]]
+                for v, z in zip(trained, self._z_of(trained))
+                if z is not None
             ],
             type(self).__name__,
         )
@@ -341,55 +396,12 @@ class ScheduleFree(keras.optimizers.Optimizer):
             f"{int(self._n_averaged.numpy())} update(s) have run so far."
         )
 
-    @property
-    def learning_rate(self):
-        return self.inner_optimizer.learning_rate
-
-    @learning_rate.setter
-    def learning_rate(self, learning_rate):
-        self.inner_optimizer.learning_rate = learning_rate
-
-    @property
-    def iterations(self):
-        return self.inner_optimizer.iterations
-
-    def scale_loss(self, loss):
-        return self.inner_optimizer.scale_loss(loss)
-
-    def exclude_from_weight_decay(self, var_list=None, var_names=None):
-        """Excludes variables from the inner optimizer's weight decay (which
-        acts on their `z`). As the method of `keras.optimizers.Optimizer`:
-        call it before the optimizer is built."""
-        self.inner_optimizer.exclude_from_weight_decay(
-            var_list=var_list, var_names=var_names
-        )
-
-    def finalize_variable_values(self, var_list):
-        # Keras calls this at the end of `fit`; the wrapper never writes x
-        # into the model by itself.
-        self.inner_optimizer.finalize_variable_values(
-            self._base_variables(var_list) if self._z else var_list
-        )
-
     def get_config(self):
-        # Not super().get_config(): the base arguments belong to the inner
-        # optimizer.
-        return {
-            "name": self.name,
-            "inner_optimizer": keras.saving.serialize_keras_object(
-                self.inner_optimizer
-            ),
-            "momentum": self.momentum,
-            "weight_lr_power": self.weight_lr_power,
-        }
-
-    @classmethod
-    def from_config(cls, config, custom_objects=None):
-        config = dict(config)
-        inner_optimizer = keras.saving.deserialize_keras_object(
-            config.pop("inner_optimizer"), custom_objects=custom_objects
+        config = super().get_config()
+        config.update(
+            {"momentum": self.momentum, "weight_lr_power": self.weight_lr_power}
         )
-        return cls(inner_optimizer, **config)
+        return config
 
 
 def _exclude_from_weight_decay(inner_optimizer, var_list, zs):
@@ -453,11 +465,18 @@ class KerasScheduleFreeSource:
     `source=` of keras_swa makes one from the optimizer (also the default
     `model.optimizer`), through `keras_swa.schedule_free.source_of`.
 
-    Keras 3.15 loses the initial copy of the weights under TensorFlow `fit`
-    (the optimizer is built inside the traced train step, where the copy
-    into the `momentum` slots is dropped: training starts from zeros). Made
-    for a model that is about to train so, or whose slots are all zero while
-    its weights are not, the source warns and names the workaround.
+    Two defects of Keras 3.15 (see the docs page "Schedule-free"):
+
+    - On TensorFlow and PyTorch, its update recovers the old `x` from the
+      momentum after updating it, which makes `y` itself the running mean
+      of the `z`s: the average is the model, and this source evaluates it
+      there (`x = y`, BatchNorm recomputed with `bn_data`), with a warning.
+      Which update the installed Keras runs is checked once, on a scalar.
+    - Under TensorFlow `fit` it loses its copy of the initial weights (the
+      optimizer is built inside the traced train step, where the copy into
+      the `momentum` slots is dropped: training starts from zeros). Made for
+      a model that is about to train so, or whose slots are all zero while
+      its weights are not, the source warns and names the workaround.
 
     Args:
         optimizer: A `keras.optimizers.ScheduleFreeAdamW`.
@@ -469,7 +488,7 @@ class KerasScheduleFreeSource:
     ...               loss="mse")  # doctest: +SKIP
     >>> model.optimizer.build(model.trainable_variables)  # doctest: +SKIP
     >>> model.fit(x, y, epochs=10)  # doctest: +SKIP
-    >>> keras_swa.assign_average(model, bn_data=x)  # x, BN recomputed there
+    >>> keras_swa.assign_average(model, bn_data=x)  # doctest: +SKIP
     """
 
     log_name = "sf"
@@ -486,6 +505,27 @@ class KerasScheduleFreeSource:
                 f"Received: beta_1={beta_1}"
             )
         self.beta_1 = beta_1
+        rule = keras_update_rule(type(optimizer))
+        self.average_is_y = rule == "x_from_new_z"
+        if rule == "unknown":
+            warnings.warn(
+                f"Keras {keras.__version__} runs an update of "
+                "ScheduleFreeAdamW that keras_swa does not know; it recovers "
+                "x = (y - (1 - beta_1) z) / beta_1, as in the published "
+                "algorithm.",
+                stacklevel=4,
+            )
+        if self.average_is_y:
+            warnings.warn(
+                "On this backend Keras' ScheduleFreeAdamW recovers its old x "
+                "from the momentum it has just updated (a Keras 3.15 defect), "
+                "which makes the model's weights y the running mean of its "
+                "iterates z: keras_swa evaluates it there (x = y; BatchNorm "
+                "recomputed with `bn_data`). For schedule-free learning as "
+                "published, use `keras_swa.ScheduleFree(keras.optimizers."
+                "AdamW(beta_1=0.0))`.",
+                stacklevel=4,
+            )
         _check_initial_copy(optimizer, model)
 
     @property
@@ -519,7 +559,8 @@ class KerasScheduleFreeSource:
         slots = self._slots()
         assign_averages(
             [
-                (v, _average(v.value, _widened(slots[id(v)]), self.beta_1))
+                (v, v.value if self.average_is_y
+                 else _average(v.value, _widened(slots[id(v)]), self.beta_1))
                 for v in var_list
                 if id(v) in slots
             ],
@@ -584,6 +625,51 @@ def _check_initial_copy(optimizer, model):
         )
 
 
+@functools.lru_cache(maxsize=None)
+def keras_update_rule(cls=_KERAS_SCHEDULE_FREE) -> str:
+    """Which update Keras' ScheduleFreeAdamW (or its subclass `cls`) runs on
+    this backend.
+
+    Two updates of a scalar with learning rate 1, beta_1 = 0.5, beta_2 = 0
+    and gradient 1 (each step moves z by -1) from y = z = 1: the update as
+    written in Keras (x_old from the old momentum) ends at y = -0.75; with
+    x_old from the updated momentum (Keras 3.15.1 on TensorFlow and
+    PyTorch, where the old value aliases the variable) at y = -0.5, the
+    mean of the two z's. Checked once per process, in a thread of its own:
+    outside the caller's `tf.distribute` scope, trace and dtype policy
+    (thread-local in TensorFlow and Keras).
+
+    Returns:
+        `"as_written"`, `"x_from_new_z"`, or `"unknown"` (another update
+        rule: a Keras release newer than keras_swa knows).
+    """
+    outcome = []
+
+    def probe():
+        try:
+            optimizer = cls(
+                learning_rate=1.0, beta_1=0.5, beta_2=0.0, epsilon=0.0,
+                name="keras_swa_probe",
+            )
+            variable = keras.Variable(
+                [1.0], dtype="float32", name="keras_swa_probe"
+            )
+            for _ in range(2):
+                optimizer.apply([ops.ones((1,), "float32")], [variable])
+            outcome.append(float(ops.convert_to_numpy(variable.value)[0]))
+        except Exception as error:  # raised in the caller's thread below
+            outcome.append(error)
+
+    thread = threading.Thread(target=probe)
+    thread.start()
+    thread.join()
+    if isinstance(outcome[0], Exception):
+        raise outcome[0]
+    return {-0.75: "as_written", -0.5: "x_from_new_z"}.get(
+        outcome[0], "unknown"
+    )
+
+
 def source_of(source, model=None):
     """`source` as keras_swa reads averages from it.
 
@@ -597,6 +683,11 @@ def source_of(source, model=None):
 
     Returns:
         The source to read averages from.
+
+    Example:
+
+    >>> source = source_of(model.optimizer, model)  # doctest: +SKIP
+    >>> source.assign_average_vars(model.trainable_variables)  # doctest: +SKIP
     """
     if _KERAS_SCHEDULE_FREE is not None and isinstance(
         source, _KERAS_SCHEDULE_FREE
