@@ -162,6 +162,17 @@ def _assign_at_end(callback):
     )
 
 
+def _schedule(callback):
+    if callback._start is None:
+        return "It has not run in a `fit` yet."
+    return (
+        f"It averages from epoch {callback._start} (0-based; "
+        f"start_epoch={callback.start_epoch}) every "
+        f"{callback.average_period} epoch(s) (average_period), and the last "
+        "epoch; `fit` stopped before."
+    )
+
+
 class StochasticWeightAveraging(keras.callbacks.Callback, engine.Averager):
     """Stochastic Weight Averaging (Izmailov et al., 2018) over `fit` epochs.
 
@@ -228,6 +239,11 @@ class StochasticWeightAveraging(keras.callbacks.Callback, engine.Averager):
             mistake unless said). Defaults to `False`.
         bn_batch_size: Integer >= 1, the batch size when `bn_data` is
             arrays. Defaults to `None`: 32, as `fit`.
+        window: Integer >= 1: average only the last `window` snapshots
+            (exactly; `window - 1` more copies), or `None` for all of them.
+            Defaults to `None`.
+        offload: Boolean, whether the averages live in host memory, off the
+            accelerator, as the wrappers' `offload`. Defaults to `False`.
 
     Example:
 
@@ -257,6 +273,8 @@ class StochasticWeightAveraging(keras.callbacks.Callback, engine.Averager):
         verbose: int = 1,
         allow_averaging_optimizer: bool = False,
         bn_batch_size: int | None = None,
+        window: int | None = None,
+        offload: bool = False,
     ):
         super().__init__()
         self.start_epoch = _check_start_epoch(start_epoch)
@@ -270,6 +288,8 @@ class StochasticWeightAveraging(keras.callbacks.Callback, engine.Averager):
             "bn_steps", bn_steps, 1, optional=True
         )
         self.verbose = _validation.choice("verbose", verbose, (0, 1))
+        self.window = _validation.integer("window", window, 1, optional=True)
+        self.offload = _validation.boolean("offload", offload)
         self.allow_averaging_optimizer = _validation.boolean(
             "allow_averaging_optimizer", allow_averaging_optimizer
         )
@@ -295,14 +315,7 @@ class StochasticWeightAveraging(keras.callbacks.Callback, engine.Averager):
         self._start = None
 
     def _schedule(self):
-        if self._start is None:
-            return "It has not run in a `fit` yet."
-        return (
-            f"It averages from epoch {self._start} (0-based; "
-            f"start_epoch={self.start_epoch}) every {self.average_period} "
-            "epoch(s) (average_period), and the last epoch; `fit` stopped "
-            "before."
-        )
+        return _schedule(self)
 
     def on_train_begin(self, logs=None):
         # A custom training loop's `CallbackList` may give no params.
@@ -332,17 +345,19 @@ class StochasticWeightAveraging(keras.callbacks.Callback, engine.Averager):
                 self._diverged = _callback_backup.diverged(state)
                 self._resumed_after_epoch = int(state["epoch"])
 
-    def _new_averages(self, name):
+    def _new_averages(self, name, window=None):
         """Zero averages of the model's trainable variables, counted by
-        `n_averaged` and created as the callback's own (a subclass keeps its
-        further moments alike: same dtypes, same distribution)."""
+        `n_averaged` and created as the callback's own, placed as `offload`
+        says (a subclass keeps its further moments alike: same dtypes, same
+        distribution, same place), with a `window`'s ring if given."""
         return engine.Averages(
-            self.model.trainable_variables, self._n_averaged, _zeros, name=name
+            self.model.trainable_variables, self._n_averaged, _zeros,
+            name=name, window=window, offload=self.offload,
         )
 
     def _create_averages(self):
         """Creates the averages of a fit (a backup is then read into them)."""
-        self._averages = self._new_averages("swa_average")
+        self._averages = self._new_averages("swa_average", self.window)
 
     def _state(self):
         """The averages as NumPy arrays, for the backup file."""

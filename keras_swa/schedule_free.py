@@ -77,6 +77,20 @@ def _check_inner(inner_optimizer):
     return inner_optimizer
 
 
+def _check_offload(offload):
+    if _validation.boolean("offload", offload):
+        # Not the other averagers' fold-in off the device: the base step
+        # reads and writes z at every update, with the inner optimizer's
+        # state; z in host memory would be a CPU optimizer step.
+        raise ValueError(
+            "ScheduleFree does not support `offload=True`: its state z is the "
+            "iterate the inner optimizer steps at every update, so it stays "
+            "with the optimizer's state on the accelerator (x, the average, "
+            "takes no memory: it is recovered from y and z). Received: "
+            "offload=True"
+        )
+
+
 def _average(y, z, beta):
     """x = (y - (1 - beta) z) / beta, in the dtype of z."""
     return (ops.cast(y, z.dtype) - (1.0 - beta) * z) / beta
@@ -190,6 +204,8 @@ class ScheduleFree(_WrappedOptimizer):
         weight_lr_power: Float >= 0, the power `p` of the largest learning
             rate so far in the weight of each `z`. Defaults to `2.0` (`0`
             weighs every update alike).
+        offload: Only `False` (z, stepped at every update, stays on the
+            accelerator). Defaults to `False`.
         name: String. Defaults to `None` (an automatic name).
 
     Example:
@@ -211,9 +227,11 @@ class ScheduleFree(_WrappedOptimizer):
         inner_optimizer,
         momentum=0.9,
         weight_lr_power=2.0,
+        offload=False,
         name=None,
         **kwargs,
     ):
+        _check_offload(offload)
         if kwargs:
             raise ValueError(
                 "ScheduleFree does not support arguments "
@@ -272,9 +290,7 @@ class ScheduleFree(_WrappedOptimizer):
         super().build(var_list)
 
     def _base_variables(self, var_list):
-        return [
-            variable if z is None else z for z, variable in zip(self._z, var_list)
-        ]
+        return [v if z is None else z for z, v in zip(self._z, var_list)]
 
     @property
     def z_variables(self):
@@ -391,10 +407,7 @@ class ScheduleFree(_WrappedOptimizer):
         )
 
     def _schedule(self):
-        return (
-            f"{type(self).__name__} averages from its first update on; "
-            f"{int(self._n_averaged.numpy())} update(s) have run so far."
-        )
+        return _schedule(self)
 
     def get_config(self):
         config = super().get_config()
@@ -402,6 +415,13 @@ class ScheduleFree(_WrappedOptimizer):
             {"momentum": self.momentum, "weight_lr_power": self.weight_lr_power}
         )
         return config
+
+
+def _schedule(optimizer):
+    return (
+        f"{type(optimizer).__name__} averages from its first update on; "
+        f"{int(optimizer._n_averaged.numpy())} update(s) have run so far."
+    )
 
 
 def _exclude_from_weight_decay(inner_optimizer, var_list, zs):

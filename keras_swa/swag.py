@@ -12,6 +12,7 @@ from keras import ops
 
 from keras_swa import _validation
 from keras_swa import callbacks
+from keras_swa._backend import placement
 from keras_swa._backend import random as backend_random
 
 # The floor of the diagonal variance (as the reference code,
@@ -60,11 +61,17 @@ class SWAG(callbacks.StochasticWeightAveraging):
     slots are used in slot order (the order does not change the
     distribution).
 
+    With `window=k`, `mean` and `var` are those of the last `min(n, k)`
+    snapshots (the variance computed exactly from the window's ring, see
+    `_window_variances`), and the columns of `D` deviate from that mean.
+
     Memory: `max_rank + 2` copies of the trainable weights (mean, variance,
     `max_rank` columns; float32 for float16 and bfloat16 variables), created
-    like the weights (sharded, mirrored under `tf.distribute`), all saved to
-    the backup file with `backup_dir`: 22 copies, 2.25 GB, for a ResNet-50
-    in float32 with `max_rank=20`; 2 with `max_rank=0` (the diagonal only).
+    like the weights (sharded, mirrored under `tf.distribute`), or in host
+    memory with `offload=True`, all saved to the backup file with
+    `backup_dir`: 22 copies, 2.25 GB, for a ResNet-50 in float32 with
+    `max_rank=20`; 2 with `max_rank=0` (the diagonal only); `window - 1`
+    more with a window.
 
     Args:
         start_epoch: As in `StochasticWeightAveraging`: an integer >= 0, the
@@ -77,9 +84,11 @@ class SWAG(callbacks.StochasticWeightAveraging):
             order after `start_epoch` (`swa_lr`, `anneal_epochs`,
             `anneal_strategy`, `average_period`, `bn_data`, `bn_steps`,
             `validation_data`, `backup_dir`, `verbose`,
-            `allow_averaging_optimizer`, `bn_batch_size`), with its
-            defaults. `bn_data` and `validation_data` apply to the SWA mean;
-            `backup_dir` keeps all the moments.
+            `allow_averaging_optimizer`, `bn_batch_size`, `window`,
+            `offload`), with its defaults. `bn_data` and `validation_data`
+            apply to the SWA mean; `backup_dir` keeps all the moments;
+            `window` applies to the mean and variance, `offload` to every
+            moment.
         **kwargs: The same arguments, by name.
 
     Example:
@@ -116,9 +125,7 @@ class SWAG(callbacks.StochasticWeightAveraging):
         """The variances of the snapshots, `mean((w - mean)**2)`, one per
         `model.trainable_variables` entry, in order (before the floor of
         1e-30 that sampling applies)."""
-        if self._variance is None:
-            return []
-        return list(self._variance.averages)
+        return [] if self._variance is None else list(self._variance.averages)
 
     @property
     def deviation_variables(self):
@@ -146,19 +153,24 @@ class SWAG(callbacks.StochasticWeightAveraging):
         if n_averaged == before:
             # A snapshot of non-finite weights, skipped for the mean too.
             return
+        # Computed where the weights live (offloaded moments come back for
+        # it, one variable at a time), in the dtype of the averages.
+        means = self._averages.average_values()
         # `w - mean` with the updated mean: close values, subtracted
-        # exactly, in the dtype of the averages.
+        # exactly.
         deviations = [
-            ops.subtract(ops.cast(variable.value, mean.dtype), mean.value)
-            for variable, mean in zip(
-                self._averages.variables, self._averages.averages
-            )
+            ops.subtract(ops.cast(variable.value, mean.dtype), mean)
+            for variable, mean in zip(self._averages.variables, means)
         ]
-        if n_averaged > 1:
+        if self.window is not None:
+            self._variance.assign_values(
+                _window_variances(self._averages, means, n_averaged)
+            )
+        elif n_averaged > 1:
             # A single snapshot has variance 0, as the fresh variables hold.
             self._variance.assign_values(
                 _updated_variances(
-                    self._variance.averages, deviations, n_averaged
+                    self._variance.average_values(), deviations, n_averaged
                 )
             )
         if self.max_rank:
@@ -193,19 +205,20 @@ class SWAG(callbacks.StochasticWeightAveraging):
             columns.set_state(state, path, prefix=_deviation_prefix(slot))
 
     def _check_sampled(self):
-        if self._averages is None or self._averages.n_averaged == 0:
-            raise ValueError(
-                "SWAG has no snapshot yet (n_averaged=0), so there is no "
-                "posterior to sample from. " + self._schedule()
-            )
+        _check_sampled(self)
 
     def _sample_values(self, scale: float, seed, diagonal: bool):
-        """A sample as tensors on the device, in the averages' dtypes (see
-        `_draw`); a full sample with fewer than 2 columns warns, once."""
+        """A sample as tensors placed like the weights, in the averages'
+        dtypes (see `_draw`); a full sample with fewer than 2 columns warns,
+        once."""
+        variables = self._averages.variables
         means = [mean.value for mean in self._averages.averages]
         if scale == 0.0:
             # Exactly the mean (noise times 0 is NaN where noise is infinite).
-            return [ops.copy(mean) for mean in means]
+            return [
+                ops.copy(placement.like(mean, variable))
+                for mean, variable in zip(means, variables)
+            ]
         rank = self.rank
         # Not with `max_rank=0`, which asks for the diagonal.
         if not diagonal and rank < 2 and self.max_rank and (
@@ -220,7 +233,7 @@ class SWAG(callbacks.StochasticWeightAveraging):
                 for slot in self._deviations[:rank]
             ]
         variances = [variance.value for variance in self._variance.averages]
-        return _draw(means, variances, columns, scale, seed)
+        return _draw(means, variances, columns, scale, seed, variables)
 
     def sample(
         self, scale: float = 0.5, seed: int | None = None, diagonal: bool = False
@@ -268,6 +281,14 @@ class SWAG(callbacks.StochasticWeightAveraging):
         ]
 
 
+def _check_sampled(swag):
+    if swag._averages is None or swag._averages.n_averaged == 0:
+        raise ValueError(
+            "SWAG has no snapshot yet (n_averaged=0), so there is no "
+            "posterior to sample from. " + swag._schedule()
+        )
+
+
 def _updated_variances(variances, deviations, n):
     """The variances after the `n`-th snapshot (`n >= 2`), by Welford's
     update of `M2 = n * var` written for `var`: with `d = w - mean_n` (the
@@ -277,11 +298,41 @@ def _updated_variances(variances, deviations, n):
     is small against the weights."""
     return [
         ops.add(
-            ops.multiply(variance.value, (n - 1) / n),
+            ops.multiply(variance, (n - 1) / n),
             ops.divide(ops.square(deviation), n - 1),
         )
         for variance, deviation in zip(variances, deviations)
     ]
+
+
+def _window_variances(averages, means, n):
+    """The variances of the snapshots in the window of `averages` after its
+    `n`-th snapshot, `mean((w - mean)**2)` over them, from its ring and
+    updated `means` (placed like the variables).
+
+    The ring holds the last `min(n, k - 1)` snapshots (`k` the window). Once
+    `n >= k` the window's oldest snapshot is the one the ring lacks, and its
+    deviation from the mean is minus the sum of the ring's (the deviations
+    of a set from its mean sum to 0): so the variance is
+    `(sum(d**2) + sum(d)**2) / k` with `d` the ring's deviations, each a
+    difference of close values (no cancellation), and exact for any `n`.
+    """
+    window = averages.window
+    held = min(n, window)
+    values = []
+    for ring, mean, variable in zip(averages.rings or [None] * len(means),
+                                    means, averages.variables):
+        if ring is None:
+            # A window of one snapshot: no spread.
+            values.append(ops.zeros_like(mean))
+            continue
+        ring = placement.like(ring.value, variable)
+        deviations = ops.subtract(ring[: min(n, window - 1)], mean)
+        total = ops.sum(ops.square(deviations), axis=0)
+        if n >= window:
+            total = ops.add(total, ops.square(ops.sum(deviations, axis=0)))
+        values.append(ops.divide(total, ops.cast(held, mean.dtype)))
+    return values
 
 
 def _check_not_second_moment(state, path):
@@ -306,11 +357,12 @@ def _warn_diagonal_only(rank, n_averaged, max_rank):
     )
 
 
-def _draw(means, variances, columns, scale, seed):
+def _draw(means, variances, columns, scale, seed, variables):
     """`mean + sqrt(scale) * (sqrt(var) * z1 + D @ z2 / sqrt(K - 1))` for
     each variable, `var` floored at `VARIANCE_FLOOR`, `D` its `K` deviation
     `columns` (lists by slot, each with one tensor per variable; none for a
-    diagonal sample).
+    diagonal sample), computed where each of `variables` lives: offloaded
+    moments come to its devices one variable at a time.
 
     `z2` and each variable's `z1` come from their own stream of
     `keras.random.normal`, seeded by `draw_seeds(seed, ...)`: `z2` by the
@@ -322,9 +374,11 @@ def _draw(means, variances, columns, scale, seed):
     z2 = keras.random.normal((rank,), seed=seeds[0]) if rank else None
     root_scale = math.sqrt(scale)
     values = []
-    for index, (mean, variance, z1_seed) in enumerate(
-        zip(means, variances, seeds[1:])
+    for index, (mean, variance, z1_seed, variable) in enumerate(
+        zip(means, variances, seeds[1:], variables)
     ):
+        mean = placement.like(mean, variable)
+        variance = placement.like(variance, variable)
         variance = ops.maximum(variance, ops.cast(VARIANCE_FLOOR, mean.dtype))
         # Drawn like `mean` (shard by shard where it is sharded).
         z1 = backend_random.normal_like(mean, z1_seed)
@@ -333,11 +387,12 @@ def _draw(means, variances, columns, scale, seed):
             z = ops.cast(z2, mean.dtype)
             # One column at a time: stacking `D` would hold another `rank`
             # copies of the variable.
-            deviation = ops.multiply(z[0], columns[0][index])
+            def column(slot):
+                return placement.like(columns[slot][index], variable)
+
+            deviation = ops.multiply(z[0], column(0))
             for slot in range(1, rank):
-                deviation = ops.add(
-                    deviation, ops.multiply(z[slot], columns[slot][index])
-                )
+                deviation = ops.add(deviation, ops.multiply(z[slot], column(slot)))
             noise = ops.add(noise, ops.divide(deviation, math.sqrt(rank - 1)))
         values.append(ops.add(mean, ops.multiply(root_scale, noise)))
     return values

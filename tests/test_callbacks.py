@@ -95,6 +95,39 @@ def assert_weights_close(actual, expected, rtol=1e-6, atol=1e-7):
         np.testing.assert_allclose(to_numpy(a), e, rtol=rtol, atol=atol)
 
 
+@pytest.mark.parametrize("window", [None, 1, 3])
+def test_window_and_offload_of_the_epoch_end_weights(window):
+    # Snapshots at epochs 1, 3, 5, 6 (the last, off the period): the mean
+    # of the last `window` of them; offloaded or not, the same numbers, the
+    # offloaded state in host memory.
+    from tests.test_engine import _on_device
+    from tests.test_engine import _placement
+
+    results = {}
+    for offload in (False, True):
+        model = make_model()
+        recorder = Recorder()
+        swa = keras_swa.StochasticWeightAveraging(
+            start_epoch=1, average_period=2, window=window, offload=offload,
+            verbose=0,
+        )
+        fit(model, [recorder, swa], epochs=7)
+        expected = recorder.mean([1, 3, 5, 6][-(window or 4):])
+        assert int(swa.n_averaged) == 4
+        assert_weights_close(swa.average_variables, expected)
+        assert_weights_close(model.trainable_variables, expected)
+        assert all(_on_device(v) for v in model.variables)
+        rings = [r for r in swa._averages.rings or [] if r is not None]
+        assert len(rings) == (len(expected) if window == 3 else 0)
+        places = {_placement(v) for v in swa.average_variables + rings}
+        if offload:
+            assert places == {"host"}, places
+        elif keras.backend.backend() == "jax":
+            assert places == {"device"}, places
+        results[offload] = [to_numpy(v) for v in model.trainable_variables]
+    assert_weights_close(results[True], results[False])
+
+
 @pytest.mark.parametrize(
     "start_epoch, average_period, epochs, averaged",
     [
@@ -351,14 +384,18 @@ class InterruptAt(keras.callbacks.Callback):
 
 
 @pytest.mark.parametrize(
-    "swa_first, schedule", [(False, False), (True, False), (False, True)]
+    "swa_first, schedule, window",
+    [(False, False, None), (True, False, None), (False, True, None),
+     (False, False, 2)],
 )
-def test_resume_gives_the_uninterrupted_average(tmp_path, swa_first, schedule):
+def test_resume_gives_the_uninterrupted_average(
+    tmp_path, swa_first, schedule, window
+):
     def run(directory, interrupt_at=None):
         model = schedule_model() if schedule else make_model()
         swa = keras_swa.StochasticWeightAveraging(
             start_epoch=2, swa_lr=0.01, anneal_epochs=3, average_period=2,
-            backup_dir=directory / "swa", verbose=0,
+            backup_dir=directory / "swa", verbose=0, window=window,
         )
         backup = keras.callbacks.BackupAndRestore(str(directory / "fit"))
         callbacks = [swa, backup] if swa_first else [backup, swa]
@@ -426,6 +463,9 @@ def test_start_epoch_past_the_last_epoch():
         (dict(anneal_epochs=1.5), TypeError, "anneal_epochs"),
         (dict(anneal_strategy="cosine"), ValueError, "anneal_strategy"),
         (dict(average_period=0), ValueError, "average_period"),
+        (dict(window=0), ValueError, "window"),
+        (dict(window=2.5), TypeError, "window"),
+        (dict(offload="yes"), TypeError, "offload"),
         (dict(bn_steps=0), ValueError, "bn_steps"),
         (dict(validation_data=(1, 2, 3, 4)), ValueError, "validation_data"),
         (dict(backup_dir=3), TypeError, "backup_dir"),

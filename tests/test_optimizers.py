@@ -551,8 +551,14 @@ def test_ema_rejects_bad_arguments(kwargs, error):
 def test_rejects_wrapping_loss_scale_optimizer_averager_and_non_optimizer():
     with pytest.raises(ValueError, match="LossScaleOptimizer"):
         keras_swa.SWA(keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD()))
-    with pytest.raises(ValueError, match="already an averaging wrapper"):
+    with pytest.raises(ValueError, match="already an averaging optimizer"):
         keras_swa.EMA(keras_swa.SWA(keras.optimizers.SGD()))
+    # A schedule-free model holds y: averaging it would not average x.
+    with pytest.raises(ValueError, match="already an averaging optimizer"):
+        keras_swa.SWA(keras_swa.ScheduleFree(keras.optimizers.SGD()))
+    if hasattr(keras.optimizers, "ScheduleFreeAdamW"):
+        with pytest.raises(ValueError, match="inner_optimizer"):
+            keras_swa.EMA(keras.optimizers.ScheduleFreeAdamW())
     with pytest.raises(TypeError, match="inner_optimizer"):
         keras_swa.SWA(object())
 

@@ -344,6 +344,11 @@ def test_bad_arguments_name_themselves():
         keras_swa.ScheduleFree(keras.optimizers.SGD(), momentum="0.9")
     with pytest.raises(ValueError, match="weight_lr_power"):
         keras_swa.ScheduleFree(keras.optimizers.SGD(), weight_lr_power=-1.0)
+    # z is stepped at every update: refused in host memory, not ignored.
+    with pytest.raises(ValueError, match="offload"):
+        keras_swa.ScheduleFree(keras.optimizers.SGD(), offload=True)
+    with pytest.raises(TypeError, match="offload"):
+        keras_swa.ScheduleFree(keras.optimizers.SGD(), offload="yes")
     keras_schedule_free = getattr(keras.optimizers, "ScheduleFreeAdamW", None)
     for inner, match in [
         (keras_swa.ScheduleFree(keras.optimizers.SGD()), "schedule-free"),
@@ -352,7 +357,7 @@ def test_bad_arguments_name_themselves():
         (keras.optimizers.SGD(use_ema=True), "use_ema"),
         (keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD()),
          "LossScaleOptimizer"),
-        (keras_swa.SWA(keras.optimizers.SGD()), "averaging wrapper"),
+        (keras_swa.SWA(keras.optimizers.SGD()), "averaging optimizer"),
     ]:
         with pytest.raises(ValueError, match=match):
             keras_swa.ScheduleFree(inner)

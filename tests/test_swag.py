@@ -11,6 +11,8 @@ import pytest
 import keras_swa
 from keras_swa.callbacks import BACKUP_FILENAME
 from tests.test_callbacks import InterruptAt
+from tests.test_engine import _on_device
+from tests.test_engine import _placement
 
 
 class EpochEndWeights(keras.callbacks.Callback):
@@ -113,6 +115,62 @@ def test_moments_and_deviations_match_numpy(
         assert all(not np.asarray(v.numpy()).any() for v in slot)
     # At the end of fit the model holds the SWA mean.
     assert_close(model.trainable_variables, mean)
+
+
+def window_reference(snapshots, max_rank, window):
+    """`swag_reference` with a window: the mean and variance of the last
+    `window` snapshots; slot `(j - 1) % max_rank` holds `w_j` minus the
+    mean of the window that ends at `j`."""
+    mean, variance, _ = swag_reference(snapshots[-window:], max_rank)
+    slots = [None] * max_rank
+    for j in range(1, len(snapshots) + 1):
+        held = snapshots[max(0, j - window):j]
+        window_mean = [np.mean(ws, axis=0) for ws in zip(*held)]
+        slots[(j - 1) % max_rank] = [
+            w - m for w, m in zip(snapshots[j - 1], window_mean)
+        ]
+    return mean, variance, [s for s in slots if s is not None]
+
+
+@pytest.mark.parametrize("window", [1, 3, 9])
+def test_window_and_offload_moments_match_numpy(window):
+    # 7 snapshots: a window of 1 (no ring), one that slides (3) and one not
+    # yet full (9); offloaded or not, the same numbers.
+    results = {}
+    for offload in (False, True):
+        model = make_model()
+        recorder = EpochEndWeights()
+        swag = keras_swa.SWAG(start_epoch=1, max_rank=3, window=window,
+                              offload=offload, verbose=0)
+        fit(model, [recorder, swag], epochs=8)
+        snapshots = [recorder.weights[e] for e in range(1, 8)]
+        mean, variance, slots = window_reference(snapshots, 3, window)
+        assert int(swag.n_averaged.numpy()) == 7
+        assert_close(swag.average_variables, mean)
+        assert_close(swag.variance_variables, variance)
+        for slot, expected in enumerate(slots):
+            assert_close(swag.deviation_variables[slot], expected)
+        assert_close(model.trainable_variables, mean)
+        moments = swag.average_variables + swag.variance_variables + [
+            v for slot in swag.deviation_variables for v in slot
+        ]
+        places = {_placement(v) for v in moments}
+        if offload:
+            assert places == {"host"}, places
+        elif keras.backend.backend() == "jax":
+            assert places == {"device"}, places
+        results[offload] = [
+            np.asarray(v) for v in swag.sample(scale=0.5, seed=3)
+        ]
+        # A sample comes into the model where its weights live.
+        with keras_swa.sampled_weights(model, swag, seed=3):
+            assert all(_on_device(v) for v in model.variables)
+            for variable, value in zip(model.trainable_variables,
+                                       results[offload]):
+                np.testing.assert_allclose(np.asarray(variable.numpy()),
+                                           value, rtol=1e-6, atol=1e-7)
+    for offloaded, on_device in zip(results[True], results[False]):
+        np.testing.assert_allclose(offloaded, on_device, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("policy", ["bfloat16", "float16"])
@@ -273,12 +331,13 @@ def test_one_snapshot_samples_the_diagonal():
     )
 
 
-def test_resume_gives_the_uninterrupted_moments(tmp_path):
+@pytest.mark.parametrize("kwargs", [{}, {"window": 4, "offload": True}])
+def test_resume_gives_the_uninterrupted_moments(tmp_path, kwargs):
     def run(directory, interrupt_at=None):
         model = make_model()
         swag = keras_swa.SWAG(
             start_epoch=1, max_rank=3, backup_dir=directory / "swag",
-            verbose=0,
+            verbose=0, **kwargs,
         )
         callbacks = [
             swag, keras.callbacks.BackupAndRestore(str(directory / "fit"))
@@ -428,20 +487,24 @@ class SetWeights(keras.callbacks.Callback):
         self.snapshots.append(values)
 
 
-def test_variance_without_cancellation():
+@pytest.mark.parametrize("window", [None, 6])
+def test_variance_without_cancellation(window):
     # `sq_mean - mean**2` of weights 1 +- 3e-4 in float32 loses the
-    # variance (9e-8) in the rounding of sq_mean (6e-8 an ulp).
+    # variance (9e-8) in the rounding of sq_mean (6e-8 an ulp). A window's
+    # variance, from its ring, must not lose it either.
     keras.utils.set_random_seed(0)
     model = keras.Sequential(
         [keras.Input((4,)), keras.layers.Dense(50, use_bias=False)]
     )
     model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
     setter = SetWeights()
-    swag = keras_swa.SWAG(start_epoch=0, max_rank=0, verbose=0)
+    swag = keras_swa.SWAG(start_epoch=0, max_rank=0, verbose=0,
+                          window=window)
     x = np.zeros((8, 4), "float32")
     model.fit(x, np.zeros((8, 50), "float32"), epochs=20, verbose=0,
               callbacks=[setter, swag])
-    expected = np.var(np.stack([s[0] for s in setter.snapshots]), axis=0)
+    held = setter.snapshots[-(window or 20):]
+    expected = np.var(np.stack([s[0] for s in held]), axis=0)
     variance = np.asarray(swag.variance_variables[0].numpy())
     assert variance.dtype == np.float32
     np.testing.assert_allclose(variance, expected, rtol=1e-2)

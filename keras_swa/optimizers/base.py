@@ -41,11 +41,21 @@ def check_inner_optimizer(inner_optimizer):
             "`LossScaleOptimizer(SWA(optimizer))`. Received: "
             f"inner_optimizer={inner_optimizer}"
         )
-    if isinstance(inner_optimizer, AveragedOptimizer):
+    # `assign_average_vars`: any keras_swa averager (`ScheduleFree` too,
+    # which this module cannot import); Keras' own schedule-free optimizer
+    # leaves its model at y, whose average is not the schedule-free x.
+    keras_schedule_free = getattr(keras.optimizers, "ScheduleFreeAdamW", None)
+    if isinstance(inner_optimizer, AveragedOptimizer) or hasattr(
+        inner_optimizer, "assign_average_vars"
+    ) or (
+        keras_schedule_free is not None
+        and isinstance(inner_optimizer, keras_schedule_free)
+    ):
         raise ValueError(
-            "`inner_optimizer` is already an averaging wrapper "
+            "`inner_optimizer` is already an averaging optimizer "
             f"({type(inner_optimizer).__name__}); averaging an average is "
-            "not supported. Received: "
+            "not supported (a schedule-free optimizer's model holds y, not "
+            "its average x). Received: "
             f"inner_optimizer={inner_optimizer}"
         )
     if not isinstance(inner_optimizer, keras.optimizers.Optimizer):
