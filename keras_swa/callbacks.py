@@ -105,7 +105,7 @@ def _zeros(shape, dtype, name, layout):
     )
 
 
-def _fold_in_epoch(averages, epoch, verbose):
+def _add_epoch_snapshot(averages, epoch, verbose):
     """Folds the weights at the end of `epoch` into `averages`; returns
     whether it did (not when they are not finite: training diverged)."""
     if not averages.variables_finite():
@@ -119,7 +119,7 @@ def _fold_in_epoch(averages, epoch, verbose):
         return False
     # The rule computes its weight in the averages' dtype (float64 stays
     # float64-accurate).
-    averages.fold_in(True, averaging.Uniform())
+    averages.add_snapshot(True, averaging.Uniform())
     if verbose:
         print(
             f"\nEpoch {epoch + 1}: StochasticWeightAveraging folded the "
@@ -350,7 +350,7 @@ class StochasticWeightAveraging(keras.callbacks.Callback, engine.Averager):
         `n_averaged` and created as the callback's own, placed as `offload`
         says (a subclass keeps its further moments alike: same dtypes, same
         distribution, same place), with a `window`'s ring if given."""
-        return engine.Averages(
+        return engine.AverageState(
             self.model.trainable_variables, self._n_averaged, _zeros,
             name=name, window=window, offload=self.offload,
         )
@@ -392,7 +392,7 @@ class StochasticWeightAveraging(keras.callbacks.Callback, engine.Averager):
             or self.model.stop_training
         ):
             self._unfolded_epoch = None
-            self._fold_in(epoch)
+            self._add_snapshot(epoch)
             _log_average(self, logs)
         if self._backup is not None:
             self._backup.write(
@@ -404,7 +404,7 @@ class StochasticWeightAveraging(keras.callbacks.Callback, engine.Averager):
         if self._unfolded_epoch is not None:
             # Without `epochs` in the params (a custom training loop), the
             # last epoch is only known as such now.
-            self._fold_in(self._unfolded_epoch)
+            self._add_snapshot(self._unfolded_epoch)
             self._unfolded_epoch = None
         self._phase.end()
         self._quiet.close()
@@ -414,8 +414,8 @@ class StochasticWeightAveraging(keras.callbacks.Callback, engine.Averager):
         if self._backup is not None:
             self._backup.finish(self._diverged)
 
-    def _fold_in(self, epoch):
-        if not _fold_in_epoch(self._averages, epoch, self.verbose):
+    def _add_snapshot(self, epoch):
+        if not _add_epoch_snapshot(self._averages, epoch, self.verbose):
             self._diverged = True
 
 

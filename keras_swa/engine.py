@@ -1,7 +1,7 @@
 """The averaging engine: the one place where averages of weights are kept.
 
 Every averager of keras_swa (the optimizer wrappers inside the compiled train
-step, the `fit` callbacks between epochs) holds its averages in an `Averages`,
+step, the `fit` callbacks between epochs) holds its averages in an `AverageState`,
 which owns their whole state: the average variables, the rule's running
 scalars, the ring of a window, the snapshot counter it is given; where they
 live; the fold-in on each backend; the copy into a model; the saved state. So
@@ -23,10 +23,10 @@ How an averager uses it (the optimizer wrappers in `keras_swa.optimizers`;
 a `fit` callback alike, with `keras.Variable`s of its own):
 
     counter = keras.Variable(0, dtype="int", trainable=False)
-    averages = engine.Averages(
+    averages = engine.AverageState(
         model.trainable_variables, counter, create_variable,
         rule=averaging.Uniform(), window=None, offload=False)
-    averages.fold_in(True, step=epoch)          # a snapshot
+    averages.add_snapshot(True, step=epoch)          # a snapshot
     averages.assign_to(model.variables, "SWA", schedule)
     state = averages.get_state()                # NumPy, for a backup file
 """
@@ -38,7 +38,7 @@ import numpy as np
 from keras import ops
 
 from keras_swa import averaging
-from keras_swa._backend import fold_in as fold_in_lib
+from keras_swa._backend import snapshot as snapshot_lib
 from keras_swa import _validation
 from keras_swa._backend import numpy_value
 from keras_swa._backend import placement
@@ -114,7 +114,7 @@ class Averager:
     `assign_average_vars`.
 
     A base of the optimizer wrappers and of the `fit` callbacks. They keep
-    an `Averages` in `self._averages` (`None` until they are built or `fit`
+    an `AverageState` in `self._averages` (`None` until they are built or `fit`
     runs) and its counter in `self._n_averaged`, and say in `_schedule()`
     when they take snapshots and how far training got.
     """
@@ -162,10 +162,10 @@ class Averager:
         raise NotImplementedError
 
 
-class Averages:
+class AverageState:
     """The state of the averages of a list of variables, and their counter.
 
-    Each averager creates one `Averages` for the variables it averages and
+    Each averager creates one `AverageState` for the variables it averages and
     folds snapshots in with its rule: `average <- average + t * (value -
     average)` with `t = rule.weight(snapshot)` (SWA's mean, the EMA and the
     power EMA are such interpolations, see `keras_swa.averaging`), or, with
@@ -194,7 +194,7 @@ class Averages:
             `"average"`.
         rule: A `keras_swa.averaging.Rule`, or a function `n_averaged -> t`;
             its state variables are created here. Defaults to `None`: give
-            a rule to each `fold_in` instead.
+            a rule to each `add_snapshot` instead.
         window: Integer `k >= 1`, or `None`: the average is the uniform
             mean of the last `min(n_averaged, k)` snapshots (a `Uniform`
             rule, or none). Defaults to `None`: every snapshot, by the rule.
@@ -212,13 +212,13 @@ class Averages:
     Example:
 
     >>> counter = keras.Variable(0, dtype="int", trainable=False)
-    >>> averages = Averages(model.trainable_variables, counter,
+    >>> averages = AverageState(model.trainable_variables, counter,
     ...                     lambda shape, dtype, name, layout: keras.Variable(
     ...                         "zeros", shape, dtype, trainable=False,
     ...                         name=name, layout=layout),
     ...                     rule=averaging.Uniform(), window=5,
     ...                     offload=True)  # doctest: +SKIP
-    >>> averages.fold_in(True, step=epoch)  # doctest: +SKIP
+    >>> averages.add_snapshot(True, step=epoch)  # doctest: +SKIP
     """
 
     def __init__(
@@ -261,7 +261,7 @@ class Averages:
             if average is not None
         ]
 
-    def fold_in(
+    def add_snapshot(
         self,
         snapshot,
         rule=None,
@@ -280,7 +280,7 @@ class Averages:
                 the pass with the optimizer's update).
             rule: An `averaging.Rule` without state, or a function
                 `n_averaged -> t`. Defaults to `None`: the rule given to
-                `Averages`.
+                `AverageState`.
             skip_non_finite: Whether a snapshot whose values are not all
                 finite is skipped (an extra read of the weights on snapshot
                 steps). Defaults to `False`.
@@ -290,7 +290,7 @@ class Averages:
             learning_rate: Float scalar tensor, the learning rate of that
                 update, for rules that read it. Defaults to `None`.
         """
-        fold_in_lib.fold_in(
+        snapshot_lib.add_snapshot(
             snapshot,
             [_fold(self, rule)],
             [variable for _, variable in self._pairs()],
@@ -371,7 +371,7 @@ class Averages:
         """The counter and the state as NumPy arrays, for a backup file.
 
         Args:
-            prefix: String before every key, so that several `Averages` can
+            prefix: String before every key, so that several `AverageState` can
                 share one file. Defaults to `""`.
 
         Returns:
@@ -455,21 +455,21 @@ def _create_state(averages, create_variable, excluded, name):
     }
 
 
-def _fold(averages, rule=None) -> fold_in_lib.Fold:
+def _fold(averages, rule=None) -> snapshot_lib.Target:
     """What the backends need to fold a snapshot into `averages` with
     `rule` (default: their own)."""
     if rule is None:
         rule = averages.rule
     if rule is None and averages.window is None:
         raise ValueError(
-            "These averages have no rule: give one to `Averages` or to "
-            "`fold_in`."
+            "These averages have no rule: give one to `AverageState` or to "
+            "`add_snapshot`."
         )
     rule = averaging.Uniform() if rule is None else averaging.as_rule(rule)
     if rule.state and rule is not averages.rule:
         raise ValueError(
             f"The rule {type(rule).__name__} keeps a state "
-            f"({', '.join(rule.state)}): give it to `Averages`, which keeps "
+            f"({', '.join(rule.state)}): give it to `AverageState`, which keeps "
             "the state beside the averages."
         )
     if averages.window is not None and not isinstance(rule, averaging.Uniform):
@@ -478,7 +478,7 @@ def _fold(averages, rule=None) -> fold_in_lib.Fold:
             f"Received: rule={type(rule).__name__}"
         )
     kept = [average is not None for average in averages.averages]
-    return fold_in_lib.Fold(
+    return snapshot_lib.Target(
         averages=[average for average, _ in averages._pairs()],
         rule=rule,
         state=averages.rule_state if rule is averages.rule else {},
@@ -562,25 +562,25 @@ def _state_problem(averages, state, stored, prefix):
     return None
 
 
-def fold_in_together(
+def add_snapshot_together(
     average_sets, snapshot, skip_non_finite=False, step=None,
     learning_rate=None,
 ):
-    """Folds the same snapshot into several `Averages` in one pass.
+    """Folds the same snapshot into several `AverageState` in one pass.
 
     For averagers that keep several averages of the same weights with
     different rules (`keras_swa.PostHocEMA`'s profiles): one branch and one
-    read of the weights for all of them, instead of one `fold_in` each. The
+    read of the weights for all of them, instead of one `add_snapshot` each. The
     sets share their counter, which counts the snapshot once.
 
     Args:
-        average_sets: List of `Averages` of the same variables (the same
+        average_sets: List of `AverageState` of the same variables (the same
             objects, in the same order, the same ones excluded), the same
             counter, each with its rule.
-        snapshot: As in `Averages.fold_in`.
-        skip_non_finite: As in `Averages.fold_in`. Defaults to `False`.
-        step: As in `Averages.fold_in`. Defaults to `None`.
-        learning_rate: As in `Averages.fold_in`. Defaults to `None`.
+        snapshot: As in `AverageState.add_snapshot`.
+        skip_non_finite: As in `AverageState.add_snapshot`. Defaults to `False`.
+        step: As in `AverageState.add_snapshot`. Defaults to `None`.
+        learning_rate: As in `AverageState.add_snapshot`. Defaults to `None`.
 
     Raises:
         ValueError: if the sets do not average the same variables with the
@@ -600,7 +600,7 @@ def fold_in_together(
                 "Averages folded in together must average the same "
                 "variables with the same counter."
             )
-    fold_in_lib.fold_in(
+    snapshot_lib.add_snapshot(
         snapshot,
         [_fold(averages) for averages in average_sets],
         [variable for _, variable in first._pairs()],

@@ -146,9 +146,9 @@ class SWAG(callbacks.StochasticWeightAveraging):
             for slot in range(self.max_rank)
         ]
 
-    def _fold_in(self, epoch):
+    def _add_snapshot(self, epoch):
         before = self._averages.n_averaged
-        super()._fold_in(epoch)
+        super()._add_snapshot(epoch)
         n_averaged = self._averages.n_averaged
         if n_averaged == before:
             # A snapshot of non-finite weights, skipped for the mean too.

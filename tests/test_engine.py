@@ -718,7 +718,7 @@ def test_window_ring_is_exact_and_does_not_drift():
     window = 4
     variable = keras.Variable(np.zeros(3, "float32"))
     counter = keras.Variable(0, dtype="int", trainable=False)
-    averages = engine.Averages(
+    averages = engine.AverageState(
         [variable], counter, _keras_variable, window=window
     )
     rng = np.random.default_rng(15)
@@ -727,7 +727,7 @@ def test_window_ring_is_exact_and_does_not_drift():
         if index == 30:
             counter.assign(int(counter.numpy()) + (window - 1) * 333_333)
         variable.assign(snapshot)
-        averages.fold_in(True)
+        averages.add_snapshot(True)
         held = snapshots[max(0, index + 1 - window) : index + 1]
         np.testing.assert_allclose(
             averages.averages[0].numpy(),
@@ -761,14 +761,14 @@ def test_engine_window_and_offload_for_keras_variables(tmp_path, window):
     states = {}
     for offload in (False, True):
         counter = keras.Variable(0, dtype="int", trainable=False)
-        averages = engine.Averages(
+        averages = engine.AverageState(
             [variable], counter, _keras_variable,
             rule=keras_swa.averaging.Uniform(), window=window,
             offload=offload,
         )
         for snapshot in snapshots:
             variable.assign(snapshot)
-            averages.fold_in(True, step=0)
+            averages.add_snapshot(True, step=0)
         held = snapshots if window is None else snapshots[-window:]
         np.testing.assert_allclose(
             averages.averages[0].numpy(), held.mean(axis=0),
@@ -784,14 +784,14 @@ def test_engine_window_and_offload_for_keras_variables(tmp_path, window):
     # A saved state loads into offloaded averages, and the next snapshots
     # go on from it.
     counter = keras.Variable(0, dtype="int", trainable=False)
-    restored = engine.Averages(
+    restored = engine.AverageState(
         [variable], counter, _keras_variable,
         rule=keras_swa.averaging.Uniform(), window=window, offload=True,
     )
     restored.set_state(states[False], "backup", prefix="swa_")
     assert restored.n_averaged == 7
     variable.assign(np.full((2, 3), 5.0, "float32"))
-    restored.fold_in(True)
+    restored.add_snapshot(True)
     held = list(snapshots) + [np.full((2, 3), 5.0, "float32")]
     held = held if window is None else held[-window:]
     np.testing.assert_allclose(
@@ -799,7 +799,7 @@ def test_engine_window_and_offload_for_keras_variables(tmp_path, window):
         rtol=1e-6, atol=1e-7,
     )
     # Another window does not load, with a message.
-    other = engine.Averages(
+    other = engine.AverageState(
         [variable], keras.Variable(0, dtype="int", trainable=False),
         _keras_variable, rule=keras_swa.averaging.Uniform(), window=2,
     )
@@ -852,7 +852,7 @@ def test_save_and_load_keep_the_window_and_the_placement(tmp_path):
          TypeError, "offload"),
         (lambda: keras_swa.PostHocEMA(keras.optimizers.SGD(0.1), offload=1),
          TypeError, "offload"),
-        (lambda: engine.Averages(
+        (lambda: engine.AverageState(
             [keras.Variable(np.zeros(2, "float32"))],
             keras.Variable(0, dtype="int", trainable=False), _keras_variable,
             rule=keras_swa.averaging.Exponential(0.9), window=3),

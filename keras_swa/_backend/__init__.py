@@ -1,6 +1,6 @@
 """The few lines that differ between Keras backends, kept in one package.
 
-- `fold_in`: the snapshot update of the averaging engine (a `tf.distribute`
+- `snapshot`: the snapshot update of the averaging engine (a `tf.distribute`
   cross-replica update on TensorFlow, a value-returning `lax.cond` on JAX, a
   fused multi-tensor lerp on PyTorch);
 - `distribute`: `tf.distribute` scope checks and per-replica copies;

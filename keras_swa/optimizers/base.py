@@ -1,6 +1,6 @@
 """The base of the optimizer wrappers: `AveragedOptimizer`, which delegates
 to an inner optimizer as Keras' `LossScaleOptimizer` does and folds the new
-weights into its averages (a `keras_swa.engine.Averages`) on snapshot steps,
+weights into its averages (a `keras_swa.engine.AverageState`) on snapshot steps,
 inside the compiled train step."""
 
 import warnings
@@ -233,9 +233,9 @@ class AveragedOptimizer(wrapper.WrappedOptimizer, engine.Averager):
         super().build(var_list)
 
     def _new_averages(self, var_list, excluded, rule, name="average"):
-        """An `engine.Averages` of `var_list` kept in optimizer variables,
+        """An `engine.AverageState` of `var_list` kept in optimizer variables,
         counted by `n_averaged`, placed as `offload` says."""
-        return engine.Averages(
+        return engine.AverageState(
             var_list,
             self._n_averaged,
             lambda shape, dtype, name, layout: self.add_variable(
@@ -258,7 +258,7 @@ class AveragedOptimizer(wrapper.WrappedOptimizer, engine.Averager):
                 )
             trainable_variables = list(trainable_variables)
             self.build(trainable_variables)
-        _apply_and_fold_in(self, grads, trainable_variables)
+        _apply_and_add_snapshot(self, grads, trainable_variables)
 
     def _iterations_in_python(self):
         return engine.python_int(self.inner_optimizer.iterations)
@@ -270,8 +270,8 @@ class AveragedOptimizer(wrapper.WrappedOptimizer, engine.Averager):
             and not self.inner_optimizer.gradient_accumulation_steps
         )
 
-    def _fold_in(self, snapshot, step, learning_rate):
-        self._averages.fold_in(
+    def _add_snapshot(self, snapshot, step, learning_rate):
+        self._averages.add_snapshot(
             snapshot,
             skip_non_finite=self.skip_non_finite,
             step=step,
@@ -307,7 +307,7 @@ class AveragedOptimizer(wrapper.WrappedOptimizer, engine.Averager):
         return config
 
 
-def _apply_and_fold_in(wrapper, grads, trainable_variables):
+def _apply_and_add_snapshot(wrapper, grads, trainable_variables):
     """The inner optimizer's update, then the snapshot where the schedule
     says so, inside the compiled train step."""
     # The index of this update is the inner optimizer's `iterations`
@@ -323,12 +323,12 @@ def _apply_and_fold_in(wrapper, grads, trainable_variables):
         # Python on PyTorch).
         step = ops.copy(wrapper.inner_optimizer.iterations)
         wrapper.inner_optimizer.apply(grads, trainable_variables)
-        wrapper._fold_in(True, step, learning_rate)
+        wrapper._add_snapshot(True, step, learning_rate)
         return
     if compiled.python_control_flow():
         step = wrapper._iterations_in_python()
         wrapper.inner_optimizer.apply(grads, trainable_variables)
-        wrapper._fold_in(
+        wrapper._add_snapshot(
             wrapper._iterations_in_python() != step
             and averaging.is_snapshot_step(
                 step, wrapper.start_averaging, wrapper.average_period
@@ -346,7 +346,7 @@ def _apply_and_fold_in(wrapper, grads, trainable_variables):
             step, wrapper.start_averaging, wrapper.average_period
         ),
     )
-    wrapper._fold_in(snapshot, step, learning_rate)
+    wrapper._add_snapshot(snapshot, step, learning_rate)
 
 
 def _warn_unusable_averages(wrapper) -> None:

@@ -275,8 +275,8 @@ class PostHocEMA(base.AveragedOptimizer):
             for index in range(1, len(self.sigma_rels))
         ]
 
-    def _fold_in(self, snapshot, step, learning_rate):
-        engine.fold_in_together(
+    def _add_snapshot(self, snapshot, step, learning_rate):
+        engine.add_snapshot_together(
             self._profile_averages, snapshot, self.skip_non_finite, step
         )
 

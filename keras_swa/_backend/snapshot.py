@@ -12,7 +12,7 @@ from keras_swa import averaging
 from keras_swa._backend import variable_value as _value
 
 
-class Fold(NamedTuple):
+class Target(NamedTuple):
     """One set of averages of the weights and how a snapshot goes in.
 
     Attributes:
@@ -126,7 +126,7 @@ def _values(fold, weights, count, step, learning_rate):
     return means + rings
 
 
-def fold_in(
+def add_snapshot(
     snapshot,
     folds,
     weights,
@@ -155,7 +155,7 @@ def fold_in(
         snapshot: Boolean scalar tensor, a Python bool, or `True` when every
             call is a snapshot (then there is no branch at all, and the
             compiler may fuse the pass with the optimizer update).
-        folds: List of `Fold`s, each with one average per weight.
+        folds: List of `Target`s, each with one average per weight.
         weights: List of variables, the weights.
         counter: Integer scalar `keras.Variable`, snapshots so far (shared by
             all folds).
@@ -169,7 +169,7 @@ def fold_in(
     """
     backend = keras.backend.backend()
     if backend == "tensorflow":
-        _tf_fold_in(
+        _tf_add_snapshot(
             snapshot, folds, weights, counter, step, learning_rate,
             skip_non_finite,
         )
@@ -177,15 +177,15 @@ def fold_in(
     if backend == "torch":
         if snapshot is True or snapshot:
             if not skip_non_finite or bool(_all_finite(weights)):
-                _torch_fold_in(folds, weights, counter, step, learning_rate)
+                _torch_add_snapshot(folds, weights, counter, step, learning_rate)
         return
-    _jax_fold_in(
+    _jax_add_snapshot(
         snapshot, folds, weights, counter, step, learning_rate,
         skip_non_finite,
     )
 
 
-def _jax_fold_in(
+def _jax_add_snapshot(
     snapshot, folds, weights, counter, step, learning_rate, skip_non_finite
 ):
     import jax
@@ -233,7 +233,7 @@ def _stored(weight):
     return value
 
 
-def _torch_fold_in(folds, weights, counter, step, learning_rate):
+def _torch_add_snapshot(folds, weights, counter, step, learning_rate):
     import torch
 
     count = counter.value
@@ -277,7 +277,7 @@ def _torch_window(fold, weights, count):
             ring[count % (fold.window - 1)].copy_(weight)
 
 
-def _tf_fold_in(
+def _tf_add_snapshot(
     snapshot, folds, weights, counter, step, learning_rate, skip_non_finite
 ):
     import tensorflow as tf
