@@ -105,68 +105,8 @@ def _interpolation_weight(lr_max, weight_sum, power):
     )
 
 
-class _WrappedOptimizer(keras.optimizers.Optimizer):
-    """An optimizer whose updates are those of `inner_optimizer`, delegating
-    as Keras' `LossScaleOptimizer` does: its learning rate and `iterations`
-    are the inner optimizer's, its variables are its own followed by the
-    inner optimizer's, its config holds the inner optimizer. (The engine-v2
-    branch has the same class as `keras_swa.optimizers.wrapper`.)"""
-
-    def __init__(self, inner_optimizer, name=None):
-        # The wrapper's own learning rate is never used.
-        super().__init__(learning_rate=0.0, name=name)
-        self.inner_optimizer = inner_optimizer
-
-    @property
-    def variables(self):
-        return self._variables + self.inner_optimizer.variables
-
-    @property
-    def learning_rate(self):
-        return self.inner_optimizer.learning_rate
-
-    @learning_rate.setter
-    def learning_rate(self, learning_rate):
-        self.inner_optimizer.learning_rate = learning_rate
-
-    @property
-    def iterations(self):
-        return self.inner_optimizer.iterations
-
-    def scale_loss(self, loss):
-        return self.inner_optimizer.scale_loss(loss)
-
-    def exclude_from_weight_decay(self, var_list=None, var_names=None):
-        """Excludes variables from the inner optimizer's weight decay.
-
-        As `keras.optimizers.Optimizer.exclude_from_weight_decay`: call it
-        before the optimizer is built.
-        """
-        self.inner_optimizer.exclude_from_weight_decay(
-            var_list=var_list, var_names=var_names
-        )
-
-    def get_config(self):
-        # Not super().get_config(): the base arguments belong to the inner
-        # optimizer.
-        return {
-            "name": self.name,
-            "inner_optimizer": keras.saving.serialize_keras_object(
-                self.inner_optimizer
-            ),
-        }
-
-    @classmethod
-    def from_config(cls, config, custom_objects=None):
-        config = dict(config)
-        inner_optimizer = keras.saving.deserialize_keras_object(
-            config.pop("inner_optimizer"), custom_objects=custom_objects
-        )
-        return cls(inner_optimizer, **config)
-
-
 @keras.saving.register_keras_serializable(package="keras_swa")
-class ScheduleFree(_WrappedOptimizer):
+class ScheduleFree(optimizers.WrappedOptimizer):
     """Schedule-free learning with any Keras optimizer as the base step.
 
     Schedule-free training (Defazio et al. 2024) replaces the learning-rate

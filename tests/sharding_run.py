@@ -9,7 +9,8 @@ mesh ("batch" x "model"), its kernels, biases and BatchNormalization
 variables sharded 4 ways over "model". `OUT.npz` gets, under the keys
 `<kind>/<run>/<what>` (`run` is `single` or `sharded`):
 
-- `average_<i>`, `n_averaged`: the averages after `fit`;
+- `average_<i>`, `n_averaged`: the averages after `fit` (ScheduleFree: its
+  `z`s);
 - `bn_weights_<i>`: the model's weights inside `averaged_weights(...,
   bn_data=x)` (averages, statistics recomputed), `restored`: whether the raw
   weights came back bit for bit after the block;
@@ -51,7 +52,8 @@ from keras_swa._backend import random as backend_random  # noqa: E402
 BATCH_SIZE = 16
 EPOCHS = 3
 KINDS = (
-    "plain", "swa", "ema", "power_ema", "posthoc_ema", "callback", "swag"
+    "plain", "swa", "ema", "power_ema", "posthoc_ema", "callback", "swag",
+    "schedule_free",
 )
 MAX_RANK = 2
 # Collectives of the compiled HLO, with their result shapes.
@@ -122,6 +124,9 @@ def _averager(kind, x):
         optimizer = keras_swa.EMA(inner, decay=0.8, warmup=True)
     elif kind == "power_ema":
         optimizer = keras_swa.PowerEMA(inner, sigma_rel=0.1)
+    elif kind == "schedule_free":
+        # A base step without momentum of its own; its state is z.
+        optimizer = keras_swa.ScheduleFree(keras.optimizers.SGD(0.05))
     else:
         optimizer = keras_swa.PostHocEMA(inner, sigma_rels=(0.05, 0.2))
     source = optimizer.profiles[1] if kind == "posthoc_ema" else optimizer
@@ -130,7 +135,10 @@ def _averager(kind, x):
 
 def _all_averages(optimizer, source):
     """Every average the averager keeps (all profiles of PostHocEMA; SWAG's
-    mean, variance and deviation columns)."""
+    mean, variance and deviation columns; ScheduleFree's z, from which its
+    average x is recovered)."""
+    if isinstance(source, keras_swa.ScheduleFree):
+        return list(source.z_variables)
     if isinstance(source, keras_swa.SWAG):
         return [
             *source.average_variables,
@@ -276,6 +284,8 @@ def run(kind, inputs, layouts, directory):
         return result
 
     raw = model.get_weights()
+    for i, weight in enumerate(raw):
+        result[f"raw_{i}"] = weight
     with keras_swa.averaged_weights(model, source, bn_data=x, verbose=0):
         for i, variable in enumerate(model.weights):
             result[f"bn_weights_{i}"] = variable.numpy()

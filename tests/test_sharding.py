@@ -35,8 +35,11 @@ pytestmark = [
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RTOL, ATOL = 1e-5, 1e-6
-AVERAGERS = ("swa", "ema", "power_ema", "posthoc_ema", "callback", "swag")
-WRAPPERS = ("swa", "ema", "power_ema", "posthoc_ema")
+AVERAGERS = (
+    "swa", "ema", "power_ema", "posthoc_ema", "callback", "swag",
+    "schedule_free",
+)
+WRAPPERS = ("swa", "ema", "power_ema", "posthoc_ema", "schedule_free")
 # The trainable variables: dense_in kernel and bias, norm gamma and beta,
 # dense_out kernel and bias; model.weights has the moving mean and variance
 # of norm at 4 and 5.
@@ -164,6 +167,7 @@ def test_the_snapshots_counted_are_those_of_the_schedules(results):
         "posthoc_ema": steps,
         "callback": 2,  # epochs 1 and 2 of 3
         "swag": 2,
+        "schedule_free": steps,
     }
     for kind, count in expected.items():
         for run in ("single", "sharded"):
@@ -185,6 +189,13 @@ def test_swapped_weights_keep_their_sharding_and_come_back(results, kind):
     # Inside the block: the averages, with statistics for them.
     bn_weights = _indexed(sharded, "bn_weights")
     averages = _indexed(sharded, "average")
+    if kind == "schedule_free":
+        # x = (y - (1 - momentum) z) / momentum, from the raw y and the z.
+        raw, beta = _indexed(sharded, "raw"), 0.9
+        averages = [
+            (raw[i] - (1 - beta) * z) / beta
+            for i, z in zip([0, 1, 2, 3, 6, 7], averages)
+        ]
     if kind == "posthoc_ema":
         averages = averages[TRAINABLE:]  # the source is the second profile
     for index, average in zip([0, 1, 2, 3, 6, 7], averages):

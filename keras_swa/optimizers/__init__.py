@@ -21,6 +21,7 @@ from keras_swa.optimizers.power_ema import PowerEMA
 from keras_swa.optimizers.power_ema import PowerEMAProfile
 from keras_swa.optimizers.power_ema import check_sigma_rel
 from keras_swa.optimizers.swa import SWA
+from keras_swa.optimizers.wrapper import WrappedOptimizer
 
 # The names other modules of keras_swa knew them by.
 _check_sigma_rel = check_sigma_rel

@@ -230,7 +230,12 @@ class AveragedOptimizer(wrapper.WrappedOptimizer, engine.Averager):
             ],
             rule=self.averaging_rule(),
         )
+        self.inner_optimizer.build(var_list)
         super().build(var_list)
+
+    def load_own_variables(self, store):
+        if not wrapper.load_inner_only(self, store):
+            super().load_own_variables(store)
 
     def _new_averages(self, var_list, excluded, rule, name="average"):
         """An `engine.AverageState` of `var_list` kept in optimizer variables,

@@ -8,8 +8,10 @@ import keras
 class WrappedOptimizer(keras.optimizers.Optimizer):
     """An optimizer whose updates are those of `inner_optimizer`.
 
-    The base of `keras_swa.AveragedOptimizer`, which adds what it does after
-    each update; this class only delegates, following
+    The base of `keras_swa.AveragedOptimizer` (which builds the inner
+    optimizer on the model's variables and adds what it does after each
+    update) and of `keras_swa.ScheduleFree` (which builds it on its `z`s);
+    this class only delegates, following
     `keras/src/optimizers/loss_scale_optimizer.py`: the wrapper's own
     learning rate is never used, its `learning_rate` and `iterations` are
     the inner optimizer's, its variables are its own followed by the inner
@@ -24,10 +26,6 @@ class WrappedOptimizer(keras.optimizers.Optimizer):
     def __init__(self, inner_optimizer, name=None):
         super().__init__(learning_rate=0.0, name=name)
         self.inner_optimizer = inner_optimizer
-
-    def build(self, var_list):
-        self.inner_optimizer.build(var_list)
-        super().build(var_list)
 
     @property
     def variables(self):
@@ -58,10 +56,6 @@ class WrappedOptimizer(keras.optimizers.Optimizer):
             var_list=var_list, var_names=var_names
         )
 
-    def load_own_variables(self, store):
-        if not _load_inner_only(self, store):
-            super().load_own_variables(store)
-
     def finalize_variable_values(self, var_list):
         # Keras calls this at the end of `fit`: the inner optimizer's own
         # `use_ema` still applies.
@@ -86,7 +80,7 @@ class WrappedOptimizer(keras.optimizers.Optimizer):
         return cls(inner_optimizer, **config)
 
 
-def _load_inner_only(wrapper, store) -> bool:
+def load_inner_only(wrapper, store) -> bool:
     """Loads a checkpoint of the bare inner optimizer into `wrapper`'s inner
     optimizer; returns whether `store` was one.
 
