@@ -642,7 +642,10 @@ def print_floors(results):
         f"there, 3) = {floors['offload'] * 1e3:.3f} ms."
     )
     rate = offload_rate(results)
-    if rate is not None:
+    if rate is None and "update/swa_offload_every_step" in results["rows"]:
+        print("Offload: its extra over update/bare is not positive in this run "
+              "(noise larger than the extra): no effective rate.")
+    elif rate is not None:
         print(
             f"Offload: {weight_bytes / 1e6:.1f} MB of weights over the host link per "
             f"snapshot (here a memory copy); its extra over update/bare moves them at "
