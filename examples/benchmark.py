@@ -86,17 +86,24 @@ from examples import _cli  # noqa: E402
 
 PROG = "examples.benchmark"
 FLAGS = flags.FLAGS
-flags.DEFINE_bool("small", False, "A quick run on a ~1M-weight model.")
-flags.DEFINE_integer("rounds", 7, "Interleaved rounds; the minimum is reported.")
-flags.DEFINE_integer("steps", 20, "Updates or fit steps timed per round.")
-flags.DEFINE_integer("batch_size", 32, "Batch size of the fit rows.")
-flags.DEFINE_integer("bn_batches", 20, "Batches of 32 images of the update_bn rows.")
-flags.DEFINE_string("output", None, "Write the results as JSON to this file.")
-flags.DEFINE_integer(
-    "bn_replicas", 1,
-    "TensorFlow only: with N >= 2, also times update_bn data-parallel on N replicas "
-    "(a MirroredStrategy over N GPUs, or over the CPU split into N logical devices).",
-)
+
+
+def define_flags():
+    """Defines the flags, when run as a program only: imported (the tests
+    import it beside `examples.train_flags`), it defines none, and two
+    definitions of `--batch_size` do not collide."""
+    flags.DEFINE_bool("small", False, "A quick run on a ~1M-weight model.")
+    flags.DEFINE_integer("rounds", 7, "Interleaved rounds; the minimum is reported.")
+    flags.DEFINE_integer("steps", 20, "Updates or fit steps timed per round.")
+    flags.DEFINE_integer("batch_size", 32, "Batch size of the fit rows.")
+    flags.DEFINE_integer("bn_batches", 20, "Batches of 32 images of the update_bn rows.")
+    flags.DEFINE_string("output", None, "Write the results as JSON to this file.")
+    flags.DEFINE_integer(
+        "bn_replicas", 1,
+        "TensorFlow only: with N >= 2, also times update_bn data-parallel on N replicas "
+        "(a MirroredStrategy over N GPUs, or over the CPU split into N logical devices).",
+    )
+
 
 POSITIVE = ("rounds", "steps", "batch_size", "bn_batches", "bn_replicas")
 
@@ -505,6 +512,15 @@ FLOOR_ARRAYS = {
 }
 
 
+def floors(weight_bytes, bandwidth):
+    """The seconds of each floor of `FLOOR_ARRAYS`, for weights of
+    `weight_bytes` bytes and a copy bandwidth in bytes per second."""
+    return {
+        name: arrays * weight_bytes / bandwidth
+        for name, arrays in FLOOR_ARRAYS.items()
+    }
+
+
 def measure(small, rounds, steps, batch_size, bn_batches, strategy=None):
     """Times every row; returns a dict of the results (see `checks`)."""
     import numpy as np
@@ -554,10 +570,7 @@ def measure(small, rounds, steps, batch_size, bn_batches, strategy=None):
         "copy_bytes": copy_bytes,
         "bandwidth": bandwidth,
         "bandwidth_floor": 3 * weight_bytes / bandwidth,  # seconds
-        "floors": {  # seconds
-            name: arrays * weight_bytes / bandwidth
-            for name, arrays in FLOOR_ARRAYS.items()
-        },
+        "floors": floors(weight_bytes, bandwidth),
         "skipped": skipped,
         "own_bytes": int(sum(np.prod(v.shape) * np.dtype(v.dtype).itemsize for v in own)),
     }
@@ -760,4 +773,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     _cli.run(main, PROG)
