@@ -43,7 +43,7 @@ def schedule_free_y(w0, g, steps):
 
 
 def test_update_rows_run_what_they_name():
-    # Fails before the rows existed (KeyError). Each compiled row updates
+    # Fails before the rows existed. Each compiled row updates
     # its own weights and state: on JAX the harness writes the donated
     # state back, so a row timing a no-op would show here.
     keras.utils.set_random_seed(0)
