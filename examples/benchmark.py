@@ -13,7 +13,12 @@ Rows (a memory-heavy model of about 10M weights by default):
                the bare inner optimizer, SWA on a step that takes no snapshot,
                SWA snapshotting every step, EMA every step, Keras' built-in
                `use_ema=True`, and `update/raw_pass`, the raw pass: one compiled
-               `a += (w - a) / n` over all weights.
+               `a += (w - a) / n` over all weights; SWA snapshotting every
+               step with a window of 5 (`window=5`) and in host memory
+               (`offload=True`; skipped, with the reason printed, where the
+               backend refuses it), both held to `update/bare`; and
+               `keras_swa.ScheduleFree(SGD(momentum=0))` held to its bare
+               base step, `update/bare_sgd_no_momentum`.
   copy/*       one compiled copy of a float32 buffer the size of the weights
                into another, in place, timed interleaved with the update rows:
                the copy bandwidth (bytes read + written per second).
@@ -37,6 +42,14 @@ Measures (of the minima; targets of DESIGN.md "## Measures"):
   update_bn / training-mode forward pass                 <= 1.2
   extra memory of SWA / trainable weights                <= 1.0
   update_bn: R replicas / one device (--bn_replicas)     no target
+  ScheduleFree extra / bandwidth floor                   no target (report)
+  SWA window=5 snapshot extra / bandwidth floor          no target (report)
+  SWA offload snapshot extra / bandwidth floor           no target (report)
+  SWA offload snapshot extra / on-device snapshot extra  no target (report)
+      each floor counts the weight-sized arrays the extra work must read
+      or write at the least (`FLOOR_ARRAYS`, with the reasons) over the
+      copy bandwidth; the offload row also prints the effective rate at
+      which its extra moves the weights over the host link
 A missed target is printed as NO.
 
 Usage:
@@ -73,17 +86,24 @@ from examples import _cli  # noqa: E402
 
 PROG = "examples.benchmark"
 FLAGS = flags.FLAGS
-flags.DEFINE_bool("small", False, "A quick run on a ~1M-weight model.")
-flags.DEFINE_integer("rounds", 7, "Interleaved rounds; the minimum is reported.")
-flags.DEFINE_integer("steps", 20, "Updates or fit steps timed per round.")
-flags.DEFINE_integer("batch_size", 32, "Batch size of the fit rows.")
-flags.DEFINE_integer("bn_batches", 20, "Batches of 32 images of the update_bn rows.")
-flags.DEFINE_string("output", None, "Write the results as JSON to this file.")
-flags.DEFINE_integer(
-    "bn_replicas", 1,
-    "TensorFlow only: with N >= 2, also times update_bn data-parallel on N replicas "
-    "(a MirroredStrategy over N GPUs, or over the CPU split into N logical devices).",
-)
+
+
+def define_flags():
+    """Defines the flags, when run as a program only: imported (the tests
+    import it beside `examples.train_flags`), it defines none, and two
+    definitions of `--batch_size` do not collide."""
+    flags.DEFINE_bool("small", False, "A quick run on a ~1M-weight model.")
+    flags.DEFINE_integer("rounds", 7, "Interleaved rounds; the minimum is reported.")
+    flags.DEFINE_integer("steps", 20, "Updates or fit steps timed per round.")
+    flags.DEFINE_integer("batch_size", 32, "Batch size of the fit rows.")
+    flags.DEFINE_integer("bn_batches", 20, "Batches of 32 images of the update_bn rows.")
+    flags.DEFINE_string("output", None, "Write the results as JSON to this file.")
+    flags.DEFINE_integer(
+        "bn_replicas", 1,
+        "TensorFlow only: with N >= 2, also times update_bn data-parallel on N replicas "
+        "(a MirroredStrategy over N GPUs, or over the CPU split into N logical devices).",
+    )
+
 
 POSITIVE = ("rounds", "steps", "batch_size", "bn_batches", "bn_replicas")
 
@@ -226,12 +246,53 @@ def time_interleaved(variants, rounds, steps):
     )
 
 
-def update_variants(model):
-    """One compiled `apply` per optimizer, each on its own copy of the weights."""
+WINDOW = 5  # the window of update/swa_window_every_step
+# Rows that a backend configuration may refuse (`ValueError` at build):
+# skipped with the printed reason instead of failing the run.
+REFUSABLE = ("swa_offload_every_step",)
+
+
+def update_optimizers():
+    """The optimizer of each update row, by name, as a factory.
+
+    SWA, EMA and the window and offload rows wrap SGD with momentum 0.9,
+    held to `update/bare`; `update/schedule_free` wraps SGD without
+    momentum (its interpolation replaces momentum), held to
+    `update/bare_sgd_no_momentum`, its bare base step.
+    """
     import keras
-    import numpy as np
 
     import keras_swa
+
+    def sgd(momentum=0.9, **kwargs):
+        return keras.optimizers.SGD(0.01, momentum=momentum, **kwargs)
+
+    return {
+        "bare": sgd,
+        "swa_no_snapshot": lambda: keras_swa.SWA(sgd(), start_averaging=NEVER),
+        "swa_every_step": lambda: keras_swa.SWA(sgd(), average_period=1),
+        "swa_window_every_step": lambda: keras_swa.SWA(
+            sgd(), average_period=1, window=WINDOW
+        ),
+        "swa_offload_every_step": lambda: keras_swa.SWA(
+            sgd(), average_period=1, offload=True
+        ),
+        "ema_every_step": lambda: keras_swa.EMA(sgd(), decay=0.999),
+        "keras_use_ema": lambda: sgd(use_ema=True, ema_momentum=0.999),
+        "bare_sgd_no_momentum": lambda: sgd(momentum=0.0),
+        "schedule_free": lambda: keras_swa.ScheduleFree(sgd(momentum=0.0)),
+    }
+
+
+def update_variants(model):
+    """One compiled `apply` per optimizer, each on its own copy of the weights.
+
+    Returns the compiled functions and the optimizers by row name, and the
+    rows skipped (name: reason), where the backend refuses a configuration
+    (`REFUSABLE`).
+    """
+    import keras
+    import numpy as np
 
     rng = np.random.default_rng(0)
     grads = [
@@ -254,16 +315,14 @@ def update_variants(model):
 
         return compiled(step, optimizer.variables + weights), optimizer
 
-    sgd = lambda **kw: keras.optimizers.SGD(0.01, momentum=0.9, **kw)  # noqa: E731
-    variants, optimizers = {}, {}
-    for name, optimizer in [
-        ("bare", sgd()),
-        ("swa_no_snapshot", keras_swa.SWA(sgd(), start_averaging=NEVER)),
-        ("swa_every_step", keras_swa.SWA(sgd(), average_period=1)),
-        ("ema_every_step", keras_swa.EMA(sgd(), decay=0.999)),
-        ("keras_use_ema", sgd(use_ema=True, ema_momentum=0.999)),
-    ]:
-        variants[name], optimizers[name] = make(optimizer)
+    variants, optimizers, skipped = {}, {}, {}
+    for name, factory in update_optimizers().items():
+        try:
+            variants[name], optimizers[name] = make(factory())
+        except ValueError as e:
+            if name not in REFUSABLE:
+                raise
+            skipped[f"update/{name}"] = str(e)
 
     # The raw pass a snapshot is held to: one fused pass a += (w - a) / n.
     averages = [keras.Variable(np.zeros(v.shape, "float32")) for v in model.trainable_variables]
@@ -278,7 +337,7 @@ def update_variants(model):
     variants["raw_pass"] = compiled(
         raw_pass, averages + [counter] + model.trainable_variables
     )
-    return variants, optimizers
+    return variants, optimizers, skipped
 
 
 def copy_variant(n):
@@ -421,6 +480,47 @@ def model_size(small):
     return (512, 3, 512) if small else (2048, 3, 1024)
 
 
+# The bandwidth floor of the extra work of a row over its bare row: the
+# weight-sized arrays that work must read or write at the least, counted at
+# the copy bandwidth (bytes read + written per second).
+FLOOR_ARRAYS = {
+    # A snapshot (update/swa_every_step - update/bare): read the weights,
+    # read and write the average.
+    "snapshot": 3,
+    # ScheduleFree (update/schedule_free - update/bare_sgd_no_momentum):
+    # two interpolations, y towards z before the base step (y <- x) and
+    # after it (x and y from the new z). The base step reads and writes z
+    # as the bare step reads and writes the weights; fused into its pass,
+    # the interpolations add one read and one write of y: 2 arrays. Run as
+    # two passes of their own (each reads y and z and writes y) they move
+    # 6, 3 x this floor.
+    "schedule_free": 2,
+    # A window of k snapshots (update/swa_window_every_step -
+    # update/bare), as the engine computes it: mean = (sum(ring) + w) /
+    # held, summed afresh (no rounding carried over): read the k - 1
+    # snapshots of the ring and the weights, write the mean, write the
+    # weights into one slot of the ring: k + 2 arrays. (A running sum would
+    # need 5, but carries its rounding from snapshot to snapshot.)
+    "window": WINDOW + 2,
+    # Offload (update/swa_offload_every_step - update/bare): the weights go
+    # over the host link once (the averages stay on the host); on a
+    # CPU-only machine that link is a memory copy, read + write of the
+    # weights, 2 arrays; then the snapshot on the host, 3: 5 in all. (On a
+    # CPU-only machine a framework may skip a copy from memory to the same
+    # memory: a ratio under 1 is possible there.)
+    "offload": 5,
+}
+
+
+def floors(weight_bytes, bandwidth):
+    """The seconds of each floor of `FLOOR_ARRAYS`, for weights of
+    `weight_bytes` bytes and a copy bandwidth in bytes per second."""
+    return {
+        name: arrays * weight_bytes / bandwidth
+        for name, arrays in FLOOR_ARRAYS.items()
+    }
+
+
 def measure(small, rounds, steps, batch_size, bn_batches, strategy=None):
     """Times every row; returns a dict of the results (see `checks`)."""
     import numpy as np
@@ -432,7 +532,7 @@ def measure(small, rounds, steps, batch_size, bn_batches, strategy=None):
     n_weights = int(sum(np.prod(v.shape) for v in variables))
     weight_bytes = int(sum(np.prod(v.shape) * np.dtype(v.dtype).itemsize for v in variables))
 
-    variants, optimizers = update_variants(model)
+    variants, optimizers, skipped = update_variants(model)
     # The copy bandwidth, timed interleaved with the updates.
     variants[COPY], copy_bytes = copy_variant(n_weights)
     updates, updates_median = time_interleaved(variants, rounds, steps)
@@ -470,6 +570,8 @@ def measure(small, rounds, steps, batch_size, bn_batches, strategy=None):
         "copy_bytes": copy_bytes,
         "bandwidth": bandwidth,
         "bandwidth_floor": 3 * weight_bytes / bandwidth,  # seconds
+        "floors": floors(weight_bytes, bandwidth),
+        "skipped": skipped,
         "own_bytes": int(sum(np.prod(v.shape) * np.dtype(v.dtype).itemsize for v in own)),
     }
 
@@ -495,12 +597,87 @@ def checks(results, replicas=None):
         ("extra memory of SWA / trainable weights",
          results["own_bytes"] / results["weight_bytes"], 1.0 + 1e-4),
     ]
+    rows += extra_work_checks(results)
     if replicas is not None:
         # No target: what a data-parallel pass gains depends on the devices
         # (CPU logical devices share the same cores).
         rows.append((f"update_bn: {replicas} replicas / one device",
                      bn[f"update_bn_{replicas}_replicas"] / bn["update_bn"], None))
     return rows
+
+
+def extra_work_checks(results):
+    """The measures without target of the ScheduleFree, window and offload
+    rows: the extra of each over its bare row / its bandwidth floor
+    (`FLOOR_ARRAYS`). A skipped row has no measure."""
+    updates, floors = results["updates"], results["floors"]
+    rows = []
+    for name, bare, floor, label in [
+        ("schedule_free", "bare_sgd_no_momentum", "schedule_free", "ScheduleFree extra"),
+        ("swa_window_every_step", "bare", "window", f"SWA window={WINDOW} snapshot extra"),
+        ("swa_offload_every_step", "bare", "offload", "SWA offload snapshot extra"),
+    ]:
+        if name in updates:
+            rows.append((
+                f"{label} / bandwidth floor ({FLOOR_ARRAYS[floor]} x weight bytes "
+                f"/ copy bandwidth)",
+                (updates[name] - updates[bare]) / floors[floor], None,
+            ))
+    if "swa_offload_every_step" in updates:
+        rows.append((
+            "SWA offload snapshot extra / on-device snapshot extra",
+            (updates["swa_offload_every_step"] - updates["bare"])
+            / (updates["swa_every_step"] - updates["bare"]), None,
+        ))
+    return rows
+
+
+def print_floors(results):
+    """Prints the copy bandwidth, the floors it gives, the effective rate of
+    the offload row's host copy, and the rows skipped."""
+    copy_bytes, weight_bytes = results["copy_bytes"], results["weight_bytes"]
+    floors = results["floors"]
+    print(
+        f"\nCopy bandwidth: {results['bandwidth'] / 1e9:.2f} GB/s ({COPY}: a compiled "
+        f"copy of {copy_bytes / 2e6:.1f} MB of float32, counted as {copy_bytes / 1e6:.1f} MB "
+        f"read + written). Bandwidth floor of a snapshot: 3 x {weight_bytes / 1e6:.1f} MB "
+        f"of weights / copy bandwidth = {results['bandwidth_floor'] * 1e3:.3f} ms."
+    )
+    print(
+        f"Floors of the extra work, weight-sized arrays read or written at the least "
+        f"(each {weight_bytes / 1e6:.1f} MB) / copy bandwidth: ScheduleFree "
+        f"{FLOOR_ARRAYS['schedule_free']} (one read and one write of y, fused into the "
+        f"base step's pass; 6 as two passes of their own) = "
+        f"{floors['schedule_free'] * 1e3:.3f} ms; window={WINDOW} "
+        f"{FLOOR_ARRAYS['window']} (read the {WINDOW - 1} held snapshots and the weights, "
+        f"write the mean and one slot) = {floors['window'] * 1e3:.3f} ms; offload "
+        f"{FLOOR_ARRAYS['offload']} (the weights copied to the host, 2, and the snapshot "
+        f"there, 3) = {floors['offload'] * 1e3:.3f} ms."
+    )
+    rate = offload_rate(results)
+    if rate is None and "update/swa_offload_every_step" in results["rows"]:
+        print("Offload: its extra over update/bare is not positive in this run "
+              "(noise larger than the extra): no effective rate.")
+    elif rate is not None:
+        print(
+            f"Offload: {weight_bytes / 1e6:.1f} MB of weights over the host link per "
+            f"snapshot (here a memory copy); its extra over update/bare moves them at "
+            f"{rate / 1e9:.2f} GB/s effective (the fold-in on the host included); "
+            f"{COPY} copies the same bytes at {weight_bytes / results['rows'][COPY] / 1e9:.2f} "
+            f"GB/s (the copy bandwidth counts them twice, read + written)."
+        )
+    for name, reason in results["skipped"].items():
+        print(f"Skipped {name}: {reason}")
+
+
+def offload_rate(results):
+    """Bytes of weights per second that the offload row's extra moves over
+    the host link (`None` where the row was skipped or has no extra)."""
+    updates = results["updates"]
+    if "swa_offload_every_step" not in updates:
+        return None
+    extra = updates["swa_offload_every_step"] - updates["bare"]
+    return results["weight_bytes"] / extra if extra > 0 else None
 
 
 def print_report(results, rows, rounds, steps):
@@ -523,19 +700,13 @@ def print_report(results, rows, rounds, steps):
     for name, seconds in results["rows"].items():
         median = results["medians"][name]
         print(f"| {name:<38} | {seconds * 1e3:9.3f} | {median * 1e3:11.3f} |")
-    copy_bytes, weight_bytes = results["copy_bytes"], results["weight_bytes"]
-    print(
-        f"\nCopy bandwidth: {results['bandwidth'] / 1e9:.2f} GB/s ({COPY}: a compiled "
-        f"copy of {copy_bytes / 2e6:.1f} MB of float32, counted as {copy_bytes / 1e6:.1f} MB "
-        f"read + written). Bandwidth floor of a snapshot: 3 x {weight_bytes / 1e6:.1f} MB "
-        f"of weights / copy bandwidth = {results['bandwidth_floor'] * 1e3:.3f} ms."
-    )
+    print_floors(results)
     width = max(42, *(len(name) for name, _, _ in rows))
     print(f"\n| {'measure (of the minima)':<{width}} | {'ratio':>6} | {'target':>7} | ok |")
     print(f"|{'-' * (width + 2)}|{'-' * 8}|{'-' * 9}|----|")
     for name, ratio, target in rows:
         if target is None:
-            print(f"| {name:<{width}} | {ratio:6.3f} | {'-':>7} | -  |")
+            print(f"| {name:<{width}} | {ratio:6.3f} | {'report':>7} | -  |")
             continue
         ok = "yes" if ratio <= target else "NO"
         print(f"| {name:<{width}} | {ratio:6.3f} | <= {target:4.2f} | {ok:<3}|")
@@ -556,6 +727,12 @@ def write_json(path, results, rows, rounds, steps):
         "copy_bytes": results["copy_bytes"],
         "copy_bandwidth_gb_per_s": results["bandwidth"] / 1e9,
         "bandwidth_floor_seconds": results["bandwidth_floor"],
+        "floor_arrays": FLOOR_ARRAYS,
+        "floors_seconds": results["floors"],
+        "offload_effective_gb_per_s": (
+            None if offload_rate(results) is None else offload_rate(results) / 1e9
+        ),
+        "skipped": results["skipped"],
         "seconds": results["rows"],
         "median_seconds": results["medians"],
         "checks": [
@@ -596,4 +773,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     _cli.run(main, PROG)
