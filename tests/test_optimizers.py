@@ -664,3 +664,34 @@ def test_plain_optimizer_checkpoint_restores_the_inner_state(tmp_path):
     # Training goes on from update 12: updates 14, 15, ... are averaged.
     model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
     assert int(swa.n_averaged.numpy()) == 4
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "torch",
+    reason="PyTorch: a Python read of a device tensor waits for the device",
+)
+@pytest.mark.parametrize("make", [
+    lambda: keras_swa.ScheduleFree(keras.optimizers.SGD(0.1)),
+    lambda: keras_swa.SWA(keras.optimizers.SGD(0.1), average_period=1,
+                          window=3),
+    lambda: keras_swa.SWA(keras.optimizers.SGD(0.1), average_period=1),
+    lambda: keras_swa.EMA(keras.optimizers.SGD(0.1)),
+])
+def test_an_update_reads_no_tensor_into_python_on_torch(monkeypatch, make):
+    # On a GPU, `float(t)`, `int(t)`, `bool(t)` or `t.item()` of a device
+    # tensor stalls the host until the device catches up, at every update.
+    import torch
+
+    variable = keras.Variable(np.ones(3, "float32"))
+    optimizer = make()
+    optimizer.build([variable])
+    gradient = torch.ones(3)
+    optimizer.apply([gradient], [variable])
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a device tensor was read into Python")
+
+    for name in ("__float__", "__int__", "__bool__", "__index__", "item"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    for _ in range(3):
+        optimizer.apply([gradient], [variable])

@@ -72,8 +72,9 @@ def lerp_where(condition, targets, ends, weight, weight_args=()) -> None:
     """
     if keras.backend.backend() == "torch":
         if condition is True or bool(condition):
-            t = float(weight(*[_read(a) for a in weight_args]))
-            _torch_lerp(targets, ends, t)
+            # `t` may stay a tensor on the device: no read into Python, so
+            # no wait for the device at every update.
+            _torch_lerp(targets, ends, weight(*[_read(a) for a in weight_args]))
         return
 
     def lerp(target, end, *scalars):
@@ -99,13 +100,19 @@ def _torch_lerp(targets, ends, t):
         # uses (no public equivalent).
         for dtype in {a.value.dtype for a, _ in same}:
             group = [(a, b) for a, b in same if a.value.dtype == dtype]
+            weights = t
+            if isinstance(t, torch.Tensor):
+                # One weight tensor per pair, in the pair's dtype and place.
+                weights = [t.to(group[0][0].value)] * len(group)
             torch._foreach_lerp_(
-                [a.value for a, _ in group], [b.value for _, b in group], t
+                [a.value for a, _ in group], [b.value for _, b in group],
+                weights,
             )
         for target, end in zip(targets, ends):
             if target.dtype != end.dtype:
                 wide = target.value.to(end.value.dtype)
-                target.assign(torch.lerp(wide, end.value, t))
+                weight = t.to(wide) if isinstance(t, torch.Tensor) else t
+                target.assign(torch.lerp(wide, end.value, weight))
 
 
 def _read(arg):

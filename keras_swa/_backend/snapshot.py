@@ -247,7 +247,7 @@ def _torch_add_snapshot(folds, weights, counter, step, learning_rate):
     with torch.no_grad():
         for fold in folds:
             if fold.window is not None:
-                _torch_window(fold, weights, int(count))
+                _torch_window(fold, weights, count)
                 continue
             # `t` stays a tensor on the device: no read into Python, so no
             # wait for the device on every snapshot.
@@ -274,13 +274,18 @@ def _torch_add_snapshot(folds, weights, counter, step, learning_rate):
 
 
 def _torch_window(fold, weights, count):
+    import torch
+
     for average, ring, weight in zip(fold.averages, fold.rings, weights):
         mean = average.value
         weight = _value(weight).to(device=mean.device, dtype=mean.dtype)
         ring = None if ring is None else ring.value
         mean.copy_(window_mean(ring, weight, count, fold.window))
         if ring is not None:
-            ring[count % (fold.window - 1)].copy_(weight)
+            # The slot as a tensor on the device: no wait for it in Python.
+            slot = torch.remainder(count, fold.window - 1).reshape(1)
+            ring.index_copy_(0, slot.to(ring.device, torch.int64),
+                             weight.unsqueeze(0))
 
 
 def _tf_add_snapshot(
