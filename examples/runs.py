@@ -309,7 +309,11 @@ def run_schedule_free(config, dataset, seed, variant, prefix):
     """A schedule-free run (`schedule_free_optimizer`'s `variant`): rows
     `<prefix>_y`, the weights it trains at (what Keras leaves in the
     model), and `<prefix>_x`, its average (`keras_swa.assign_average`);
-    both with BatchNorm recomputed on the training set."""
+    both with BatchNorm recomputed on the training set. `extra` says
+    whether x was y (Keras' optimizer on a backend where keras_swa
+    evaluates it at y: docs/schedule_free.md, "Keras defects")."""
+    import numpy as np
+
     import keras_swa
 
     steps = math.ceil(dataset.train_size / config["batch_size"])
@@ -321,11 +325,14 @@ def run_schedule_free(config, dataset, seed, variant, prefix):
         model.optimizer.build(model.trainable_variables)
     history = fit(model, dataset, config, None)
     probabilities = {f"{prefix}_y": scoring.evaluate_bn_recomputed(model, dataset)}
+    y = [np.array(w) for w in model.trainable_weights]
     keras_swa.assign_average(model, source=model.optimizer, bn_data=dataset.train_eval,
                              verbose=0)
     probabilities[f"{prefix}_x"] = scoring.test_probabilities(model, dataset)
+    x_is_y = all(np.array_equal(a, np.array(b)) for a, b in zip(y, model.trainable_weights))
     return {"history": history, "probabilities": probabilities,
-            "running_bn": {f"{prefix}_y": last_epoch(history)}}
+            "running_bn": {f"{prefix}_y": last_epoch(history)},
+            "extra": {f"{prefix}_x_is_y": x_is_y}}
 
 
 # The kinds of run: title and function `(config, dataset, swa_start, seed,
