@@ -7,6 +7,8 @@ Keras or TensorFlow: a mistake is told in a second, in one line.
 """
 
 import math
+import re
+from importlib import metadata
 
 from absl import flags
 
@@ -202,6 +204,23 @@ def parse_sigma_rels(values, flag):
     return floats
 
 
+def check_keras_schedule_free():
+    """Raises a ValueError if the installed Keras predates its
+    `ScheduleFreeAdamW` (3.15), which `--averaging=schedule_free` trains;
+    reads the version without importing Keras."""
+    try:
+        version = metadata.version("keras")
+    except metadata.PackageNotFoundError:
+        return  # `_requirements` says what to install
+    found = re.match(r"(\d+)\.(\d+)", version)
+    if found and tuple(map(int, found.groups())) < (3, 15):
+        raise ValueError(
+            f"--averaging=schedule_free needs Keras >= 3.15 (for "
+            f"keras.optimizers.ScheduleFreeAdamW), found {version}: "
+            f'pip install "keras>=3.15".'
+        )
+
+
 def validate(config):
     """Checks the settings; returns the SWA start epoch and the seeds, and
     stores the parsed `sigma_rel` lists back into `config`.
@@ -240,6 +259,8 @@ def validate(config):
             raise ValueError(f"--{name} must be {expected}, got {config[name]!r}.")
     for flag in ("ema_sigma_rels", "ema_sweep"):
         config[flag] = parse_sigma_rels(config[flag], flag)
+    if config["averaging"] == "schedule_free":
+        check_keras_schedule_free()
     swa_start = config["swa_start"]
     if swa_start is None:
         swa_start = SWA_START[config["schedule"]]
