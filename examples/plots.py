@@ -7,6 +7,13 @@ from examples.scoring import METRICS
 from examples.scoring import calibration_bins
 
 
+# The curve of each run (`runs.MODE_RUNS` names them): the weights it
+# trains at, with the running BatchNorm statistics.
+RUN_CURVES = {"swa": "SWA run: iterate", "sf": "ScheduleFree(SGD) run: y",
+              "sf_adamw": "ScheduleFree(AdamW) run: y",
+              "keras_sf": "Keras ScheduleFreeAdamW run: y"}
+
+
 def _band(ax, curves, start, label, **style):
     """Mean curve over seeds, with the min-max band when several."""
     import numpy as np
@@ -36,7 +43,7 @@ def figure(per_seed, summary, title):
     first = per_seed[seeds[0]]["runs"]
     for name in first:
         curves = [per_seed[s]["runs"][name]["history"]["val_accuracy"] for s in seeds]
-        label = "SWA run: iterate" if name == "swa" else "SGD run: iterate"
+        label = RUN_CURVES.get(name, "SGD run: iterate")
         _band(ax, curves, 1, label)
         lowest.append(min(min(c[len(c) // 4:]) for c in curves))
         history = first[name]["history"]

@@ -11,6 +11,9 @@ from examples.scoring import METRICS
 # How a difference of each metric is shown: factor, unit, format.
 UNITS = {"accuracy": (100, " points", "+.2f"), "nll": (1, "", "+.4f"), "ece": (1, "", "+.4f")}
 METRIC_NAMES = {"accuracy": "accuracy", "nll": "NLL", "ece": "ECE"}
+# The rows (y, x) of each schedule-free optimizer, and its run's prefix.
+SCHEDULE_FREE_ROWS = {"sf": ("sf_y", "sf_x"), "sf_adamw": ("sf_adamw_y", "sf_adamw_x"),
+                      "keras_sf": ("keras_sf_y", "keras_sf_x")}
 
 
 def summarize(finals):
@@ -86,6 +89,18 @@ def differences(summary, labels=None):
     }
 
 
+def x_against_y(summary):
+    """Each schedule-free optimizer's paired difference x - y (its average
+    to the weights it trains at), per metric: `{x_row: {metric:
+    difference}}`; empty without schedule-free rows."""
+    return {
+        x: {m: stats.paired_difference(summary[x][f"{m}_per_seed"],
+                                       summary[y][f"{m}_per_seed"], m)
+            for m in METRICS}
+        for y, x in SCHEDULE_FREE_ROWS.values() if x in summary and y in summary
+    }
+
+
 def _value(metric, value):
     """A difference of `metric` as `UNITS` shows it; one that rounds to
     zero is "+0.00", not "-0.00"."""
@@ -94,17 +109,20 @@ def _value(metric, value):
     return f"{round(value * scale, digits) + 0.0:{spec}}"
 
 
-def format_differences(summary, diffs, labels=None):
-    """The Markdown table of `differences`: per row and metric the mean
-    difference, its 95% interval and the verdict ("better", "worse" or
-    "no significant difference"), under a line that says what it is."""
+def format_differences(summary, diffs, labels=None, against=None):
+    """The Markdown table of `differences` (or `x_against_y`): per row and
+    metric the mean difference, its 95% interval and the verdict
+    ("better", "worse" or "no significant difference"), under a line that
+    says what it is, the difference to `against` (the baseline's label by
+    default)."""
     labels = LABELS if labels is None else labels
-    base, n = baseline(summary), len(summary[next(iter(summary))]["accuracy_per_seed"])
+    n = len(summary[next(iter(summary))]["accuracy_per_seed"])
+    against = against or (f"to {labels[baseline(summary)]} (same seed: same initial "
+                          f"weights and data order)")
     width = max([12, *(len(labels[r]) for r in diffs)])
     lines = [
-        f"Paired difference to {labels[base]} (same seed: same initial weights and data "
-        f"order), mean and {stats.CONFIDENCE:.0%} t-interval over {n} seeds; accuracy in "
-        f"points:",
+        f"Paired difference {against}, mean and {stats.CONFIDENCE:.0%} "
+        f"t-interval over {n} seeds; accuracy in points:",
         "",
         f"| {'row':<{width}} | metric   | difference | {'95% interval':<20} | verdict |",
         f"|{'-' * (width + 2)}|----------|-----------:|{'-' * 22}|---------|",
@@ -191,6 +209,20 @@ def running_bn_note(summary, running):
     )
 
 
+def schedule_free_note(per_seed):
+    """A line when Keras' ScheduleFreeAdamW's x was its y in every seed
+    (keras_swa evaluates it at y where Keras' update makes y the average
+    of its iterates); or None."""
+    if not all(result.get("keras_sf_x_is_y") for result in per_seed.values()):
+        return None
+    return (
+        "Note: Keras ScheduleFreeAdamW: x is y. On this backend Keras' update recovers "
+        "its old x from the momentum it has just updated (a Keras 3.15 defect), which "
+        "makes its weights y the running mean of its iterates: keras_swa evaluates it "
+        "there (docs/schedule_free.md, \"Keras defects\")."
+    )
+
+
 def describe(plan, summary):
     """The paragraph above the table: model, data, budget, seeds, and how
     every row is evaluated."""
@@ -215,6 +247,15 @@ def describe(plan, summary):
         f"NLL: mean negative log-probability of the true class; ECE: expected "
         f"calibration error, {ECE_BINS} bins."
     )
+    if any(y in summary for y, _ in SCHEDULE_FREE_ROWS.values()):
+        text += (
+            f" Schedule-free runs, no schedule: a linear warmup from 0 over "
+            f"{config['sf_warmup_epochs']} epoch(s), then a constant rate; "
+            f"ScheduleFree(SGD) at {config['sf_lr']:g} (no momentum), ScheduleFree(AdamW) "
+            f"(beta_1=0) and Keras' ScheduleFreeAdamW at {config['sf_adamw_lr']:g}, "
+            f"interpolation {config['sf_momentum']:g}; y: the weights each trains at "
+            f"(what Keras leaves in the model), x: its average (keras_swa.assign_average)."
+        )
     if "swag" in summary:
         text += (
             f" SWAG-BMA: the mean probabilities of {config['swag_samples']} samples of "
@@ -302,6 +343,11 @@ def compose(plan, per_seed):
     else:
         table = format_differences(summary, diffs) if diffs and len(seeds) > 1 else None
         paragraphs = [header, format_table(summary), table, sentence, timing, note]
+    sf_diffs = x_against_y(summary)
+    if sf_diffs and len(seeds) > 1:
+        paragraphs.insert(3, format_differences(
+            summary, sf_diffs, against="of each schedule-free x to its y (same run)"))
+    paragraphs.append(schedule_free_note(per_seed))
     print("\n" + "\n\n".join(p for p in paragraphs if p), flush=True)
     metrics = {
         "config": config,
@@ -314,6 +360,7 @@ def compose(plan, per_seed):
         "conclusion": sentence,
         "running_bn_note": note,
         "swag_bma_timing": timing,
+        "schedule_free_x_vs_y": sf_diffs,
         "per_seed": {str(s): {k: v for k, v in per_seed[s].items() if k != "probabilities"}
                      for s in seeds},
     }

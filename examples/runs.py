@@ -58,17 +58,20 @@ def sgd(config):
 
 def fit(model, dataset, config, schedule, extra_callbacks=()):
     """`model.fit` for `--epochs` under the per-epoch `schedule` (a
-    `LearningRateScheduler` ahead of `extra_callbacks`); returns the
-    history."""
+    `LearningRateScheduler` ahead of `extra_callbacks`; None: the
+    optimizer's own rate); returns the history."""
     import keras
 
+    callbacks = list(extra_callbacks)
+    if schedule is not None:
+        callbacks.insert(0, keras.callbacks.LearningRateScheduler(schedule))
     history = model.fit(
         # A pipeline of its own: every run sees the same order.
         dataset.train_pipeline(),
         epochs=config["epochs"],
         shuffle=False,  # the pipeline shuffles
         validation_data=dataset.test,
-        callbacks=[keras.callbacks.LearningRateScheduler(schedule), *extra_callbacks],
+        callbacks=callbacks,
         verbose=config["verbose"],
     )
     return history.history
@@ -276,6 +279,62 @@ def run_posthoc_ema(config, dataset, seed, directory):
             "running_bn": {"sgd": last_epoch(history)}}
 
 
+def schedule_free_optimizer(config, variant, steps_per_epoch):
+    """The optimizer of a schedule-free run: `keras_swa.ScheduleFree` around
+    SGD without momentum (`variant="sgd"`, `--sf_lr`) or AdamW with
+    `beta_1=0` (`"adamw"`, `--sf_adamw_lr`), or Keras' own
+    `ScheduleFreeAdamW` (`"keras"`, `--sf_adamw_lr`). All interpolate with
+    `--sf_momentum`, warm up linearly over `--sf_warmup_epochs` and use
+    the decoupled `--weight_decay`, then hold the rate: no schedule."""
+    import keras
+
+    import keras_swa
+
+    lr = config["sf_lr"] if variant == "sgd" else config["sf_adamw_lr"]
+    warmup = config["sf_warmup_epochs"] * steps_per_epoch
+    decay, beta = config["weight_decay"], config["sf_momentum"]
+    if variant == "keras":
+        return keras.optimizers.ScheduleFreeAdamW(
+            lr, beta_1=beta, warmup_steps=warmup, weight_decay=decay or None)
+    # From 0 to `lr` over the warmup's updates, then `lr`.
+    rate = keras.optimizers.schedules.PolynomialDecay(0.0, warmup, lr, power=1.0) if warmup else lr
+    if variant == "sgd":
+        inner = keras.optimizers.SGD(rate, momentum=0.0, weight_decay=decay or None)
+    else:
+        inner = keras.optimizers.AdamW(rate, beta_1=0.0, weight_decay=decay)
+    return keras_swa.ScheduleFree(inner, momentum=beta)
+
+
+def run_schedule_free(config, dataset, seed, variant, prefix):
+    """A schedule-free run (`schedule_free_optimizer`'s `variant`): rows
+    `<prefix>_y`, the weights it trains at (what Keras leaves in the
+    model), and `<prefix>_x`, its average (`keras_swa.assign_average`);
+    both with BatchNorm recomputed on the training set. `extra` says
+    whether x was y (Keras' optimizer on a backend where keras_swa
+    evaluates it at y: docs/schedule_free.md, "Keras defects")."""
+    import numpy as np
+
+    import keras_swa
+
+    steps = math.ceil(dataset.train_size / config["batch_size"])
+    model = build(config, dataset, schedule_free_optimizer(config, variant, steps), seed)
+    if variant == "keras":
+        # Keras' copy of the initial weights into its `momentum` slots is
+        # lost when TensorFlow's `fit` builds the optimizer while tracing
+        # (docs/schedule_free.md, "Keras defects"): build it eagerly.
+        model.optimizer.build(model.trainable_variables)
+    history = fit(model, dataset, config, None)
+    probabilities = {f"{prefix}_y": scoring.evaluate_bn_recomputed(model, dataset)}
+    y = [np.array(w) for w in model.trainable_weights]
+    keras_swa.assign_average(model, source=model.optimizer, bn_data=dataset.train_eval,
+                             verbose=0)
+    probabilities[f"{prefix}_x"] = scoring.test_probabilities(model, dataset)
+    x_is_y = all(np.array_equal(a, np.array(b)) for a, b in zip(y, model.trainable_weights))
+    return {"history": history, "probabilities": probabilities,
+            "running_bn": {f"{prefix}_y": last_epoch(history)},
+            "extra": {f"{prefix}_x_is_y": x_is_y}}
+
+
 # The kinds of run: title and function `(config, dataset, swa_start, seed,
 # output_dir) -> run`.
 RUN_KINDS = {
@@ -287,12 +346,18 @@ RUN_KINDS = {
         c, d, s, os.path.join(o, "ema_snapshots", f"seed_{s}"))),
     "trajectory": ("SGD + EMA + SWAG callback, one trajectory",
                    lambda c, d, a, s, o: run_trajectory(c, d, a, s)),
+    "schedule_free": ("ScheduleFree(SGD)", lambda c, d, a, s, o: run_schedule_free(
+        c, d, s, "sgd", "sf")),
+    "schedule_free_adamw": ("ScheduleFree(AdamW)", lambda c, d, a, s, o: run_schedule_free(
+        c, d, s, "adamw", "sf_adamw")),
+    "keras_schedule_free": ("Keras' ScheduleFreeAdamW", lambda c, d, a, s, o: run_schedule_free(
+        c, d, s, "keras", "keras_sf")),
 }
+# The schedule-free kinds: no `--schedule`, their rate is constant after
+# the warmup.
+SCHEDULE_FREE_KINDS = ("schedule_free", "schedule_free_adamw", "keras_schedule_free")
 # The runs each `--averaging` mode trains, in order: run name -> kind.
-# Schedule-free (issue 23) joins here: a kind "schedule_free" in RUN_KINDS
-# whose run returns the rows `sf_y` and `sf_x` (scoring.LABELS has their
-# place), named in the modes that train it, e.g. "trajectory":
-# {"sgd": "trajectory", "sf": "schedule_free"} for the demo's table.
+# `schedule_free` trains the plain SGD run too, the baseline of its table.
 MODE_RUNS = {
     "compare": {"sgd": "sgd_ema", "swa": "swag"},
     "sgd": {"sgd": "sgd"},
@@ -301,6 +366,8 @@ MODE_RUNS = {
     "swag": {"swa": "swag"},
     "posthoc_ema": {"sgd": "posthoc_ema"},
     "trajectory": {"sgd": "trajectory"},
+    "schedule_free": {"sgd": "sgd", "sf": "schedule_free", "sf_adamw": "schedule_free_adamw",
+                      "keras_sf": "keras_schedule_free"},
 }
 
 
@@ -310,9 +377,11 @@ def train_seed(config, dataset, labels, swa_start, seed, output_dir):
     runs, seconds = {}, {}
     for name, kind in MODE_RUNS[config["averaging"]].items():
         title, run = RUN_KINDS[kind]
+        schedule = f"{config['schedule']} schedule"
+        if kind in SCHEDULE_FREE_KINDS:
+            schedule = f"no schedule ({config['sf_warmup_epochs']}-epoch warmup)"
         print(f"\n== seed {seed}: {title}, {config['model']} on "
-              f"{config['dataset']}, {config['epochs']} epochs, {config['schedule']} "
-              "schedule ==", flush=True)
+              f"{config['dataset']}, {config['epochs']} epochs, {schedule} ==", flush=True)
         start = time.time()
         runs[name] = run(config, dataset, swa_start, seed, output_dir)
         seconds[name] = time.time() - start

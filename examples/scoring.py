@@ -9,15 +9,20 @@ A row is one model the table reports (plain SGD, the SWA average, ...):
 # diagram (the usual 15 of Guo et al., 2017).
 ECE_BINS = 15
 
-# Schedule-free (issue 23) adds its rows here, after EMA: "sf_y":
-# "Schedule-free: y" (the weights it trains at) and "sf_x": "Schedule-free:
-# x" (its average), from a run kind of `runs.RUN_KINDS`.
+# The schedule-free rows: y, the weights a schedule-free optimizer trains
+# at (what Keras leaves in the model), and x, its average.
 LABELS = {
     "sgd": "SGD iterate",
     "swa_iterate": "SWA: final iterate",
     "swa": "SWA: average",
     "swag": "SWAG-BMA",
     "ema": "EMA: average",
+    "sf_y": "ScheduleFree(SGD): y",
+    "sf_x": "ScheduleFree(SGD): x",
+    "sf_adamw_y": "ScheduleFree(AdamW): y",
+    "sf_adamw_x": "ScheduleFree(AdamW): x",
+    "keras_sf_y": "Keras ScheduleFreeAdamW: y",
+    "keras_sf_x": "Keras ScheduleFreeAdamW: x",
 }
 METRICS = ("accuracy", "nll", "ece")
 

@@ -77,6 +77,19 @@ with `keras_swa.EMASnapshots` writing them about `--ema_snapshots` times to
 from the snapshots and evaluates it. It prints the sweep as a table and
 plots the test metrics against `sigma_rel` (`posthoc_ema.png`).
 
+`--averaging=schedule_free` trains, besides the plain run (its SGD
+iterate is the baseline), three schedule-free runs without a schedule: a
+linear warmup from 0 over `--sf_warmup_epochs`, then a constant rate.
+`keras_swa.ScheduleFree` around SGD without momentum (`--sf_lr`) and
+around AdamW with `beta_1=0` (`--sf_adamw_lr`), and Keras' own
+`keras.optimizers.ScheduleFreeAdamW` (`--sf_adamw_lr`, Keras >= 3.15),
+all interpolating with `--sf_momentum`. Each gives two rows: y, the
+weights it trains at (what Keras leaves in the model), and x, its average
+(`keras_swa.assign_average`), both with BatchNorm recomputed; with several
+seeds a second table holds each x against its y. Where Keras' own update
+makes y the average (Keras 3.15 on TensorFlow and PyTorch), keras_swa
+evaluates it at y and the binary says so under the table.
+
 A flag the chosen `--averaging` does not use is refused, not ignored: given
 on the command line, even at its default value, it stops the binary before
 anything is loaded, in one line naming the modes that use it.
@@ -84,7 +97,8 @@ anything is loaded, in one line naming the modes that use it.
 `--swa_lr` and `--swa_anneal_epochs` by `compare`, `swa` and `swag`;
 `--ema_decay`, `--ema_warmup` by `compare`, `ema` and `trajectory`; the
 `--swag_*` flags by `compare`, `swag` and `trajectory`; `--ema_sigma_rels`,
-`--ema_sweep` and `--ema_snapshots` by `posthoc_ema` (the table
+`--ema_sweep` and `--ema_snapshots` by `posthoc_ema`, the `--sf_*` flags
+by `schedule_free` (the table
 `train_flags.MODE_FLAGS`); the other flags do not depend on the mode. Also
 refused, in one line: `--swag_samples` given with `--swag_scale=0` (one
 sample, the SWA mean), and `--data_dir` or `--download` where the data does
@@ -98,6 +112,7 @@ Examples:
       --data_dir=/usr/share/datasets/fashion-mnist --seeds=0,1,2
   python -m examples.train --epochs=10 --seeds=0,1,2
   python -m examples.train --averaging=posthoc_ema --epochs=10
+  python -m examples.train --recipe=demo --averaging=schedule_free --seeds=0,1,2,3,4
   python -m examples.train --dataset=cifar100 --model=preresnet164 \
       --schedule=paper --epochs=225 --lr=0.1 --swa_start=126 --swa_lr=0.05 \
       --weight_decay=3e-4 --batch_size=128 --data_dir=~/tensorflow_datasets

@@ -7,6 +7,8 @@ Keras or TensorFlow: a mistake is told in a second, in one line.
 """
 
 import math
+import re
+from importlib import metadata
 
 from absl import flags
 
@@ -16,7 +18,8 @@ from examples import recipes
 # flags are checked without importing Keras.
 MODEL_NAMES = ("small_cnn", "vgg16_bn", "preresnet110", "preresnet164", "wrn28_10")
 SCHEDULES = ("cosine", "paper", "constant")
-AVERAGING = ("compare", "sgd", "swa", "swag", "ema", "posthoc_ema", "trajectory")
+AVERAGING = ("compare", "sgd", "swa", "swag", "ema", "posthoc_ema", "trajectory",
+             "schedule_free")
 # keras_swa.averaging.MAX_SIGMA_REL (a test keeps them in step), here so
 # that the flags are checked without importing Keras: the widest
 # power-function EMA profile.
@@ -66,8 +69,10 @@ flags.DEFINE_bool("ema_warmup", True,
 flags.DEFINE_enum("averaging", "compare", AVERAGING,
                   "Which runs to train: 'compare' (the plain/EMA run and the SWA/SWAG "
                   "run), 'sgd', 'swa', 'swag' (the SWA run with SWAG), 'ema', "
-                  "'posthoc_ema' or 'trajectory' (one plain run carrying SWA, SWAG and "
-                  "EMA); see the module docstring.")
+                  "'posthoc_ema', 'trajectory' (one plain run carrying SWA, SWAG and "
+                  "EMA) or 'schedule_free' (the plain run, ScheduleFree(SGD), "
+                  "ScheduleFree(AdamW) and Keras' ScheduleFreeAdamW, each at y and x); "
+                  "see the module docstring.")
 flags.DEFINE_integer("swag_rank", 20, "Deviation columns SWAG keeps (its max_rank).")
 flags.DEFINE_integer("swag_samples", 30, "Weight samples of the SWAG-BMA prediction.")
 flags.DEFINE_float("swag_scale", 0.5,
@@ -85,6 +90,18 @@ flags.DEFINE_list("ema_sweep", ["0.02", "0.03", "0.05", "0.07", "0.10", "0.13", 
 flags.DEFINE_integer("ema_snapshots", 20,
                      "About how many EMA snapshots to write over the run, evenly spaced, "
                      "the last at the last update (--averaging=posthoc_ema).")
+flags.DEFINE_float("sf_lr", 0.5,
+                   "Learning rate of ScheduleFree(SGD) (--averaging=schedule_free), "
+                   "constant after the warmup.")
+flags.DEFINE_float("sf_adamw_lr", 0.0025,
+                   "Learning rate of ScheduleFree(AdamW) and of Keras' ScheduleFreeAdamW "
+                   "(--averaging=schedule_free), constant after the warmup.")
+flags.DEFINE_float("sf_momentum", 0.9,
+                   "The interpolation of the schedule-free runs: y = (1 - m) z + m x "
+                   "(--averaging=schedule_free).")
+flags.DEFINE_integer("sf_warmup_epochs", 1,
+                     "Epochs of linear warmup from 0 of the schedule-free runs "
+                     "(--averaging=schedule_free).")
 flags.DEFINE_list("seeds", ["0"],
                   "Comma-separated seeds (initial weights, data order, augmentation); "
                   "with several, the table gives mean +- standard deviation.")
@@ -95,14 +112,16 @@ CONFIG_KEYS = ("recipe", "dataset", "data_dir", "download", "model", "epochs", "
                "schedule", "lr", "momentum", "weight_decay", "l2", "label_noise",
                "swa_start", "swa_lr", "swa_anneal_epochs", "ema_decay", "ema_warmup", "averaging", "swag_rank", "swag_samples",
                "swag_scale", "swag_bn_batches", "ema_sigma_rels", "ema_sweep",
-               "ema_snapshots", "seeds", "output_dir", "verbose")
+               "ema_snapshots", "sf_lr", "sf_adamw_lr", "sf_momentum", "sf_warmup_epochs",
+               "seeds", "output_dir", "verbose")
 # Defaults of the keys a caller of `train` may leave out.
 DEFAULTS = {"recipe": None, "schedule": "cosine", "l2": 0.0, "label_noise": 0.0,
             "swa_anneal_epochs": 0, "ema_warmup": True, "seeds": [0], "swa_start": None,
             "swag_rank": 20, "swag_samples": 30, "swag_scale": 0.5, "swag_bn_batches": 50,
             "ema_sigma_rels": [0.05, 0.10],
             "ema_sweep": [0.02, 0.03, 0.05, 0.07, 0.10, 0.13, 0.16, 0.20],
-            "ema_snapshots": 20}
+            "ema_snapshots": 20, "sf_lr": 0.5, "sf_adamw_lr": 0.0025, "sf_momentum": 0.9,
+            "sf_warmup_epochs": 1}
 # The modes of `--averaging` that use each of these flags, and no other mode
 # reads them (a test trains every mode and holds it to this table): given on
 # the command line to another mode, the flag is refused rather than ignored.
@@ -114,6 +133,8 @@ MODE_FLAGS = {
     **dict.fromkeys(("swag_rank", "swag_samples", "swag_scale", "swag_bn_batches"),
                     ("compare", "swag", "trajectory")),
     **dict.fromkeys(("ema_sigma_rels", "ema_sweep", "ema_snapshots"), ("posthoc_ema",)),
+    **dict.fromkeys(("sf_lr", "sf_adamw_lr", "sf_momentum", "sf_warmup_epochs"),
+                    ("schedule_free",)),
 }
 # The default `--swa_start` of each schedule. Cosine: measured on digits at
 # 10 and 20 epochs (docs/examples.md), 0.75 beats 0.5 (the SWA run anneals
@@ -183,6 +204,23 @@ def parse_sigma_rels(values, flag):
     return floats
 
 
+def check_keras_schedule_free():
+    """Raises a ValueError if the installed Keras predates its
+    `ScheduleFreeAdamW` (3.15), which `--averaging=schedule_free` trains;
+    reads the version without importing Keras."""
+    try:
+        version = metadata.version("keras")
+    except metadata.PackageNotFoundError:
+        return  # `_requirements` says what to install
+    found = re.match(r"(\d+)\.(\d+)", version)
+    if found and tuple(map(int, found.groups())) < (3, 15):
+        raise ValueError(
+            f"--averaging=schedule_free needs Keras >= 3.15 (for "
+            f"keras.optimizers.ScheduleFreeAdamW), found {version}: "
+            f'pip install "keras>=3.15".'
+        )
+
+
 def validate(config):
     """Checks the settings; returns the SWA start epoch and the seeds, and
     stores the parsed `sigma_rel` lists back into `config`.
@@ -207,6 +245,10 @@ def validate(config):
         ("swag_scale", config["swag_scale"] >= 0, "a float >= 0"),
         ("swag_bn_batches", config["swag_bn_batches"] >= 1, "an integer >= 1"),
         ("ema_snapshots", config["ema_snapshots"] >= 1, "an integer >= 1"),
+        ("sf_lr", config["sf_lr"] > 0, "a float > 0"),
+        ("sf_adamw_lr", config["sf_adamw_lr"] > 0, "a float > 0"),
+        ("sf_momentum", 0 < config["sf_momentum"] < 1, "a float in (0, 1)"),
+        ("sf_warmup_epochs", config["sf_warmup_epochs"] >= 0, "an integer >= 0"),
         ("schedule", config["schedule"] in SCHEDULES, " or ".join(SCHEDULES)),
         ("averaging", config["averaging"] in AVERAGING, ", ".join(AVERAGING)),
         ("model", config["model"] in MODEL_NAMES, "one of " + ", ".join(MODEL_NAMES)),
@@ -217,6 +259,8 @@ def validate(config):
             raise ValueError(f"--{name} must be {expected}, got {config[name]!r}.")
     for flag in ("ema_sigma_rels", "ema_sweep"):
         config[flag] = parse_sigma_rels(config[flag], flag)
+    if config["averaging"] == "schedule_free":
+        check_keras_schedule_free()
     swa_start = config["swa_start"]
     if swa_start is None:
         swa_start = SWA_START[config["schedule"]]

