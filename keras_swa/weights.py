@@ -192,6 +192,8 @@ def assign_average(
     >>> keras_swa.assign_average(model, bn_data=train_ds)  # doctest: +SKIP
     >>> model.save("swa_model.keras")  # doctest: +SKIP
     """
+    # The source's errors come before those of the BatchNorm arguments.
+    source = _resolve_source(model, source)
     bn = batch_norm.BNRecompute.checked(
         bn_data, bn_steps, bn_batch_size, verbose
     )
@@ -244,6 +246,8 @@ def averaged_weights(
     >>> with keras_swa.averaged_weights(model, bn_data=train_ds):
     ...     model.evaluate(test_ds)  # doctest: +SKIP
     """
+    # The source's errors come before those of the BatchNorm arguments.
+    source = _resolve_source(model, source)
     bn = batch_norm.BNRecompute.checked(
         bn_data, bn_steps, bn_batch_size, verbose
     )
