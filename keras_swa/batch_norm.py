@@ -17,6 +17,7 @@ the weights that other layers write in training mode (SpectralNormalization,
 a counter), not Dropout's seed, not even the statistics if anything fails.
 """
 
+import dataclasses
 import itertools
 import weakref
 
@@ -219,11 +220,11 @@ def recompute(
 ):
     """`update_bn`, with messages that name the caller's arguments.
 
-    For the functions and callbacks that take `bn_data`: a message about the
-    data then names `bn_data` (and `bn_steps`), not `data`. Check the data
-    with `_data.check_data` when the caller gets it, so that a wrong one
-    fails before training; this checks it again, and fails on what only
-    reading it shows (a generator that yields no batch, a bad batch).
+    For `BNRecompute`, whose messages about the data name `bn_data` (and
+    `bn_steps`), not `data`. Check the data with `_data.check_data` when the
+    caller gets it (`BNRecompute.checked`), so that a wrong one fails before
+    training; this checks it again, and fails on what only reading it shows
+    (a generator that yields no batch, a bad batch).
     """
     _check_arguments(model, verbose)
     _data.check_data(
@@ -267,6 +268,119 @@ def recompute(
         for variable, value in new_values:
             variable.assign(value)
         swapped.keep()
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class BNRecompute:
+    """The BatchNorm recompute a function or callback was asked for: its
+    `bn_data`, `bn_steps`, `bn_batch_size` and `verbose` arguments, as one.
+
+    A public function that takes `bn_data` builds it once, at its entry
+    (`checked`, so that a wrong argument fails before anything is written),
+    and passes it down; a callback checks its arguments when it is created
+    and builds it from its attributes when it runs (`of`). `run` recomputes
+    the statistics, or does nothing without data. Every message names the
+    user's arguments (`bn_data`, `bn_steps`, `bn_batch_size`).
+
+    Attributes:
+        data: The data to recompute on (`bn_data`), or None for no
+            recompute.
+        steps: The batches of `data` to use at most (`bn_steps`), or None.
+        batch_size: The batch size for array `data` (`bn_batch_size`), or
+            None.
+        verbose: The progress bar of the pass, as in `update_bn`.
+    """
+
+    data: object = None
+    steps: int | None = None
+    batch_size: int | None = None
+    verbose: object = "auto"
+
+    @classmethod
+    def checked(
+        cls, data, steps, batch_size, verbose="auto", *, reused=False
+    ) -> "BNRecompute":
+        """The recompute of these arguments, checked; reads nothing of `data`.
+
+        Args:
+            data, steps, batch_size, verbose: The `bn_data`, `bn_steps`,
+                `bn_batch_size` and `verbose` arguments (`verbose` is
+                checked when the pass runs).
+            reused: Whether the caller reads `data` more than once (every
+                epoch, every sample): a generator would be used up after
+                the first pass.
+
+        Returns:
+            A `BNRecompute`.
+
+        Raises:
+            TypeError, ValueError: naming the argument.
+        """
+        if data is None:
+            for name, value in (("bn_steps", steps),
+                                ("bn_batch_size", batch_size)):
+                if value is not None:
+                    raise ValueError(
+                        f"`{name}` is given but `bn_data` is None: there is "
+                        "no BatchNorm data for it to apply to. Pass "
+                        f"`bn_data` too, or leave `{name}` out. Received: "
+                        f"{name}={value!r}"
+                    )
+            return cls(verbose=verbose)
+        _data.check_data(
+            data,
+            name="bn_data",
+            steps=steps,
+            batch_size=batch_size,
+            steps_name="bn_steps",
+            batch_size_name="bn_batch_size",
+        )
+        if reused and _data.is_single_use(data):
+            raise ValueError(
+                "`bn_data` is read more than once here, but a generator or "
+                "iterator is used up after one pass. Pass data that can be "
+                "iterated again: arrays, a `tf.data.Dataset`, a "
+                "`keras.utils.PyDataset` or a torch `DataLoader`. Received: "
+                f"bn_data={data!r:.200}"
+            )
+        return cls(data, steps, batch_size, verbose)
+
+    @classmethod
+    def of(cls, callback, verbose=0) -> "BNRecompute":
+        """The recompute of a callback's `bn_data`, `bn_steps` and
+        `bn_batch_size` attributes as they are now, checked (the callback
+        checks them when it is created, with `reused`), silent by default.
+
+        Args:
+            callback: A callback with those three attributes.
+            verbose: The progress bar of the pass. Defaults to `0`.
+
+        Returns:
+            A `BNRecompute`.
+        """
+        return cls.checked(
+            callback.bn_data, callback.bn_steps, callback.bn_batch_size,
+            verbose,
+        )
+
+    def variables(self, model) -> list:
+        """The variables `run(model)` may write: none without data."""
+        return [] if self.data is None else statistics_variables(model)
+
+    def run(self, model) -> None:
+        """`update_bn` of `model` on the data; nothing without data."""
+        if self.data is None:
+            return
+        recompute(
+            model,
+            self.data,
+            steps=self.steps,
+            batch_size=self.batch_size,
+            verbose=self.verbose,
+            data_name="bn_data",
+            steps_name="bn_steps",
+            batch_size_name="bn_batch_size",
+        )
 
 
 def _sum_dtype(layers):

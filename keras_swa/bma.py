@@ -47,13 +47,13 @@ def _check_model_and_swag(model, swag, name):
         )
 
 
-def _assign_sample(model, swag, scale, seed, bn_data, bn_steps, bn_batch_size):
+def _assign_sample(model, swag, scale, seed, bn):
     # Into the variables the moments were taken from, by identity: also
     # those of a layer (or model) frozen after training.
     values = swag._sample_values(scale, seed, diagonal=False)
     for variable, value in zip(swag._averages.variables, values):
         variable.assign(ops.cast(value, variable.dtype))
-    weights.recompute_bn(model, bn_data, bn_steps, bn_batch_size, verbose=0)
+    bn.run(model)
 
 
 @contextlib.contextmanager
@@ -106,12 +106,12 @@ def sampled_weights(
     """
     _check_model_and_swag(model, swag, "swag")
     scale, seed, _ = swag_lib.check_sample_arguments(scale, seed)
-    weights.check_bn_data(bn_data, bn_steps, bn_batch_size)
+    bn = batch_norm.BNRecompute.checked(
+        bn_data, bn_steps, bn_batch_size, verbose=0
+    )
     # A sample goes where the averages would: the same variables.
-    with swap.Swap(weights.written_variables(model, swag, bn_data)):
-        _assign_sample(
-            model, swag, scale, seed, bn_data, bn_steps, bn_batch_size
-        )
+    with swap.Swap(weights.written_variables(model, swag, bn)):
+        _assign_sample(model, swag, scale, seed, bn)
         yield
 
 
@@ -165,12 +165,13 @@ def _check_arguments(
     model, x, source, num_samples, scale, seed, bn_data, bn_steps,
     batch_size, from_logits, bn_batch_size,
 ):
-    """`predict_bma`'s checks; the arguments it uses, as it uses them."""
+    """`predict_bma`'s checks; the arguments it uses, as it uses them (the
+    BatchNorm ones as a `batch_norm.BNRecompute`)."""
     _check_model_and_swag(model, source, "source")
     num_samples = _validation.integer("num_samples", num_samples, 1)
     scale, seed, _ = swag_lib.check_sample_arguments(scale, seed)
-    weights.check_bn_data(
-        bn_data, bn_steps, bn_batch_size, reused=num_samples > 1
+    bn = batch_norm.BNRecompute.checked(
+        bn_data, bn_steps, bn_batch_size, verbose=0, reused=num_samples > 1
     )
     batch_size = _validation.integer("batch_size", batch_size, 1, optional=True)
     from_logits = _validation.boolean("from_logits", from_logits)
@@ -183,7 +184,7 @@ def _check_arguments(
     if scale == 0.0:
         # Every sample is the mean.
         num_samples = 1
-    elif bn_data is None and batch_norm.statistics_variables(model):
+    elif bn.data is None and batch_norm.statistics_variables(model):
         warnings.warn(
             "The model has BatchNormalization layers, and their statistics "
             "belong to the weights it holds, not to the samples: pass "
@@ -191,7 +192,7 @@ def _check_arguments(
             "to recompute them for each sample.",
             stacklevel=3,
         )
-    return num_samples, scale, seed, batch_size, from_logits
+    return num_samples, scale, seed, bn, batch_size, from_logits
 
 
 def predict_bma(
@@ -268,7 +269,7 @@ def predict_bma(
     ...                               bn_steps=50)  # doctest: +SKIP
     >>> accuracy = (probs.argmax(-1) == y_test).mean()  # doctest: +SKIP
     """
-    num_samples, scale, seed, batch_size, from_logits = _check_arguments(
+    num_samples, scale, seed, bn, batch_size, from_logits = _check_arguments(
         model, x, source, num_samples, scale, seed, bn_data, bn_steps,
         batch_size, from_logits, bn_batch_size,
     )
@@ -278,10 +279,8 @@ def predict_bma(
     # JAX one that raises leaves every variable unset (Keras 3.15 purges).
     with swap.Swap(model.variables):
         for index in range(num_samples):
-            _assign_sample(
-                model, source, scale, None if seed is None else seed + index,
-                bn_data, bn_steps, bn_batch_size,
-            )
+            sample_seed = None if seed is None else seed + index
+            _assign_sample(model, source, scale, sample_seed, bn)
             probabilities = keras.tree.map_structure(
                 lambda output: _probabilities(output, from_logits),
                 model.predict(

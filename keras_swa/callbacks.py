@@ -152,14 +152,8 @@ def _assign_at_end(callback):
             "`keras_swa.update_bn(model, data)` after `fit`.",
             stacklevel=3,
         )
-    weights.assign_average(
-        callback.model,
-        source=callback,
-        bn_data=callback.bn_data,
-        bn_steps=callback.bn_steps,
-        bn_batch_size=callback.bn_batch_size,
-        verbose=1 if callback.verbose else 0,
-    )
+    bn = batch_norm.BNRecompute.of(callback, 1 if callback.verbose else 0)
+    weights.swap_in(callback.model, callback, bn).keep()
 
 
 def _schedule(callback):
@@ -297,7 +291,7 @@ class StochasticWeightAveraging(keras.callbacks.Callback, engine.Averager):
         # Before training: a wrong `bn_data` would otherwise only show after
         # the last epoch. It is read at every evaluation with
         # `validation_data`, once at the end otherwise.
-        weights.check_bn_data(
+        batch_norm.BNRecompute.checked(
             bn_data, self.bn_steps, bn_batch_size,
             reused=validation_data is not None,
         )
@@ -441,7 +435,6 @@ def _log_average(callback, logs):
     logs.update(
         evaluation.evaluate_average(
             callback.model, callback, callback.validation_data,
-            callback.bn_data, callback.bn_steps, callback.bn_batch_size,
-            "val_swa_",
+            batch_norm.BNRecompute.of(callback), "val_swa_",
         )
     )

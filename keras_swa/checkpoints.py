@@ -36,7 +36,6 @@ import numpy as np
 
 from keras_swa import batch_norm
 from keras_swa import evaluation
-from keras_swa import weights as weights_lib
 
 # The top-level group of the optimizer's state in Keras' weights files. It is
 # not part of the architecture and is never averaged: the model keeps its
@@ -449,7 +448,9 @@ def average_checkpoints(
     """
     paths = _check_paths(paths)
     weights = _check_weights(weights, len(paths))
-    weights_lib.check_bn_data(bn_data, bn_steps, bn_batch_size)
+    bn = batch_norm.BNRecompute.checked(
+        bn_data, bn_steps, bn_batch_size, verbose
+    )
     with tempfile.TemporaryDirectory(prefix="keras_swa_") as directory:
         workspace = _Workspace(model, directory)
         total = _Sum(workspace)
@@ -457,12 +458,9 @@ def average_checkpoints(
             total.add(path, weight)
         try:
             total.load_mean()
-            if bn_data is None:
+            if bn.data is None:
                 _warn_averaged_statistics(model, "average_checkpoints")
-            else:
-                weights_lib.recompute_bn(
-                    model, bn_data, bn_steps, bn_batch_size, verbose
-                )
+            bn.run(model)
         except BaseException:
             workspace.restore()
             raise
@@ -604,21 +602,16 @@ def greedy_soup(
     >>> for step in chosen.steps:  # doctest: +SKIP
     ...     print(step.path, step.metric, step.soup_metric, step.added)
     """
-    paths = _check_soup_arguments(
+    paths, bn = _check_soup_arguments(
         model, paths, validation_data, metric, mode, bn_data, bn_steps,
-        bn_batch_size,
+        bn_batch_size, verbose,
     )
     with tempfile.TemporaryDirectory(prefix="keras_swa_") as directory:
         workspace = _Workspace(model, directory)
-        evaluate = _SoupEvaluator(
-            model, validation_data, metric, mode,
-            lambda: _recompute_soup_bn(
-                model, bn_data, bn_steps, bn_batch_size, verbose
-            ),
-        )
+        evaluate = _SoupEvaluator(model, validation_data, metric, mode, bn)
         try:
             soup = _greedy_search(workspace, paths, evaluate)
-            if bn_data is None and len(soup) > 1:
+            if bn.data is None and len(soup) > 1:
                 _warn_averaged_statistics(model, "greedy_soup")
         except BaseException:
             workspace.restore()
@@ -628,10 +621,10 @@ def greedy_soup(
 
 def _check_soup_arguments(
     model, paths, validation_data, metric, mode, bn_data, bn_steps,
-    bn_batch_size,
+    bn_batch_size, verbose,
 ):
     """Checks `greedy_soup`'s arguments before any file is read; returns the
-    checked paths."""
+    checked paths and the `batch_norm.BNRecompute`."""
     paths = _check_paths(paths)
     if not isinstance(metric, str):
         raise TypeError(
@@ -649,34 +642,32 @@ def _check_soup_arguments(
         )
     # Evaluated once per file and once per candidate soup.
     evaluation.check_validation_data(validation_data)
-    weights_lib.check_bn_data(bn_data, bn_steps, bn_batch_size, reused=True)
+    bn = batch_norm.BNRecompute.checked(
+        bn_data, bn_steps, bn_batch_size, verbose, reused=True
+    )
     if not getattr(model, "compiled", False):
         raise ValueError(
             "`model` must be compiled with `metric` among its metrics: "
             "`greedy_soup` evaluates it. Received an uncompiled model."
         )
-    return paths
-
-
-def _recompute_soup_bn(model, bn_data, bn_steps, bn_batch_size, verbose):
-    if bn_data is not None:
-        weights_lib.recompute_bn(
-            model, bn_data, bn_steps, bn_batch_size, verbose
-        )
+    return paths, bn
 
 
 class _SoupEvaluator:
     """`metric` of the model as it now holds weights (BN recomputed first),
     and which way is better."""
 
-    def __init__(self, model, validation_data, metric, mode, recompute_bn):
+    def __init__(self, model, validation_data, metric, mode, bn):
         self.model, self.metric, self.mode = model, metric, mode
-        self.recompute_bn = recompute_bn
+        self.bn = bn
         if isinstance(validation_data, tuple):
             self.data = keras.utils.unpack_x_y_sample_weight(validation_data)
         else:
             self.data = validation_data, None, None
         self.sign = None
+
+    def recompute_bn(self):
+        self.bn.run(self.model)
 
     def __call__(self):
         self.recompute_bn()

@@ -15,6 +15,7 @@ import keras
 from keras_swa import _callback_order
 from keras_swa import _data
 from keras_swa import _validation
+from keras_swa import batch_norm
 from keras_swa import schedule_free
 from keras_swa import weights
 
@@ -64,8 +65,7 @@ def check_validation_data(validation_data) -> None:
 
 
 def evaluate_average(
-    model, source, validation_data, bn_data, bn_steps, bn_batch_size,
-    prefix: str,
+    model, source, validation_data, bn: batch_norm.BNRecompute, prefix: str
 ) -> dict:
     """The metrics of the averaged model on `validation_data`.
 
@@ -73,9 +73,8 @@ def evaluate_average(
         model: The compiled model.
         source: What holds the averages (see `keras_swa.assign_average`).
         validation_data: As `fit`'s `validation_data`.
-        bn_data: Data to recompute BatchNorm statistics on, or None.
-        bn_steps: Batches of `bn_data` to use, or None for all.
-        bn_batch_size: The batch size for array `bn_data`, or None.
+        bn: The BatchNorm recompute (a `batch_norm.BNRecompute`; callers
+            pass a silent one).
         prefix: String put before every metric name.
 
     Returns:
@@ -83,10 +82,7 @@ def evaluate_average(
         are back as they were.
     """
     x, y, sample_weight = _unpack_validation_data(validation_data)
-    with weights.averaged_weights(
-        model, source=source, bn_data=bn_data, bn_steps=bn_steps,
-        bn_batch_size=bn_batch_size, verbose=0,
-    ):
+    with weights.swap_in(model, source, bn):
         results = model.evaluate(
             x, y, sample_weight=sample_weight, verbose=0, return_dict=True
         )
@@ -192,7 +188,9 @@ class EvaluateAverage(keras.callbacks.Callback):
         _check_source(source)
         self.validation_data = validation_data
         self.source = source
-        weights.check_bn_data(bn_data, bn_steps, bn_batch_size, reused=True)
+        batch_norm.BNRecompute.checked(
+            bn_data, bn_steps, bn_batch_size, reused=True
+        )
         self.bn_data = bn_data
         self.bn_steps = bn_steps
         self.bn_batch_size = bn_batch_size
@@ -224,9 +222,7 @@ class EvaluateAverage(keras.callbacks.Callback):
                 self.model,
                 source,
                 self.validation_data,
-                self.bn_data,
-                self.bn_steps,
-                self.bn_batch_size,
+                batch_norm.BNRecompute.of(self),
                 self._prefix,
             )
         )
@@ -277,7 +273,9 @@ class AverageModelCheckpoint(keras.callbacks.ModelCheckpoint):
         **kwargs,
     ):
         _check_source(source)
-        weights.check_bn_data(bn_data, bn_steps, bn_batch_size, reused=True)
+        batch_norm.BNRecompute.checked(
+            bn_data, bn_steps, bn_batch_size, reused=True
+        )
         super().__init__(filepath, **kwargs)
         self.source = source
         self.bn_data = bn_data
@@ -302,13 +300,10 @@ class AverageModelCheckpoint(keras.callbacks.ModelCheckpoint):
         should_save = super()._should_save_model(epoch, batch, logs, filepath)
         if should_save:
             self._swap.enter_context(
-                weights.averaged_weights(
+                weights.swap_in(
                     self.model,
-                    source=_resolve(self.model, self.source),
-                    bn_data=self.bn_data,
-                    bn_steps=self.bn_steps,
-                    bn_batch_size=self.bn_batch_size,
-                    verbose=0,
+                    _resolve(self.model, self.source),
+                    batch_norm.BNRecompute.of(self),
                 )
             )
         return should_save

@@ -25,6 +25,7 @@ import numpy as np
 
 from keras_swa import _validation
 from keras_swa import averaging
+from keras_swa import batch_norm
 from keras_swa import evaluation
 from keras_swa import optimizers
 from keras_swa import weights
@@ -521,12 +522,11 @@ def reconstruct_ema(
     directory = _check_directory(directory)
     sigma_rel = optimizers._check_sigma_rel("sigma_rel", sigma_rel)
     step = _validation.integer("step", step, 0, optional=True)
-    weights.check_bn_data(bn_data, bn_steps, bn_batch_size)
-    source, coefficients = _reconstruction(model, directory, sigma_rel, step)
-    weights.assign_average(
-        model, source=source, bn_data=bn_data, bn_steps=bn_steps,
-        bn_batch_size=bn_batch_size, verbose=verbose,
+    bn = batch_norm.BNRecompute.checked(
+        bn_data, bn_steps, bn_batch_size, verbose
     )
+    source, coefficients = _reconstruction(model, directory, sigma_rel, step)
+    weights.swap_in(model, source, bn).keep()
     return coefficients
 
 
@@ -584,14 +584,15 @@ def sweep_ema(
         optimizers._check_sigma_rel("sigma_rels", s) for s in sigma_rels
     ]
     step = _validation.integer("step", step, 0, optional=True)
-    weights.check_bn_data(bn_data, bn_steps, bn_batch_size, reused=True)
+    bn = batch_norm.BNRecompute.checked(
+        bn_data, bn_steps, bn_batch_size, verbose=0, reused=True
+    )
     evaluation.check_validation_data(validation_data)
     table = []
     for sigma_rel in sigma_rels:
         source, _ = _reconstruction(model, directory, sigma_rel, step)
         metrics = evaluation.evaluate_average(
-            model, source, validation_data, bn_data, bn_steps, bn_batch_size,
-            prefix="",
+            model, source, validation_data, bn, prefix=""
         )
         table.append({"sigma_rel": sigma_rel, **metrics})
     return table

@@ -21,10 +21,10 @@ How a caller uses it:
 
 - the averages of a source, for a block: `weights.averaged_weights(...)`;
   swapped in at one point and out at another (a checkpoint callback):
-  `swapped = weights.swap_in(model, source, bn_data, ...)`, later
-  `swapped.restore()`;
-- what the averages of a source (and `update_bn` on `bn_data`) write:
-  `weights.written_variables(model, source, bn_data)`;
+  `swapped = weights.swap_in(model, source, bn)` (`bn` a
+  `batch_norm.BNRecompute`), later `swapped.restore()`;
+- what the averages of a source (and the BatchNorm recompute `bn`) write:
+  `weights.written_variables(model, source, bn)`;
 - any other values (weights read from files, a soup): record first, then
   write, `with Swap(variables) as swapped: ...`, and `swapped.keep()` at the
   end of the block where the writes are for good.

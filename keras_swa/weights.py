@@ -12,7 +12,6 @@ import contextlib
 
 import keras
 
-from keras_swa import _data
 from keras_swa import _validation
 from keras_swa import batch_norm
 from keras_swa import engine
@@ -64,19 +63,19 @@ def _resolve_source(model, source):
     return source
 
 
-def written_variables(model, source, bn_data=None) -> list:
+def written_variables(model, source, bn) -> list:
     """The variables of `model` that assigning the averages of `source`
-    (and recomputing BatchNorm on `bn_data`) writes: what a swap records.
+    (and the BatchNorm recompute `bn`) writes: what a swap records.
 
     For a keras_swa averager, the model's variables it holds averages of,
     `trainable` or not now; for any other source, which may write any
-    variable it is given, all of `model.variables`. With `bn_data`, also the
-    statistics `update_bn` recomputes.
+    variable it is given, all of `model.variables`. With data in `bn`, also
+    the statistics `update_bn` recomputes.
 
     Args:
         model: A built `keras.Model`.
         source: A source of averages, as `_resolve_source` returns it.
-        bn_data: The BatchNorm data, or None.
+        bn: A `batch_norm.BNRecompute`.
 
     Returns:
         A list of `keras.Variable`s.
@@ -99,113 +98,45 @@ def written_variables(model, source, bn_data=None) -> list:
         ]
     else:
         written = list(model.variables)
-    if bn_data is not None:
-        written += batch_norm.statistics_variables(model)
-    return written
+    return written + bn.variables(model)
 
 
-def check_bn_data(bn_data, bn_steps, bn_batch_size, reused=False) -> None:
-    """Checks `bn_data` and its arguments before anything runs.
-
-    For every function and callback that takes `bn_data`, so that a wrong
-    one fails before training or assigning starts, with messages that name
-    `bn_data`, `bn_steps` and `bn_batch_size`. Nothing is read from the data.
-
-    Args:
-        bn_data: The data, or None.
-        bn_steps: The `bn_steps` argument.
-        bn_batch_size: The `bn_batch_size` argument.
-        reused: Whether the caller reads `bn_data` more than once (every
-            epoch, every sample): a generator would be used up after the
-            first pass.
-
-    Raises:
-        TypeError, ValueError: naming the argument.
-    """
-    if bn_data is None:
-        for name, value in (("bn_steps", bn_steps),
-                            ("bn_batch_size", bn_batch_size)):
-            if value is not None:
-                raise ValueError(
-                    f"`{name}` is given but `bn_data` is None: there is no "
-                    f"BatchNorm data for it to apply to. Pass `bn_data` too, "
-                    f"or leave `{name}` out. Received: {name}={value!r}"
-                )
-        return
-    _data.check_data(
-        bn_data,
-        name="bn_data",
-        steps=bn_steps,
-        batch_size=bn_batch_size,
-        steps_name="bn_steps",
-        batch_size_name="bn_batch_size",
-    )
-    if reused and _data.is_single_use(bn_data):
-        raise ValueError(
-            "`bn_data` is read more than once here, but a generator or "
-            "iterator is used up after one pass. Pass data that can be "
-            "iterated again: arrays, a `tf.data.Dataset`, a "
-            "`keras.utils.PyDataset` or a torch `DataLoader`. Received: "
-            f"bn_data={bn_data!r:.200}"
-        )
-
-
-def recompute_bn(model, bn_data, bn_steps, bn_batch_size, verbose) -> None:
-    """`update_bn` on `bn_data` (nothing when None), with messages that name
-    `bn_data`, `bn_steps` and `bn_batch_size`."""
-    if bn_data is None:
-        return
-    batch_norm.recompute(
-        model,
-        bn_data,
-        steps=bn_steps,
-        batch_size=bn_batch_size,
-        verbose=verbose,
-        data_name="bn_data",
-        steps_name="bn_steps",
-        batch_size_name="bn_batch_size",
-    )
-
-
-def swap_in(
-    model, source=None, bn_data=None, bn_steps=None, verbose="auto",
-    bn_batch_size=None,
-) -> swap.Swap:
+def swap_in(model, source, bn) -> swap.Swap:
     """Swaps the averages of `source` in; returns the swap that takes them
     out.
 
     What `assign_average` and `averaged_weights` do, for callers that swap
     the average in at one point and out at another (a checkpoint callback
     between deciding to save and saving): the averages go into the
-    variables they were taken from, the statistics are recomputed on
-    `bn_data`, and the returned `swap.Swap` holds every variable written.
-    Call its `restore()` to put the model back, or `keep()` to keep the
-    average. If anything fails here, the model is put back first.
+    variables they were taken from, the statistics are recomputed as `bn`
+    says, and the returned `swap.Swap` holds every variable written. Call
+    its `restore()` to put the model back, or `keep()` to keep the average.
+    If anything fails here, the model is put back first.
 
     Args:
-        model, source, bn_data, bn_steps, verbose, bn_batch_size: As in
-            `assign_average`.
+        model, source: As in `assign_average`.
+        bn: A `batch_norm.BNRecompute`, checked.
 
     Returns:
         A `swap.Swap`, open.
 
     Example:
 
-    >>> swapped = swap_in(model, source, bn_data=x_train)  # doctest: +SKIP
+    >>> bn = batch_norm.BNRecompute.checked(x, None, None)  # doctest: +SKIP
+    >>> swapped = swap_in(model, source, bn)  # doctest: +SKIP
     >>> try:
     ...     model.save("average.keras")  # doctest: +SKIP
     ... finally:
     ...     swapped.restore()  # doctest: +SKIP
     """
     source = _resolve_source(model, source)
-    check_bn_data(bn_data, bn_steps, bn_batch_size)
-    swapped = swap.Swap(written_variables(model, source, bn_data))
+    swapped = swap.Swap(written_variables(model, source, bn))
     try:
         # All variables, not only the trainable ones: the averages go into
         # the variables they were taken from, also when a layer (or the
         # model) was frozen after training.
         source.assign_average_vars(model.variables)
-        recompute_bn(model, bn_data, bn_steps, bn_batch_size, verbose)
+        bn.run(model)
     except BaseException:
         swapped.restore()
         raise
@@ -261,7 +192,12 @@ def assign_average(
     >>> keras_swa.assign_average(model, bn_data=train_ds)  # doctest: +SKIP
     >>> model.save("swa_model.keras")  # doctest: +SKIP
     """
-    swap_in(model, source, bn_data, bn_steps, verbose, bn_batch_size).keep()
+    # The source's errors come before those of the BatchNorm arguments.
+    source = _resolve_source(model, source)
+    bn = batch_norm.BNRecompute.checked(
+        bn_data, bn_steps, bn_batch_size, verbose
+    )
+    swap_in(model, source, bn).keep()
 
 
 @contextlib.contextmanager
@@ -310,5 +246,10 @@ def averaged_weights(
     >>> with keras_swa.averaged_weights(model, bn_data=train_ds):
     ...     model.evaluate(test_ds)  # doctest: +SKIP
     """
-    with swap_in(model, source, bn_data, bn_steps, verbose, bn_batch_size):
+    # The source's errors come before those of the BatchNorm arguments.
+    source = _resolve_source(model, source)
+    bn = batch_norm.BNRecompute.checked(
+        bn_data, bn_steps, bn_batch_size, verbose
+    )
+    with swap_in(model, source, bn):
         yield

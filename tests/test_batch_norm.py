@@ -1,6 +1,7 @@
 """Tests of `keras_swa.update_bn` against statistics computed in NumPy."""
 
 import gc
+import types
 import weakref
 
 import keras
@@ -1086,3 +1087,44 @@ def test_recompute_names_the_callers_arguments():
         keras_swa.batch_norm.recompute(
             model, iter([(x, x, x, x)]), verbose=0, **names
         )
+
+
+def test_bn_recompute_checks_by_the_public_names_and_runs_update_bn():
+    # `batch_norm.BNRecompute` carries `bn_data`, `bn_steps`, `bn_batch_size`
+    # and `verbose` from every public function and callback down. Its
+    # checks are those the functions made before it (the same messages).
+    recompute = keras_swa.batch_norm.BNRecompute
+    model, norm = _input_bn_model()
+    x = np.random.default_rng(31).normal(size=(70, 4)).astype("float32")
+    for arguments, reused, error, message in [
+        ((None, 2, None), False, ValueError,
+         "`bn_steps` is given but `bn_data` is None"),
+        ((None, None, 4), False, ValueError,
+         "`bn_batch_size` is given but `bn_data` is None"),
+        ((x, 0, None), False, ValueError, "`bn_steps` must be"),
+        ((x, None, 1.5), False, TypeError, "`bn_batch_size` must be"),
+        ((iter([x]), None, None), True, ValueError,
+         "`bn_data` is read more than once"),
+    ]:
+        with pytest.raises(error, match=message):
+            recompute.checked(*arguments, reused=reused)
+    recompute.checked(iter([x]), None, None)  # read once: fine
+    # A callback's attributes as they are when it runs, checked again.
+    callback = types.SimpleNamespace(bn_data=None, bn_steps=2,
+                                     bn_batch_size=None)
+    with pytest.raises(ValueError, match="`bn_steps` is given"):
+        recompute.of(callback)
+    callback.bn_data = x
+    assert recompute.of(callback).verbose == 0
+    # Without data it writes nothing and runs nothing.
+    empty = recompute.checked(None, None, None)
+    assert empty.variables(model) == []
+    empty.run(None)
+    # With data: `update_bn`'s statistics over the batches asked for.
+    _garble([norm])
+    bn = recompute.checked(x, 2, 16, verbose=0)
+    assert [id(v) for v in bn.variables(model)] == [
+        id(norm.moving_mean), id(norm.moving_variance)
+    ]
+    bn.run(model)
+    _assert_statistics(norm, x, (16, 16))

@@ -223,7 +223,9 @@ def test_averages_on_a_model_frozen_after_training(how):
 
     # In at one point, out at another; the swap holds exactly what was
     # written: the averaged variables and the statistics update_bn wrote.
-    swapped = weights.swap_in(model, bn_data=x, verbose=0)
+    swapped = weights.swap_in(
+        model, None, batch_norm.BNRecompute.checked(x, None, None, verbose=0)
+    )
     _assert_values(averaged, averages)
     assert {id(v) for v in swapped.variables} == {
         id(v) for v in averaged + batch_norm.statistics_variables(model)
