@@ -139,7 +139,9 @@ class EvaluateAverage(keras.callbacks.Callback):
             `validation_data` takes: `(x, y)`, `(x, y, sample_weight)` or a
             dataset.
         source: What holds the averages: an averaging optimizer wrapper, an
-            averaging callback, or any object with `n_averaged` and
+            averaging callback, a `keras_swa.ScheduleFree` optimizer or
+            Keras' `ScheduleFreeAdamW` (evaluated at x, logged as
+            `val_sf_*`), or any object with `n_averaged` and
             `assign_average_vars`. Defaults to `None`: `model.optimizer`
             (looking inside a `LossScaleOptimizer`).
         bn_data: Data to recompute the BatchNorm statistics of the average

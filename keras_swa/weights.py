@@ -163,8 +163,11 @@ def assign_average(
 
     Args:
         model: A built `keras.Model`.
-        source: What holds the averages: a `keras_swa.SWA` or `keras_swa.EMA`
-            optimizer, a `keras_swa.StochasticWeightAveraging` callback, or any
+        source: What holds the averages: a keras_swa optimizer wrapper
+            (`SWA`, `EMA`, `PowerEMA`, a `PostHocEMA` profile), a
+            `keras_swa.StochasticWeightAveraging` or `SWAG` callback, a
+            `keras_swa.ScheduleFree` optimizer or Keras'
+            `keras.optimizers.ScheduleFreeAdamW` (their average x), or any
             object with `n_averaged` and `assign_average_vars(var_list)`
             (called with `model.variables`: it writes those it holds
             averages of). Defaults to `None`: `model.optimizer`, looking
