@@ -219,15 +219,23 @@ class EvaluateAverage(keras.callbacks.Callback):
         if logs is None or _n_averaged(source) == 0:
             return
         self._quiet.close()
-        logs.update(
-            evaluate_average(
-                self.model,
-                source,
-                self.validation_data,
-                batch_norm.BNRecompute.of(self),
-                self._prefix,
-            )
+        results = evaluate_average(
+            self.model,
+            source,
+            self.validation_data,
+            batch_norm.BNRecompute.of(self),
+            self._prefix,
         )
+        # A prefix such as "val_" would replace `fit`'s own `val_loss`
+        # with the average's, silently.
+        taken = sorted(set(results) & set(logs))
+        if taken:
+            raise ValueError(
+                f"EvaluateAverage would overwrite {taken} in the epoch logs, "
+                "written by `fit` or a callback before it. Give it another "
+                f"`prefix`. Received: prefix={self._prefix!r}"
+            )
+        logs.update(results)
 
 
 class AverageModelCheckpoint(keras.callbacks.ModelCheckpoint):

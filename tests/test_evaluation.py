@@ -258,6 +258,18 @@ def test_two_evaluations_writing_the_same_keys_are_refused():
                     keras_swa.EvaluateAverage(make_data(n=16, seed=2))])
 
 
+def test_a_prefix_that_would_overwrite_fits_own_logs_is_refused():
+    # prefix="val_" would put the average's loss in `val_loss`, silently.
+    x, y = make_data()
+    validation = make_data(n=32, seed=1)
+    model = make_model(ema_optimizer())
+    with pytest.raises(ValueError, match=r"overwrite \['val_loss'\]"):
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0,
+                  validation_data=validation,
+                  callbacks=[keras_swa.EvaluateAverage(validation,
+                                                       prefix="val_")])
+
+
 def _generator():
     x, y = make_data(n=32, seed=1)
     for start in range(0, 32, 8):
