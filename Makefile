@@ -31,13 +31,17 @@ install: $(STAMP)
 # The whole suite once per Keras backend, in turn: all three run, and the
 # target fails if any of them failed. Each run also builds the docs
 # (tests/test_docs.py, a few seconds), so a broken reference fails the suite.
+# On every core (pytest-xdist), a module's tests in one worker:
+# `make test WORKERS=0` runs them in one process.
+WORKERS ?= auto
+PYTEST := $(PY) -m pytest tests -n $(WORKERS) --dist loadfile
 test: $(STAMP)
 	status=0; for backend in tensorflow jax torch; do \
-		KERAS_BACKEND=$$backend $(PY) -m pytest tests || status=1; \
+		KERAS_BACKEND=$$backend $(PYTEST) || status=1; \
 	done; exit $$status
 
 test-tensorflow test-jax test-torch: test-%: $(STAMP)
-	KERAS_BACKEND=$* $(PY) -m pytest tests
+	KERAS_BACKEND=$* $(PYTEST)
 
 # The demo: every averager on one constant-rate SGD run of digits with 20%
 # label noise, 5 seeds, paired 95% intervals against the SGD iterate (about

@@ -263,7 +263,7 @@ def test_a_prefix_that_would_overwrite_fits_own_logs_is_refused():
     x, y = make_data()
     validation = make_data(n=32, seed=1)
     model = make_model(ema_optimizer())
-    with pytest.raises(ValueError, match=r"overwrite \['val_loss'\]"):
+    with pytest.raises(ValueError, match=r"overwrite \['val_loss', 'val_mae'\]"):
         model.fit(x, y, batch_size=16, epochs=1, verbose=0,
                   validation_data=validation,
                   callbacks=[keras_swa.EvaluateAverage(validation,
