@@ -280,12 +280,18 @@ def _torch_window(fold, weights, count):
         mean = average.value
         weight = _value(weight).to(device=mean.device, dtype=mean.dtype)
         ring = None if ring is None else ring.value
-        mean.copy_(window_mean(ring, weight, count, fold.window))
-        if ring is not None:
-            # The slot as a tensor on the device: no wait for it in Python.
-            slot = torch.remainder(count, fold.window - 1).reshape(1)
-            ring.index_copy_(0, slot.to(ring.device, torch.int64),
-                             weight.unsqueeze(0))
+        if ring is None:
+            mean.copy_(weight)
+            continue
+        # In place, without a temporary per addition: the same sum as
+        # `window_mean`, a third of its passes over memory.
+        held = torch.clamp(count + 1, max=fold.window).to(mean)
+        torch.sum(ring, dim=0, out=mean)
+        mean.add_(weight).div_(held)
+        # The slot as a tensor on the device: no wait for it in Python.
+        slot = torch.remainder(count, fold.window - 1).reshape(1)
+        ring.index_copy_(0, slot.to(ring.device, torch.int64),
+                         weight.unsqueeze(0))
 
 
 def _tf_add_snapshot(
