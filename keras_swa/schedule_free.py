@@ -244,14 +244,7 @@ class ScheduleFree(optimizers.WrappedOptimizer):
         return self._n_averaged
 
     def apply(self, grads, trainable_variables=None):
-        if not self.built:
-            if trainable_variables is None:
-                raise ValueError(
-                    "The optimizer must be built before `apply` without "
-                    "`trainable_variables`: call "
-                    "`optimizer.build(trainable_variables)` first."
-                )
-            self.build(list(trainable_variables))
+        trainable_variables = self._build_for_apply(trainable_variables)
         if trainable_variables is None:
             trainable_variables = self._trainable_variables
         trainable_variables = list(trainable_variables)

@@ -320,8 +320,7 @@ def _window_variances(averages, means, n):
     window = averages.window
     held = min(n, window)
     values = []
-    for ring, mean, variable in zip(averages.rings or [None] * len(means),
-                                    means, averages.variables):
+    for ring, mean, variable in zip(averages.rings, means, averages.variables):
         if ring is None:
             # A window of one snapshot: no spread.
             values.append(ops.zeros_like(mean))

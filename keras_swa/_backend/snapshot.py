@@ -276,22 +276,23 @@ def _torch_add_snapshot(folds, weights, counter, step, learning_rate):
 def _torch_window(fold, weights, count):
     import torch
 
+    # Tensors on the device: no wait for them in Python. The slot is that
+    # of `ring_slot` (unused by a window of 1, which has no ring).
+    held = torch.clamp(count + 1, max=fold.window)
+    slot = torch.remainder(count, max(fold.window - 1, 1)).reshape(1)
+    slot = slot.to(torch.int64)
     for average, ring, weight in zip(fold.averages, fold.rings, weights):
         mean = average.value
         weight = _value(weight).to(device=mean.device, dtype=mean.dtype)
-        ring = None if ring is None else ring.value
         if ring is None:
             mean.copy_(weight)
             continue
+        ring = ring.value
         # In place, without a temporary per addition: the same sum as
         # `window_mean`, a third of its passes over memory.
-        held = torch.clamp(count + 1, max=fold.window).to(mean)
         torch.sum(ring, dim=0, out=mean)
-        mean.add_(weight).div_(held)
-        # The slot as a tensor on the device: no wait for it in Python.
-        slot = torch.remainder(count, fold.window - 1).reshape(1)
-        ring.index_copy_(0, slot.to(ring.device, torch.int64),
-                         weight.unsqueeze(0))
+        mean.add_(weight).div_(held.to(mean))
+        ring.index_copy_(0, slot.to(ring.device), weight.unsqueeze(0))
 
 
 def _tf_add_snapshot(

@@ -254,15 +254,7 @@ class AveragedOptimizer(wrapper.WrappedOptimizer, engine.Averager):
         )
 
     def apply(self, grads, trainable_variables=None):
-        if not self.built:
-            if trainable_variables is None:
-                raise ValueError(
-                    "The optimizer must be built before `apply` without "
-                    "`trainable_variables`: call "
-                    "`optimizer.build(trainable_variables)` first."
-                )
-            trainable_variables = list(trainable_variables)
-            self.build(trainable_variables)
+        trainable_variables = self._build_for_apply(trainable_variables)
         _apply_and_add_snapshot(self, grads, trainable_variables)
 
     def _iterations_in_python(self):

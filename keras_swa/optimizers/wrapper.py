@@ -56,6 +56,25 @@ class WrappedOptimizer(keras.optimizers.Optimizer):
             var_list=var_list, var_names=var_names
         )
 
+    def _build_for_apply(self, trainable_variables):
+        """Builds the optimizer on `trainable_variables` where `apply` comes
+        first, as Keras' `apply` does; returns them (a list where it built).
+
+        Raises:
+            ValueError: if the optimizer is not built and no variables are
+                given.
+        """
+        if not self.built:
+            if trainable_variables is None:
+                raise ValueError(
+                    "The optimizer must be built before `apply` without "
+                    "`trainable_variables`: call "
+                    "`optimizer.build(trainable_variables)` first."
+                )
+            trainable_variables = list(trainable_variables)
+            self.build(trainable_variables)
+        return trainable_variables
+
     def finalize_variable_values(self, var_list):
         # Keras calls this at the end of `fit`: the inner optimizer's own
         # `use_ema` still applies.
