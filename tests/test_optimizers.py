@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import keras_swa
+from tests.test_callbacks import InterruptAt
 
 # ---------------------------------------------------------------------------
 # Independent references: weights recorded after every update, averaged in
@@ -452,16 +453,6 @@ def test_save_weights_and_load_weights_keep_averages(tmp_path):
     )
 
 
-class StopAtEpoch(keras.callbacks.Callback):
-    def __init__(self, epoch):
-        super().__init__()
-        self.epoch = epoch
-
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch == self.epoch:
-            raise RuntimeError("interrupted")
-
-
 def test_fit_interrupted_mid_averaging_and_resumed_gives_same_average(tmp_path):
     x, y = make_data()
 
@@ -483,8 +474,8 @@ def test_fit_interrupted_mid_averaging_and_resumed_gives_same_average(tmp_path):
     _, uninterrupted = run([])
 
     backup = keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))
-    with pytest.raises(RuntimeError, match="interrupted"):
-        run([backup, StopAtEpoch(2)])
+    with pytest.raises(RuntimeError, match="Interrupted"):
+        run([backup, InterruptAt(2)])
     model, resumed = run([backup])
 
     assert int(resumed.n_averaged.numpy()) == int(uninterrupted.n_averaged.numpy())

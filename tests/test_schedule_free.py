@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import keras_swa
+from tests.test_callbacks import InterruptAt
 
 BACKEND = keras.backend.backend()
 RTOL, ATOL = 2e-5, 1e-6
@@ -306,8 +307,8 @@ def test_resumed_training_equals_uninterrupted(tmp_path, resume):
         fit(model, 6, initial_epoch=3)
     else:
         backup = keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))
-        with pytest.raises(RuntimeError, match="interrupted"):
-            fit(new_model(), 6, callbacks=[backup, _Interrupt(2)])
+        with pytest.raises(RuntimeError, match="Interrupted"):
+            fit(new_model(), 6, callbacks=[backup, InterruptAt(2)])
         model = new_model()
         fit(model, 6, callbacks=[backup])
     opt = model.optimizer
@@ -317,16 +318,6 @@ def test_resumed_training_equals_uninterrupted(tmp_path, resume):
            _weights(straight.trainable_variables))
     _close(_weights(opt.z_variables), _weights(straight.optimizer.z_variables))
     _close(_x_of(model, opt), _x_of(straight, straight.optimizer))
-
-
-class _Interrupt(keras.callbacks.Callback):
-    def __init__(self, epoch):
-        super().__init__()
-        self.epoch = epoch
-
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch == self.epoch:
-            raise RuntimeError("interrupted")
 
 
 # ---------------------------------------------------------------------------
